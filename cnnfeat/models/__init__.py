@@ -1,0 +1,6 @@
+"""LightningModules: the shared classifier base and the networks built on it."""
+
+from cnnfeat.models.classifier import ImageClassifier
+from cnnfeat.models.small_cnn import SmallCNN
+
+__all__ = ["ImageClassifier", "SmallCNN"]

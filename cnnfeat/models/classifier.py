@@ -1,0 +1,121 @@
+"""Shared LightningModule for image classifiers: loss, accuracy, optimizer/scheduler from config.
+
+Subclasses define ``features(x)`` (the last hidden layer, what the UMAP callback embeds) and ``forward``.
+The public layer API (``conv_layers``, ``relu_layers``, ``layer``, ``activation_after``) is what cnnfeat's
+callbacks use, so they work on any subclass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from cnnfeat import layers
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.2}
+DEFAULT_SCHEDULER: dict[str, Any] = {
+    "_target_": "torch.optim.lr_scheduler.MultiStepLR",
+    "milestones": [2, 5, 8, 11, 14],
+    "gamma": 0.5,
+}
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists, so hparams (and checkpoints) hold primitives only."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def check_optimizer_spec(spec: Mapping[str, Any]) -> None:
+    """Fail fast (before any training) on an optimizer spec without ``_target_`` or with lr <= 0."""
+    if "_target_" not in spec:
+        raise ValueError(f"model.optimizer needs a _target_ (e.g. torch.optim.SGD), got {dict(spec)}")
+    lr = spec.get("lr")
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"model.optimizer.lr must be a positive number, got {lr!r}")
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy classifier with torchmetrics accuracy and config-built optimizer and scheduler.
+
+    ``optimizer`` and ``scheduler`` are Hydra-style specs (``{"_target_": "torch.optim.SGD", "lr": 0.2}``);
+    the optimizer gets the trainable parameters, the scheduler the optimizer, and it steps once per epoch.
+    ``scheduler=None`` keeps the learning rate constant.
+    """
+
+    def __init__(self, num_classes: int = 10, optimizer: Mapping[str, Any] | None = None,
+                 scheduler: Mapping[str, Any] | None = DEFAULT_SCHEDULER) -> None:
+        super().__init__()
+        self.optimizer_spec = dict(plain(optimizer) or DEFAULT_OPTIMIZER)
+        self.scheduler_spec = dict(plain(scheduler)) if scheduler else None
+        check_optimizer_spec(self.optimizer_spec)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            setattr(self, f"{stage}_loss", MeanMetric())
+
+    # -- the public feature API ----------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's output (N, D) for images ``x`` (N,C,H,W) in [0, 1]."""
+        raise NotImplementedError
+
+    def conv_layers(self) -> dict[str, nn.Conv2d]:
+        """Conv layers by name (names as in ``named_modules()``)."""
+        return layers.conv_layers(self)
+
+    def relu_layers(self) -> dict[str, nn.Module]:
+        """ReLU-type activation modules by name."""
+        return layers.relu_layers(self)
+
+    def layer(self, name: str) -> nn.Module:
+        """Resolve one layer by name; an unknown name raises an error listing the valid ones."""
+        return layers.resolve_layers(self, [name])[name]
+
+    def activation_after(self) -> dict[str, str | None]:
+        """For each conv layer, the ReLU applied directly to its output (traced on ``example_input_array``)."""
+        return layers.activation_after(self, self.example_input_array.to(self.device))
+
+    # -- training ------------------------------------------------------------------------------------
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
+        acc.update(logits.detach(), y)
+        mean_loss.update(loss.detach(), weight=y.numel())
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).argmax(dim=1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(self.optimizer_spec, params=params)
+        if self.scheduler_spec is None:
+            return {"optimizer": optimizer}
+        scheduler = instantiate(self.scheduler_spec, optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"}}
