@@ -201,8 +201,9 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, "
-                             f"{eval_batch_size}")
+            raise ValueError(
+                f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}"
+            )
         if not 0 <= val_size < 60_000:
             raise ValueError(f"data.val_size must be in [0, 60000), got {val_size}")
         self.save_hyperparameters()
@@ -226,8 +227,10 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def _sources(self) -> dict[str, Path]:
         """Locate the four files, downloading the missing ones when allowed; clear error otherwise."""
-        found = {s: find_source_file(self.data_dir, s) or find_source_file(self.download_dir, s)
-                 for s in _IDX_FILES}
+        found = {
+            s: find_source_file(self.data_dir, s) or find_source_file(self.download_dir, s)
+            for s in _IDX_FILES
+        }
         missing = [s for s, p in found.items() if p is None]
         if missing and self.download:
             try:
@@ -264,16 +267,29 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             if cache.is_file():
                 try:
                     cached = torch.load(cache, weights_only=True)
-                    if cached.get("version") == _CACHE_VERSION and cached.get("source") == fingerprint \
-                            and cached.get("verified", False) >= self.verify:
+                    if (
+                        cached.get("version") == _CACHE_VERSION
+                        and cached.get("source") == fingerprint
+                        and cached.get("verified", False) >= self.verify
+                    ):
                         continue
-                except Exception:  # noqa: BLE001 - an unreadable cache is simply rebuilt
+                except Exception:
                     log.warning("Rebuilding unreadable cache file %s", cache)
             images, labels = (read_idx(p, verify=self.verify) for p in paths)
             if len(images) != len(labels):
-                raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
-            self._write_cache(cache, {"version": _CACHE_VERSION, "source": fingerprint, "verified": self.verify,
-                                      "images": images, "labels": labels.to(torch.int64)})
+                raise DataError(
+                    f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels"
+                )
+            self._write_cache(
+                cache,
+                {
+                    "version": _CACHE_VERSION,
+                    "source": fingerprint,
+                    "verified": self.verify,
+                    "images": images,
+                    "labels": labels.to(torch.int64),
+                },
+            )
 
     def _write_cache(self, path: Path, payload: dict) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -305,7 +321,9 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             self._data["train"] = TensorImageDataset(train["images"], train["labels"])
             self._data["val"] = self._data["test"]
         else:
-            perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(self.split_seed))
+            perm = torch.randperm(
+                len(train["labels"]), generator=torch.Generator().manual_seed(self.split_seed)
+            )
             val_ids, train_ids = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
             self._data["train"] = TensorImageDataset(train["images"], train["labels"], train_ids)
             self._data["val"] = TensorImageDataset(train["images"], train["labels"], val_ids)
@@ -318,8 +336,9 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             raise RuntimeError("FashionMNISTDataModule.setup() has not run yet")
         return self._data[split]
 
-    def images(self, split: str = "test", ids: Sequence[int] | torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(
+        self, split: str = "test", ids: Sequence[int] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images (N,1,28,28) in [0,1] and labels for image IDs of a split (all when ``ids`` is None).
 
         IDs are the split's own positions; for ``test`` they are the official test-set indices.
@@ -329,15 +348,23 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             ids = torch.arange(len(ds))
         ids = torch.as_tensor(ids, dtype=torch.long)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(ds)):
-            raise IndexError(f"Image IDs must be in [0, {len(ds) - 1}] for the {split} split, got "
-                             f"{ids[(ids < 0) | (ids >= len(ds))].tolist()}")
+            raise IndexError(
+                f"Image IDs must be in [0, {len(ds) - 1}] for the {split} split, got "
+                f"{ids[(ids < 0) | (ids >= len(ds))].tolist()}"
+            )
         x, y = ds.__getitems__(ids.tolist())
         return to_float(x), y
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_keep_batch,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=_keep_batch,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -26,8 +26,9 @@ def relu_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ACTIVATIONS)}
 
 
-def resolve_layers(model: nn.Module, names: Iterable[str], kind: type | tuple[type, ...] = nn.Module,
-                   what: str = "layer") -> dict[str, nn.Module]:
+def resolve_layers(
+    model: nn.Module, names: Iterable[str], kind: type | tuple[type, ...] = nn.Module, what: str = "layer"
+) -> dict[str, nn.Module]:
     """Map each name to its module; unknown names (or the wrong kind) raise one error listing valid names."""
     modules = dict(model.named_modules())
     valid = [n for n, m in modules.items() if n and isinstance(m, kind)]

@@ -42,8 +42,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming from ``cfg.ckpt_path`` if set), then test the final weights; return the metrics."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (expected a .ckpt file, e.g. "
-                                "outputs/runs/DATE/TIME/checkpoints/last.ckpt)")
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist (expected a .ckpt file, e.g. "
+            "outputs/runs/DATE/TIME/checkpoints/last.ckpt)"
+        )
     datamodule, model, trainer = build(cfg)
     log.info("Output directory: %s", cfg.paths.output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -31,7 +31,11 @@ class EpochSummary(pl.Callback):
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
-        log.info(">>> End epoch %d, train accuracy = %s, train avgLoss = %s", trainer.current_epoch + 1,
-                 _pct(m, "train/acc"), _num(m, "train/loss"))
+        log.info(
+            ">>> End epoch %d, train accuracy = %s, train avgLoss = %s",
+            trainer.current_epoch + 1,
+            _pct(m, "train/acc"),
+            _num(m, "train/loss"),
+        )
         if "val/acc" in m:
             log.info(">>> valid accuracy = %s, valid avgLoss = %s", _pct(m, "val/acc"), _num(m, "val/loss"))

@@ -54,8 +54,12 @@ class ImageClassifier(pl.LightningModule):
     ``scheduler=None`` keeps the learning rate constant.
     """
 
-    def __init__(self, num_classes: int = 10, optimizer: Mapping[str, Any] | None = None,
-                 scheduler: Mapping[str, Any] | None = DEFAULT_SCHEDULER) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = DEFAULT_SCHEDULER,
+    ) -> None:
         super().__init__()
         self.optimizer_spec = dict(plain(optimizer) or DEFAULT_OPTIMIZER)
         self.scheduler_spec = dict(plain(scheduler)) if scheduler else None
@@ -85,7 +89,7 @@ class ImageClassifier(pl.LightningModule):
         return layers.resolve_layers(self, [name])[name]
 
     def activation_after(self) -> dict[str, str | None]:
-        """For each conv layer, the ReLU applied directly to its output (traced on ``example_input_array``)."""
+        """Each conv layer -> the ReLU applied directly to its output (traced on ``example_input_array``)."""
         return layers.activation_after(self, self.example_input_array.to(self.device))
 
     # -- training ------------------------------------------------------------------------------------
@@ -118,4 +122,7 @@ class ImageClassifier(pl.LightningModule):
         if self.scheduler_spec is None:
             return {"optimizer": optimizer}
         scheduler = instantiate(self.scheduler_spec, optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"},
+        }
