@@ -225,7 +225,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def _cache_file(self, split: str) -> Path:
         return self.cache_dir / "decoded" / f"fashion_mnist_{split}.pt"
 
-    def _sources(self) -> dict[str, Path]:
+    def source_files(self) -> dict[str, Path]:
         """Locate the four files, downloading the missing ones when allowed; clear error otherwise."""
         found = {
             s: find_source_file(self.data_dir, s) or find_source_file(self.download_dir, s)
@@ -259,7 +259,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Verify the source files and decode them into the cache (only when the sources changed)."""
-        sources = self._sources()
+        sources = self.source_files()
         for split, stems in _SOURCE_SPLITS.items():
             paths = [sources[s] for s in stems]
             fingerprint = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
