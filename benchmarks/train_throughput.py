@@ -72,7 +72,9 @@ def _slices(x: torch.Tensor, y: torch.Tensor, bs: int):
             yield x[idx], y[idx]
 
 
-def plain(dm: FashionMNISTDataModule, bs: int, steps: int, device: torch.device, channels_last: bool) -> float:
+def plain(
+    dm: FashionMNISTDataModule, bs: int, steps: int, device: torch.device, channels_last: bool
+) -> float:
     ds = dm.dataset("train")
     x = to_float(ds.images[ds.image_ids]).to(device)  # float [0,1], NCHW
     y = ds.labels[ds.image_ids].to(device)
@@ -161,13 +163,17 @@ def main() -> None:
     dm.setup()
     # torchvision needs a writable root holding FashionMNIST/raw/*.gz (it extracts next to them)
     tv_root = tmp / "tv"
-    shutil.copytree(Path(dm.source_files()["t10k-images-idx3-ubyte"]).parent, tv_root / "FashionMNIST" / "raw")
+    shutil.copytree(
+        Path(dm.source_files()["t10k-images-idx3-ubyte"]).parent, tv_root / "FashionMNIST" / "raw"
+    )
 
     variants = {
         "plain": lambda bs: plain(dm, bs, args.steps, device, channels_last=False),
         "plain_cl": lambda bs: plain(dm, bs, args.steps, device, channels_last=True),
         "torchvision": lambda bs: torchvision_loop(tv_root, bs, args.steps, device),
-        "cnnfeat": lambda bs: cnnfeat_fit(args.data_dir, str(cache), bs, args.steps, accelerator, tmp / "run"),
+        "cnnfeat": lambda bs: cnnfeat_fit(
+            args.data_dir, str(cache), bs, args.steps, accelerator, tmp / "run"
+        ),
     }
     results: dict[str, dict[str, list[float]]] = {}
     for bs in args.batch_sizes:
@@ -181,26 +187,46 @@ def main() -> None:
     rows = []
     for bs, runs in results.items():
         med = {k: statistics.median(v) for k, v in runs.items()}
-        rows.append({"batch_size": int(bs), **{f"{k}_img_s": round(v) for k, v in med.items()},
-                     "cnnfeat_over_plain": round(med["cnnfeat"] / med["plain"], 2),
-                     "cnnfeat_over_plain_cl": round(med["cnnfeat"] / med["plain_cl"], 2),
-                     "cnnfeat_over_torchvision": round(med["cnnfeat"] / med["torchvision"], 2)})
-    meta = {"device": args.device, "torch": torch.__version__, "lightning": pl.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "steps": args.steps, "warmup": WARMUP, "repeats": args.repeats}
+        rows.append(
+            {
+                "batch_size": int(bs),
+                **{f"{k}_img_s": round(v) for k, v in med.items()},
+                "cnnfeat_over_plain": round(med["cnnfeat"] / med["plain"], 2),
+                "cnnfeat_over_plain_cl": round(med["cnnfeat"] / med["plain_cl"], 2),
+                "cnnfeat_over_torchvision": round(med["cnnfeat"] / med["torchvision"], 2),
+            }
+        )
+    meta = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "steps": args.steps,
+        "warmup": WARMUP,
+        "repeats": args.repeats,
+    }
     RESULTS.mkdir(exist_ok=True)
     stem = "train_throughput" + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2))
-    md = ["| batch | plain loop | plain + channels_last | torchvision ToTensor loop | cnnfeat Trainer.fit "
-          "| cnnfeat / plain | cnnfeat / plain+cl | cnnfeat / torchvision |", "|" + "---|" * 8]
+    md = [
+        "| batch | plain loop | plain + channels_last | torchvision ToTensor loop | cnnfeat Trainer.fit "
+        "| cnnfeat / plain | cnnfeat / plain+cl | cnnfeat / torchvision |",
+        "|" + "---|" * 8,
+    ]
     for r in rows:
-        md.append(f"| {r['batch_size']} | {r['plain_img_s']:,} | {r['plain_cl_img_s']:,} | "
-                  f"{r['torchvision_img_s']:,} | {r['cnnfeat_img_s']:,} | {r['cnnfeat_over_plain']}x | "
-                  f"{r['cnnfeat_over_plain_cl']}x | {r['cnnfeat_over_torchvision']}x |")
-    md.append(f"\nimages/s, median of {args.repeats}; {args.steps} timed steps after {WARMUP} warm-up; "
-              f"{meta['device']} ({meta['gpu'] or meta['machine']}, {meta['threads']} threads), "
-              f"torch {meta['torch']}, Lightning {meta['lightning']}")
+        md.append(
+            f"| {r['batch_size']} | {r['plain_img_s']:,} | {r['plain_cl_img_s']:,} | "
+            f"{r['torchvision_img_s']:,} | {r['cnnfeat_img_s']:,} | {r['cnnfeat_over_plain']}x | "
+            f"{r['cnnfeat_over_plain_cl']}x | {r['cnnfeat_over_torchvision']}x |"
+        )
+    md.append(
+        f"\nimages/s, median of {args.repeats}; {args.steps} timed steps after {WARMUP} warm-up; "
+        f"{meta['device']} ({meta['gpu'] or meta['machine']}, {meta['threads']} threads), "
+        f"torch {meta['torch']}, Lightning {meta['lightning']}"
+    )
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     shutil.rmtree(tmp, ignore_errors=True)

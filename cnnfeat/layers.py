@@ -91,24 +91,35 @@ def activation_after(model: nn.Module, x: torch.Tensor) -> dict[str, str | None]
 
 
 @contextmanager
-def capture(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the output of each named layer during forward passes inside the block.
+def capture(
+    model: nn.Module, names: Iterable[str], inputs: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output (or, with ``inputs=True``, the input) of each named layer during forward passes.
 
-    Outputs are *cloned* when the hook runs: a conv followed by ``ReLU(inplace=True)`` (AlexNet) would
+    Tensors are *cloned* when the hook runs: a conv followed by ``ReLU(inplace=True)`` (AlexNet) would
     otherwise be overwritten by the ReLU, and the "pre-ReLU" map would silently equal the post-ReLU one.
-    A later forward pass replaces the stored output; hooks are removed on exit.
+    Clones are in the standard (NCHW) layout, where per-channel reductions are fast even when the model
+    runs channels_last. A later forward pass replaces the stored tensor; hooks are removed on exit.
     """
     names = list(names)
     modules = resolve_layers(model, names)
     out: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
+        if inputs:
+
+            def pre_hook(_mod: nn.Module, args: tuple) -> None:
+                out[name] = args[0].detach().clone(memory_format=torch.contiguous_format)
+
+            return pre_hook
+
         def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-            out[name] = output.detach().clone()
+            out[name] = output.detach().clone(memory_format=torch.contiguous_format)
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    register = "register_forward_pre_hook" if inputs else "register_forward_hook"
+    handles = [getattr(m, register)(make_hook(n)) for n, m in modules.items()]
     try:
         yield out
     finally:

@@ -1,5 +1,19 @@
-"""Lightning callbacks: the lecture's console line and the visualisations."""
+"""Lightning callbacks: the lecture's console line and the pictures of what the network learns."""
 
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback
+from cnnfeat.callbacks.dead_relu import DeadReluCallback
 from cnnfeat.callbacks.epoch_summary import EpochSummary
+from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
+from cnnfeat.callbacks.filters import FilterCallback
+from cnnfeat.callbacks.top_patches import TopPatchesCallback
 
-__all__ = ["EpochSummary"]
+__all__ = [
+    "LECTURE_IMAGE_IDS",
+    "DeadReluCallback",
+    "EpochSummary",
+    "FeatureMapCallback",
+    "FilterCallback",
+    "Pictures",
+    "TopPatchesCallback",
+    "VisualizationCallback",
+]

@@ -1,0 +1,202 @@
+"""What every cnnfeat picture callback shares: when to run, where pictures go, and module hygiene.
+
+A subclass implements ``check`` (validate its arguments against the model and data before training) and
+``render`` (compute pictures and numbers from a module). The base class runs ``render`` on the untrained
+network (step 0) and every ``every_n_epochs`` epochs (step = epochs trained), under ``torch.no_grad()``
+with every submodule's train/eval mode restored afterwards, never during the sanity check; it writes
+images to TensorBoard from rank zero (warning once when there is no TensorBoard logger) and optionally
+as PNG files, and logs scalars through ``pl_module.log``. ``render`` is public so that other tools
+(``cnnfeat-explore``) can draw the same pictures from a checkpoint without a Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from typing_extensions import override
+
+from cnnfeat import viz
+
+log = logging.getLogger("cnnfeat")
+
+
+@dataclass
+class Pictures:
+    """What one ``render`` produced: RGB images (3,H,W) in [0,1], scalars, histograms and text, by tag."""
+
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+
+    def write(
+        self, writer: SummaryWriter | None, step: int, png_dir: Path | None = None, scalars: bool = True
+    ) -> None:
+        """Send everything to ``writer`` (if any) and images to ``png_dir/<tag>/step_NNN.png`` (if set)."""
+        if writer is not None:
+            for tag, img in self.images.items():
+                writer.add_image(tag, img, step, dataformats="CHW")
+            for tag, values in self.histograms.items():
+                writer.add_histogram(tag, values, step)
+            for tag, text in self.texts.items():
+                writer.add_text(tag, text, step)
+            if scalars:
+                for tag, value in self.scalars.items():
+                    writer.add_scalar(tag, value, step)
+        if png_dir is not None:
+            for tag, img in self.images.items():
+                viz.save_png(img, png_dir / tag / f"step_{step:03d}.png")
+
+
+@contextmanager
+def inference(module: nn.Module) -> Iterator[None]:
+    """``torch.no_grad`` and eval mode inside; afterwards every submodule gets its own mode back.
+
+    Restoring each submodule (not just calling ``train()``) keeps frozen backbones in eval mode.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
+    """The SummaryWriter of the trainer's TensorBoardLogger, or None."""
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            return lg.experiment
+    return None
+
+
+def probe_images(
+    datamodule: pl.LightningDataModule, split: str, ids: Sequence[int] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float images in [0,1] and labels for image IDs of a split.
+
+    Uses the datamodule's ``images(split, ids)`` when it has one (cnnfeat's does); otherwise indexes the
+    dataset behind ``<split>_dataloader()``, which must return ``(image tensor, label)`` pairs.
+    """
+    if hasattr(datamodule, "images"):
+        return datamodule.images(split, ids)
+    ds = getattr(datamodule, f"{split}_dataloader")().dataset
+    xs, ys = zip(*(ds[int(i)] for i in ids), strict=True)
+    x = torch.stack([torch.as_tensor(v) for v in xs])
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    return x, torch.as_tensor(ys)
+
+
+def split_size(datamodule: pl.LightningDataModule, split: str) -> int:
+    """Number of images in a split of the datamodule (after ``setup``)."""
+    if hasattr(datamodule, "dataset"):
+        return len(datamodule.dataset(split))
+    return len(getattr(datamodule, f"{split}_dataloader")().dataset)
+
+
+def class_names(datamodule: pl.LightningDataModule | None, n: int) -> list[str]:
+    """The datamodule's ``classes`` if it has them, else ``"0" .. "n-1"``."""
+    names = getattr(datamodule, "classes", None)
+    return list(names) if names is not None else [str(i) for i in range(n)]
+
+
+def check_ids(ids: Sequence[int], size: int, what: str = "image_ids") -> None:
+    """Raise a clear error for IDs outside ``[0, size)``."""
+    bad = [i for i in ids if not 0 <= int(i) < size]
+    if bad:
+        raise ValueError(
+            f"{what} {bad} out of range: the probe split has {size} images (valid IDs 0..{size - 1})"
+        )
+
+
+class VisualizationCallback(pl.Callback):
+    """Base class: schedule, output and module hygiene for picture callbacks (see the module docstring).
+
+    Args:
+        every_n_epochs: render after every N-th epoch (and after the last one).
+        log_untrained: also render before training (step 0, the untrained network).
+        save_png: also write every image as a PNG under ``<run dir>/images/<tag>/step_NNN.png``.
+    """
+
+    name = "visualization"
+
+    def __init__(self, every_n_epochs: int = 1, log_untrained: bool = True, save_png: bool = False) -> None:
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        self.every_n_epochs = every_n_epochs
+        self.log_untrained = log_untrained
+        self.save_png = save_png
+        self._warned = False
+
+    # -- to implement --------------------------------------------------------------------------------
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validate arguments against the model and data; raise ``ValueError`` with a clear message."""
+
+    def render(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> Pictures:
+        """Compute the pictures (called under ``inference``); must not change the module."""
+        raise NotImplementedError
+
+    # -- Lightning hooks -----------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.check(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_untrained and trainer.current_epoch == 0 and trainer.global_step == 0:
+            self._emit(trainer, pl_module, step=0)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if epoch % self.every_n_epochs == 0 or last:
+            self._emit(trainer, pl_module, step=epoch)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def should_render(self, trainer: pl.Trainer) -> bool:
+        """Rendering is pointless without a destination; subclasses with scalars override this."""
+        return tensorboard_writer(trainer) is not None or self.save_png
+
+    def _writer(self, trainer: pl.Trainer) -> SummaryWriter | None:
+        writer = tensorboard_writer(trainer)
+        if writer is None and not self._warned:
+            rank_zero_warn(
+                f"{type(self).__name__}: no TensorBoardLogger on the trainer, so its pictures are not "
+                "logged to TensorBoard (save_png=true writes images as PNG files)."
+            )
+            self._warned = True
+        return writer
+
+    def png_dir(self, trainer: pl.Trainer) -> Path | None:
+        return Path(trainer.log_dir or trainer.default_root_dir) / "images" if self.save_png else None
+
+    def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if trainer.sanity_checking:
+            return
+        writer = self._writer(trainer)
+        if not self.should_render(trainer):
+            return
+        with inference(pl_module):
+            pictures = self.render(pl_module, trainer.datamodule)
+        on_epoch_end = step > 0
+        if on_epoch_end:  # through Lightning: any logger, callback_metrics, all ranks take part
+            for tag, value in pictures.scalars.items():
+                pl_module.log(tag, value, on_step=False, on_epoch=True)
+        if trainer.is_global_zero:
+            # the untrained network has no Lightning step, so its scalars go to TensorBoard at step 0
+            pictures.write(writer, step, self.png_dir(trainer), scalars=not on_epoch_end)

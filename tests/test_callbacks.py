@@ -1,0 +1,211 @@
+"""Picture callbacks in a real Trainer: TensorBoard tags, image sizes, steps, PNGs, numbers and errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import CSVLogger
+
+from cnnfeat import layers
+from cnnfeat.callbacks import DeadReluCallback, FeatureMapCallback, FilterCallback, TopPatchesCallback
+from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.top_patches import TopK
+from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.models import SmallCNN
+from cnnfeat.train import train
+from tests.conftest import read_events
+
+MakeCfg = Callable[..., DictConfig]
+LECTURE_IDS = ["22", "193", "36", "312", "1087", "74"]
+SMALL = [  # every callback on, small probes so the test stays quick
+    "callbacks.dead_relu.probe_size=300",
+    "callbacks.top_patches.probe_size=400",
+    "callbacks.top_patches.every_n_epochs=1",
+]
+
+
+def test_all_pictures_logged_with_sizes_and_steps(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    train(make_cfg("trainer.max_epochs=2", "save_png=true", *SMALL))
+    ev = read_events(tmp_path)
+    images = ev["images"]
+
+    def check(tag: str, width: int, height: int) -> None:
+        assert tag in images, f"{tag} not in {sorted(images)[:10]}..."
+        assert [e.step for e in images[tag]] == [0, 1, 2], "step 0 = untrained, then one per epoch"
+        assert {(e.width, e.height) for e in images[tag]} == {(width, height)}
+        assert (tmp_path / "images" / tag / "step_002.png").is_file()
+
+    # 6 kernels of 3x3 upscaled to 24 px, 2 px gaps: a 1 x 6 row for conv1, a 6 x 6 out x in grid for conv2
+    check("filters/conv1", 6 * 26 + 2, 24 + 4)
+    check("filters/conv2", 6 * 26 + 2, 6 * 26 + 2)
+    for img in LECTURE_IDS:
+        for layer in ("conv1", "conv2"):
+            for kind in ("conv", "relu"):
+                check(f"feature_maps/{layer}/{kind}/img{img}", 6 * 58 + 2, 56 + 4)  # 6 maps of 28x28 x2
+        assert f"feature_maps/input/img{img}" in images
+    check("top_patches/conv1", 8 * 44 + 2, 6 * 44 + 2)  # 3x3 receptive field, upscaled x14
+    check("top_patches/conv3", 8 * 42 + 2, 16 * 42 + 2)  # 10x10 receptive field, upscaled x4
+
+    scalars = ev["scalars"]
+    for relu in ("relu1", "relu2", "relu3", "relu4", "relu5", "all"):
+        tag = f"relu/dead_fraction/{relu}"
+        assert len(scalars[tag]) == 3 and scalars[tag][0][0] == 0  # untrained + 2 epochs
+        assert all(0.0 <= v <= 1.0 for _, v in scalars[tag])
+    assert len(ev["histograms"]["relu/preact/relu1"]) == 3
+
+
+def test_dead_fraction_zero_by_default_and_one_with_huge_negative_bias(
+    datamodule: FashionMNISTDataModule,
+) -> None:
+    cb = DeadReluCallback(probe_size=500)
+    for bias, expected in ((None, 0.0), (-100.0, 1.0)):
+        model = SmallCNN(conv_bias_init=bias)
+        with inference(model):
+            s = cb.render(model, datamodule).scalars
+        for relu in ("relu1", "relu2", "relu3"):
+            assert s[f"relu/dead_fraction/{relu}"] == expected, (bias, relu, s)
+    assert s["relu/zero_fraction/relu1"] == 1.0
+
+
+def test_rendering_leaves_module_and_modes_untouched(datamodule: FashionMNISTDataModule) -> None:
+    model = SmallCNN(inplace_relu=True).train()
+    model.fc1.eval()  # a submodule in its own mode (like a frozen backbone) must keep it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for cb in (
+        FilterCallback(),
+        FeatureMapCallback(),
+        DeadReluCallback(probe_size=200),
+        TopPatchesCallback(probe_size=200),
+    ):
+        with inference(model):
+            assert not torch.is_grad_enabled()
+            cb.render(model, datamodule)
+    assert model.training and not model.fc1.training and model.conv1.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks removed"
+
+
+def test_feature_maps_pre_and_post_relu_differ_and_post_is_clamped(
+    datamodule: FashionMNISTDataModule,
+) -> None:
+    model = SmallCNN(inplace_relu=True)
+    x, _ = datamodule.images("test", [22, 193])
+    with inference(model), layers.capture(model, ["conv2", "relu2"]) as out:
+        model(x)
+    assert not torch.equal(out["conv2"], out["relu2"])
+    assert torch.equal(out["relu2"], out["conv2"].clamp(min=0))
+
+
+def test_top_patches_streaming_matches_brute_force_and_crops_are_right(
+    datamodule: FashionMNISTDataModule,
+) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    cb = TopPatchesCallback(layers=["conv1"], top_k=5, probe_size=300, batch_size=64)
+    with inference(model):
+        top = cb.collect(model, datamodule)["conv1"]
+        x, _ = datamodule.images("test", range(300))
+        with layers.capture(model, ["conv1"]) as out:
+            model(x)
+    per_image = out["conv1"].flatten(2).amax(dim=2)  # (300, 6)
+    ref_vals, ref_ids = per_image.topk(5, dim=0)
+    assert torch.allclose(top.values, ref_vals) and torch.equal(top.ids, ref_ids)
+    # an interior winner's 3x3 crop, through conv1 alone, reproduces the recorded activation
+    w, b = model.conv1.weight.float(), model.conv1.bias
+    checked = 0
+    for c in range(6):
+        for r in range(5):
+            pos = int(top.positions[r, c])
+            row, col = divmod(pos, 28)
+            if 0 < row < 27 and 0 < col < 27:
+                patch = x[int(top.ids[r, c]), :, row - 1 : row + 2, col - 1 : col + 2]
+                act = F.conv2d(((patch - model.input_mean) / model.input_std)[None], w, b)[0, c, 0, 0]
+                assert torch.isclose(act, top.values[r, c], atol=1e-4)
+                checked += 1
+    assert checked >= 10
+
+
+def _gather_worker(rank: int, world: int, port: int, values: torch.Tensor, q: mp.Queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        top = TopK.empty(3, values.shape[1], torch.device("cpu"))
+        mine = torch.arange(rank, len(values), world)  # each process takes a shard, as under DDP
+        top.update(
+            values[mine], mine[:, None].expand(-1, values.shape[1]), torch.zeros_like(values[mine]).long()
+        )
+        g = top.gathered()
+        if rank == 0:
+            q.put((g.values.tolist(), g.ids.tolist()))  # plain lists: no shared-memory handles
+    finally:
+        dist.destroy_process_group()
+
+
+def test_top_k_is_gathered_across_processes() -> None:
+    values = torch.randn(40, 4)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29_500 + os.getpid() % 1000
+    mp.start_processes(_gather_worker, args=(2, port, values, q), nprocs=2, start_method="spawn")
+    got_values, got_ids = q.get(timeout=60)
+    ref_values, ref_ids = values.topk(3, dim=0)
+    assert got_values == ref_values.tolist() and got_ids == ref_ids.tolist()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "callbacks.filters.layers=[conv1,conv7]",
+            r"Unknown conv layer name\(s\) \['conv7'\].*\['conv1', 'conv2', 'conv3'\]",
+        ),
+        (
+            "callbacks.feature_maps.image_ids=[22,10000]",
+            r"test image_ids \[10000\] out of range.*valid IDs 0..9999",
+        ),
+        ("callbacks.feature_maps.layers=[fc1]", r"Unknown conv layer name\(s\) \['fc1'\]"),
+        ("callbacks.top_patches.layers=[fc2]", r"'fc2' comes after 'fc1', which has no spatial geometry"),
+        (
+            "callbacks.dead_relu.probe_size=20000",
+            r"probe_size=20000 is larger than the test split \(10000 images\)",
+        ),
+        ("callbacks.filters.every_n_epochs=0", r"every_n_epochs must be an integer >= 1, got 0"),
+        ("callbacks.filters.scale=global", r"scale must be 'layer' or 'filter', got 'global'"),
+    ],
+)
+def test_bad_arguments_fail_before_training(
+    make_cfg: MakeCfg, tmp_path: Path, override: str, message: str
+) -> None:
+    with pytest.raises(Exception, match=message):
+        train(make_cfg(*SMALL, override))
+    assert not (tmp_path / "checkpoints").exists(), "nothing may be trained or written"
+
+
+def test_without_tensorboard_warns_once_and_still_logs_scalars(
+    datamodule: FashionMNISTDataModule, tmp_path: Path
+) -> None:
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FilterCallback(), DeadReluCallback(probe_size=100)],
+    )
+    with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
+        trainer.fit(SmallCNN(), datamodule=datamodule)
+    messages = [str(w.message) for w in record if "no TensorBoardLogger" in str(w.message)]
+    assert sorted(m.split(":")[0] for m in messages) == ["DeadReluCallback", "FilterCallback"], "once each"
+    assert "relu/dead_fraction/relu1" in trainer.callback_metrics
