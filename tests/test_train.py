@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException, MissingConfigException
 from omegaconf import DictConfig
 
+from cnnfeat.data import FashionMNISTDataModule
 from cnnfeat.models import SmallCNN
 from cnnfeat.train import train
 from tests.conftest import read_events
@@ -143,3 +145,39 @@ def test_every_trainer_argument_can_be_overridden(make_cfg: MakeCfg) -> None:
     cfg = make_cfg()
     params = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
     assert params <= set(cfg.trainer), f"missing from conf/trainer/default.yaml: {params - set(cfg.trainer)}"
+
+
+class _StepRecorder(pl.Callback):
+    """(batch size, loss) of every training step, to average the way a plain loop would."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append((len(batch[1]), float(outputs["loss"])))
+
+
+def test_epoch_metrics_are_exact_batch_weighted_averages(datamodule: FashionMNISTDataModule) -> None:
+    """train/loss is registered once per epoch, yet must equal the mean over every step of the epoch."""
+    rec = _StepRecorder()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=7,
+        limit_val_batches=3,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec],
+    )
+    model = SmallCNN()
+    trainer.fit(model, datamodule=datamodule)
+    last = rec.rows[-7:]
+    expected = sum(n * loss for n, loss in last) / sum(n for n, _ in last)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(expected, rel=1e-5)
+    # validation covers exactly the 3 limited batches of the last epoch (not the sanity-check batch)
+    ref = pl.Trainer(limit_val_batches=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    val = ref.validate(model, datamodule=datamodule, verbose=False)[0]
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(val["val/acc"])
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(val["val/loss"], rel=1e-5)
