@@ -72,9 +72,7 @@ def _slices(x: torch.Tensor, y: torch.Tensor, bs: int):
             yield x[idx], y[idx]
 
 
-def plain(
-    dm: FashionMNISTDataModule, bs: int, steps: int, device: torch.device, channels_last: bool
-) -> float:
+def plain(dm: FashionMNISTDataModule, bs: int, steps: int, device: torch.device, channels_last: bool) -> float:
     ds = dm.dataset("train")
     x = to_float(ds.images[ds.image_ids]).to(device)  # float [0,1], NCHW
     y = ds.labels[ds.image_ids].to(device)
@@ -163,17 +161,13 @@ def main() -> None:
     dm.setup()
     # torchvision needs a writable root holding FashionMNIST/raw/*.gz (it extracts next to them)
     tv_root = tmp / "tv"
-    shutil.copytree(
-        Path(dm.source_files()["t10k-images-idx3-ubyte"]).parent, tv_root / "FashionMNIST" / "raw"
-    )
+    shutil.copytree(Path(dm.source_files()["t10k-images-idx3-ubyte"]).parent, tv_root / "FashionMNIST" / "raw")
 
     variants = {
         "plain": lambda bs: plain(dm, bs, args.steps, device, channels_last=False),
         "plain_cl": lambda bs: plain(dm, bs, args.steps, device, channels_last=True),
         "torchvision": lambda bs: torchvision_loop(tv_root, bs, args.steps, device),
-        "cnnfeat": lambda bs: cnnfeat_fit(
-            args.data_dir, str(cache), bs, args.steps, accelerator, tmp / "run"
-        ),
+        "cnnfeat": lambda bs: cnnfeat_fit(args.data_dir, str(cache), bs, args.steps, accelerator, tmp / "run"),
     }
     results: dict[str, dict[str, list[float]]] = {}
     for bs in args.batch_sizes:

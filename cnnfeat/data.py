@@ -227,10 +227,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def source_files(self) -> dict[str, Path]:
         """Locate the four files, downloading the missing ones when allowed; clear error otherwise."""
-        found = {
-            s: find_source_file(self.data_dir, s) or find_source_file(self.download_dir, s)
-            for s in _IDX_FILES
-        }
+        found = {s: find_source_file(self.data_dir, s) or find_source_file(self.download_dir, s) for s in _IDX_FILES}
         missing = [s for s, p in found.items() if p is None]
         if missing and self.download:
             try:
@@ -277,9 +274,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                     log.warning("Rebuilding unreadable cache file %s", cache)
             images, labels = (read_idx(p, verify=self.verify) for p in paths)
             if len(images) != len(labels):
-                raise DataError(
-                    f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels"
-                )
+                raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
             self._write_cache(
                 cache,
                 {
@@ -321,9 +316,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             self._data["train"] = TensorImageDataset(train["images"], train["labels"])
             self._data["val"] = self._data["test"]
         else:
-            perm = torch.randperm(
-                len(train["labels"]), generator=torch.Generator().manual_seed(self.split_seed)
-            )
+            perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(self.split_seed))
             val_ids, train_ids = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
             self._data["train"] = TensorImageDataset(train["images"], train["labels"], train_ids)
             self._data["val"] = TensorImageDataset(train["images"], train["labels"], val_ids)

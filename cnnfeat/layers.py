@@ -91,9 +91,7 @@ def activation_after(model: nn.Module, x: torch.Tensor) -> dict[str, str | None]
 
 
 @contextmanager
-def capture(
-    model: nn.Module, names: Iterable[str], inputs: bool = False
-) -> Iterator[dict[str, torch.Tensor]]:
+def capture(model: nn.Module, names: Iterable[str], inputs: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output (or, with ``inputs=True``, the input) of each named layer during forward passes.
 
     Tensors are *cloned* when the hook runs: a conv followed by ``ReLU(inplace=True)`` (AlexNet) would

@@ -26,9 +26,7 @@ GRID_PAD_VALUE = 0.35  # dark grey gaps, visible against white (zero) cells
 
 @cache
 def _lut(name: str) -> torch.Tensor:
-    return torch.tensor(
-        matplotlib.colormaps[name](torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32
-    )
+    return torch.tensor(matplotlib.colormaps[name](torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
 
 
 def colormap(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -87,9 +85,7 @@ def filter_grid(weight: torch.Tensor, per: str = "layer", min_cell: int = 24) ->
     return grid(cells, nrow=in_c if in_c > 1 else out_c, min_cell=min_cell)
 
 
-def rgb_filter_grid(
-    weight: torch.Tensor, per: str = "filter", nrow: int = 8, min_cell: int = 44
-) -> torch.Tensor:
+def rgb_filter_grid(weight: torch.Tensor, per: str = "filter", nrow: int = 8, min_cell: int = 44) -> torch.Tensor:
     """Conv weights (out,3,kh,kw) as RGB pictures (AlexNet conv1), grey = 0, symmetric scaling."""
     w = weight.detach().float().cpu()
     scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) if per == "filter" else w.abs().amax()
@@ -135,3 +131,66 @@ def save_png(image: torch.Tensor, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, path)
     return path
+
+
+def class_colors(n: int) -> np.ndarray:
+    """``n`` distinct RGB colours in [0, 1] (matplotlib's tab10, then tab20)."""
+    base = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    return np.array([base[i % len(base)] for i in range(n)], dtype=np.float32)
+
+
+def scatter_panel(
+    xy: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    title: str,
+    size: int = 400,
+    limit: float = 3.0,
+    radius: int = 2,
+    legend: bool = True,
+) -> torch.Tensor:
+    """A scatter plot of 2-D points coloured by class, drawn straight into pixels (no figure machinery).
+
+    Axes are fixed to ``[-limit, limit]`` on both sides (points beyond are drawn on the border), so
+    frames of normalised maps are comparable. Points are drawn in a fixed shuffled order so that no
+    class always lies on top. Returns RGB (3,H,W) with a title strip and, optionally, a class legend.
+    """
+    img = np.ones((size, size, 3), dtype=np.float32)
+    colors = class_colors(len(class_names))
+    order = np.random.default_rng(0).permutation(len(xy))
+    px = np.clip(np.round((xy[order, 0] + limit) / (2 * limit) * (size - 1)), 0, size - 1).astype(int)
+    py = np.clip(np.round((limit - xy[order, 1]) / (2 * limit) * (size - 1)), 0, size - 1).astype(int)
+    c = colors[np.asarray(labels)[order]]
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dx * dx + dy * dy <= radius * radius + 1:
+                img[np.clip(py + dy, 0, size - 1), np.clip(px + dx, 0, size - 1)] = c
+    img[[0, -1], :] = img[:, [0, -1]] = 0.6  # frame
+    canvas = Image.fromarray((img * 255).astype(np.uint8))
+    font = _font(14)
+    title_h, legend_w = (
+        24,
+        (max(ImageDraw.Draw(canvas).textbbox((0, 0), n, font=font)[2] for n in class_names) + 30 if legend else 0),
+    )
+    out = Image.new("RGB", (size + legend_w, size + title_h), (255, 255, 255))
+    out.paste(canvas, (0, title_h))
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 4), title, font=font, fill=(0, 0, 0))
+    if legend:
+        for i, name in enumerate(class_names):
+            y0 = title_h + 8 + i * 20
+            draw.rectangle([size + 8, y0 + 2, size + 20, y0 + 14], fill=tuple(int(255 * v) for v in colors[i]))
+            draw.text((size + 26, y0), name, font=font, fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).float() / 255
+
+
+def hstack(images: list[torch.Tensor], gap: int = 8) -> torch.Tensor:
+    """Put RGB images (3,H,W) side by side on white, top-aligned."""
+    h = max(i.shape[1] for i in images)
+    w = sum(i.shape[2] for i in images) + gap * (len(images) - 1)
+    out = torch.ones(3, h, w)
+    x = 0
+    for i in images:
+        out[:, : i.shape[1], x : x + i.shape[2]] = i
+        x += i.shape[2] + gap
+    return out

@@ -140,9 +140,7 @@ def _gather_worker(rank: int, world: int, port: int, values: torch.Tensor, q: mp
     try:
         top = TopK.empty(3, values.shape[1], torch.device("cpu"))
         mine = torch.arange(rank, len(values), world)  # each process takes a shard, as under DDP
-        top.update(
-            values[mine], mine[:, None].expand(-1, values.shape[1]), torch.zeros_like(values[mine]).long()
-        )
+        top.update(values[mine], mine[:, None].expand(-1, values.shape[1]), torch.zeros_like(values[mine]).long())
         g = top.gathered()
         if rank == 0:
             q.put((g.values.tolist(), g.ids.tolist()))  # plain lists: no shared-memory handles
@@ -182,9 +180,7 @@ def test_top_k_is_gathered_across_processes() -> None:
         ("callbacks.filters.scale=global", r"scale must be 'layer' or 'filter', got 'global'"),
     ],
 )
-def test_bad_arguments_fail_before_training(
-    make_cfg: MakeCfg, tmp_path: Path, override: str, message: str
-) -> None:
+def test_bad_arguments_fail_before_training(make_cfg: MakeCfg, tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(Exception, match=message):
         train(make_cfg(*SMALL, override))
     assert not (tmp_path / "checkpoints").exists(), "nothing may be trained or written"
@@ -209,3 +205,13 @@ def test_without_tensorboard_warns_once_and_still_logs_scalars(
     messages = [str(w.message) for w in record if "no TensorBoardLogger" in str(w.message)]
     assert sorted(m.split(":")[0] for m in messages) == ["DeadReluCallback", "FilterCallback"], "once each"
     assert "relu/dead_fraction/relu1" in trainer.callback_metrics
+
+
+def test_dead_relu_reports_a_diverged_network_instead_of_failing(datamodule: FashionMNISTDataModule) -> None:
+    model = SmallCNN()
+    with torch.no_grad():
+        model.conv1.weight.fill_(float("nan"))
+    with inference(model):
+        p = DeadReluCallback(probe_size=100).render(model, datamodule)
+    assert p.scalars["relu/nonfinite_fraction/relu1"] == 1.0
+    assert "relu/preact/relu1" not in p.histograms, "no histogram of NaNs"

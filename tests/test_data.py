@@ -72,9 +72,7 @@ def test_val_on_test_validates_on_the_official_test_set(data_dir: Path, cache_di
     assert dm.dataset("val") is dm.dataset("test")
 
 
-def test_fast_path_matches_torchvision(
-    datamodule: FashionMNISTDataModule, data_dir: Path, tmp_path: Path
-) -> None:
+def test_fast_path_matches_torchvision(datamodule: FashionMNISTDataModule, data_dir: Path, tmp_path: Path) -> None:
     _copy_gz(data_dir, tmp_path / "FashionMNIST" / "raw")  # torchvision extracts next to its files
     ids = [0, 22, 193, 36, 312, 1087, 74, 9999]
     tv_test = FashionMNIST(tmp_path, train=False, download=True)
@@ -124,9 +122,7 @@ def test_env_var_overrides_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert FashionMNISTDataModule(data_dir=tmp_path / "x").data_dir == tmp_path / "x"
 
 
-def test_missing_data_offline_names_dir_variable_and_both_ways(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_data_offline_names_dir_variable_and_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once: "offline"
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -135,9 +131,7 @@ def test_missing_data_offline_names_dir_variable_and_both_ways(
         dm.prepare_data()
     msg = str(e.value)
     assert str(empty) in msg and "Downloading them failed" in msg
-    assert (
-        ENV_DATA in msg and "apt install dataset-fashion-mnist" in msg and "train-images-idx3-ubyte.gz" in msg
-    )
+    assert ENV_DATA in msg and "apt install dataset-fashion-mnist" in msg and "train-images-idx3-ubyte.gz" in msg
     assert not list((tmp_path / "cache").rglob("*.gz*")), "no half-downloaded file may remain"
 
     dm = FashionMNISTDataModule(data_dir=empty, cache_dir=tmp_path / "cache", download=False)
@@ -169,15 +163,11 @@ def test_wrong_content_md5_and_wrong_magic(data_dir: Path, tmp_path: Path) -> No
     with pytest.raises(DataError, match=r"MD5 of its decoded content is [0-9a-f]{32}, expected 15d4843"):
         FashionMNISTDataModule(data_dir=d, cache_dir=tmp_path / "c1", download=False).prepare_data()
     with pytest.raises(DataError, match=r"IDX magic number 0x00000803, expected 0x00000801"):
-        FashionMNISTDataModule(
-            data_dir=d, cache_dir=tmp_path / "c2", download=False, verify=False
-        ).prepare_data()
+        FashionMNISTDataModule(data_dir=d, cache_dir=tmp_path / "c2", download=False, verify=False).prepare_data()
     raw[3] = 0x01
     bad.write_bytes(bytes(raw[:-10]))  # right header, 10 labels short
     with pytest.raises(DataError, match=r"shape \(10000,\) in 9990 bytes"):
-        FashionMNISTDataModule(
-            data_dir=d, cache_dir=tmp_path / "c3", download=False, verify=False
-        ).prepare_data()
+        FashionMNISTDataModule(data_dir=d, cache_dir=tmp_path / "c3", download=False, verify=False).prepare_data()
 
 
 def test_cache_follows_the_source(data_dir: Path, tmp_path: Path) -> None:

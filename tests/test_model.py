@@ -43,9 +43,7 @@ def test_architecture_is_the_lectures() -> None:
 def test_unknown_layer_name_lists_valid_names() -> None:
     with pytest.raises(ValueError, match=r"Unknown layer name\(s\) \['conv9'\].*'conv1'.*'fc3'"):
         SmallCNN().layer("conv9")
-    with pytest.raises(
-        ValueError, match=r"Unknown conv layer.*\['fc1'\].*valid names: \['conv1', 'conv2', 'conv3'\]"
-    ):
+    with pytest.raises(ValueError, match=r"Unknown conv layer.*\['fc1'\].*valid names: \['conv1', 'conv2', 'conv3'\]"):
         layers.resolve_layers(SmallCNN(), ["fc1"], nn.Conv2d, what="conv layer")
 
 

@@ -38,9 +38,7 @@ def test_one_epoch_logs_scalars_checkpoints_and_console_line(
     assert [v for _, v in ev["lr"]] == pytest.approx([0.2, 0.2])
 
     lines = [r.getMessage() for r in caplog.records if r.name == "cnnfeat"]
-    assert any(
-        line.startswith(">>> End epoch 1, train accuracy = ") and "train avgLoss = " in line for line in lines
-    )
+    assert any(line.startswith(">>> End epoch 1, train accuracy = ") and "train avgLoss = " in line for line in lines)
     assert any(line.startswith(">>> valid accuracy = ") for line in lines)
 
     ckpts = tmp_path / "checkpoints"
@@ -79,9 +77,7 @@ def test_unknown_config_option_names_the_choices(make_cfg: MakeCfg) -> None:
 
 
 def test_bad_learning_rate_fails_before_training(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    with pytest.raises(
-        InstantiationException, match=r"model.optimizer.lr must be a positive number, got -0.5"
-    ):
+    with pytest.raises(InstantiationException, match=r"model.optimizer.lr must be a positive number, got -0.5"):
         train(make_cfg("model.optimizer.lr=-0.5"))
     assert not (tmp_path / "checkpoints").exists()
 

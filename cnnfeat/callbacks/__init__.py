@@ -6,10 +6,12 @@ from cnnfeat.callbacks.epoch_summary import EpochSummary
 from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
 from cnnfeat.callbacks.filters import FilterCallback
 from cnnfeat.callbacks.top_patches import TopPatchesCallback
+from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
 
 __all__ = [
     "LECTURE_IMAGE_IDS",
     "DeadReluCallback",
+    "EmbeddingCallback",
     "EpochSummary",
     "FeatureMapCallback",
     "FilterCallback",

@@ -12,6 +12,7 @@ as PNG files, and logs scalars through ``pl_module.log``. ``render`` is public s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,9 +40,7 @@ class Pictures:
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
 
-    def write(
-        self, writer: SummaryWriter | None, step: int, png_dir: Path | None = None, scalars: bool = True
-    ) -> None:
+    def write(self, writer: SummaryWriter | None, step: int, png_dir: Path | None = None, scalars: bool = True) -> None:
         """Send everything to ``writer`` (if any) and images to ``png_dir/<tag>/step_NNN.png`` (if set)."""
         if writer is not None:
             for tag, img in self.images.items():
@@ -117,9 +116,7 @@ def check_ids(ids: Sequence[int], size: int, what: str = "image_ids") -> None:
     """Raise a clear error for IDs outside ``[0, size)``."""
     bad = [i for i in ids if not 0 <= int(i) < size]
     if bad:
-        raise ValueError(
-            f"{what} {bad} out of range: the probe split has {size} images (valid IDs 0..{size - 1})"
-        )
+        raise ValueError(f"{what} {bad} out of range: the probe split has {size} images (valid IDs 0..{size - 1})")
 
 
 class VisualizationCallback(pl.Callback):
@@ -140,13 +137,17 @@ class VisualizationCallback(pl.Callback):
         self.log_untrained = log_untrained
         self.save_png = save_png
         self._warned = False
+        #: wall seconds of each emission (render + write), for cost accounting in benchmarks
+        self.seconds: list[float] = []
 
     # -- to implement --------------------------------------------------------------------------------
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validate arguments against the model and data; raise ``ValueError`` with a clear message."""
 
-    def render(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> Pictures:
-        """Compute the pictures (called under ``inference``); must not change the module."""
+    def render(
+        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
+    ) -> Pictures:
+        """Compute the pictures for ``step`` (epochs trained) under ``inference``; must not change the module."""
         raise NotImplementedError
 
     # -- Lightning hooks -----------------------------------------------------------------------------
@@ -188,11 +189,12 @@ class VisualizationCallback(pl.Callback):
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if trainer.sanity_checking:
             return
+        start = time.perf_counter()
         writer = self._writer(trainer)
         if not self.should_render(trainer):
             return
         with inference(pl_module):
-            pictures = self.render(pl_module, trainer.datamodule)
+            pictures = self.render(pl_module, trainer.datamodule, step)
         on_epoch_end = step > 0
         if on_epoch_end:  # through Lightning: any logger, callback_metrics, all ranks take part
             for tag, value in pictures.scalars.items():
@@ -200,3 +202,4 @@ class VisualizationCallback(pl.Callback):
         if trainer.is_global_zero:
             # the untrained network has no Lightning step, so its scalars go to TensorBoard at step 0
             pictures.write(writer, step, self.png_dir(trainer), scalars=not on_epoch_end)
+        self.seconds.append(time.perf_counter() - start)

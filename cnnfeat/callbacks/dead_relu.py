@@ -18,8 +18,10 @@ class DeadReluCallback(VisualizationCallback):
     and a neuron for fully connected layers. Scalars ``relu/dead_fraction/<layer>``, the overall
     ``relu/dead_fraction/all`` and ``relu/zero_fraction/<layer>`` (share of all activations that are 0);
     histograms ``relu/preact/<layer>`` of the ReLU inputs (a fixed sample of ``hist_samples`` values).
-    The probe set is the first ``probe_size`` images of ``split``; pre-activations are read with
-    forward pre-hooks on the ReLU modules, which see the input before an inplace ReLU changes it.
+    When training diverges, ``relu/nonfinite_fraction/<layer>`` reports the share of NaN/inf inputs and the
+    histograms keep the finite values. The probe set is the first ``probe_size`` images of ``split``;
+    pre-activations are read with forward pre-hooks on the ReLU modules, which see the input before an
+    inplace ReLU changes it.
     """
 
     def __init__(
@@ -56,17 +58,18 @@ class DeadReluCallback(VisualizationCallback):
             )
         n = split_size(trainer.datamodule, self.split)
         if self.probe_size > n:
-            raise ValueError(
-                f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)"
-            )
+            raise ValueError(f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)")
 
     def should_render(self, trainer: pl.Trainer) -> bool:
         return True  # scalars go through pl_module.log to any logger
 
-    def render(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> Pictures:
+    def render(
+        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
+    ) -> Pictures:
         names = self.relu_names(pl_module)
         unit_max: dict[str, torch.Tensor] = {}
         zeros = dict.fromkeys(names, 0)
+        nonfinite = dict.fromkeys(names, 0)
         total = dict.fromkeys(names, 0)
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         gen = torch.Generator().manual_seed(0)
@@ -81,6 +84,7 @@ class DeadReluCallback(VisualizationCallback):
                     m = a.amax(dim=(0, *range(2, a.ndim)))  # per channel (conv) / per neuron (fc)
                     unit_max[n] = m if n not in unit_max else torch.maximum(unit_max[n], m)
                     zeros[n] += a.numel() - int(torch.count_nonzero(a > 0))
+                    nonfinite[n] += a.numel() - int(torch.count_nonzero(torch.isfinite(a)))
                     total[n] += a.numel()
                     if self.hist_samples:
                         flat = a.flatten()
@@ -93,7 +97,11 @@ class DeadReluCallback(VisualizationCallback):
             dead_units, all_units = dead_units + int(dead.sum()), all_units + dead.numel()
             pictures.scalars[f"relu/dead_fraction/{n}"] = float(dead.float().mean())
             pictures.scalars[f"relu/zero_fraction/{n}"] = zeros[n] / total[n]
-            if samples[n]:
-                pictures.histograms[f"relu/preact/{n}"] = torch.cat(samples[n])
+            if nonfinite[n]:  # a diverged network: say so instead of failing
+                pictures.scalars[f"relu/nonfinite_fraction/{n}"] = nonfinite[n] / total[n]
+            values = torch.cat(samples[n]) if samples[n] else torch.empty(0)
+            values = values[torch.isfinite(values)]
+            if len(values):
+                pictures.histograms[f"relu/preact/{n}"] = values
         pictures.scalars["relu/dead_fraction/all"] = dead_units / all_units
         return pictures

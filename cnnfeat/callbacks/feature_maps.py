@@ -56,12 +56,12 @@ class FeatureMapCallback(VisualizationCallback):
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers.resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
         if trainer.datamodule is None:
-            raise ValueError(
-                f"{type(self).__name__} reads its images from the datamodule: pass one to the Trainer"
-            )
+            raise ValueError(f"{type(self).__name__} reads its images from the datamodule: pass one to the Trainer")
         check_ids(self.image_ids, split_size(trainer.datamodule, self.split), what=f"{self.split} image_ids")
 
-    def render(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> Pictures:
+    def render(
+        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
+    ) -> Pictures:
         x, y = probe_images(datamodule, self.split, self.image_ids)
         x = x.to(pl_module.device)
         relu_of = layers.activation_after(pl_module, x[:1])

@@ -42,7 +42,9 @@ class FilterCallback(VisualizationCallback):
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
 
-    def render(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> Pictures:
+    def render(
+        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
+    ) -> Pictures:
         pictures = Pictures()
         for name, conv in resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer").items():
             w = conv.weight

@@ -108,9 +108,7 @@ class TopPatchesCallback(VisualizationCallback):
             )
         n = split_size(trainer.datamodule, self.split)
         if self.probe_size is not None and self.probe_size > n:
-            raise ValueError(
-                f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)"
-            )
+            raise ValueError(f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)")
         x, _ = probe_images(trainer.datamodule, self.split, [0])
         receptive_fields(pl_module, x.to(pl_module.device), self.layers)  # raises for layers without one
         for name, m in found.items():
@@ -122,9 +120,7 @@ class TopPatchesCallback(VisualizationCallback):
         """Stream this process's shard of the probe set and return the gathered top-k per layer."""
         n = self._probe_count(datamodule)
         rank, world = (
-            (dist.get_rank(), dist.get_world_size())
-            if dist.is_available() and dist.is_initialized()
-            else (0, 1)
+            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         )
         shard = torch.arange(rank, n, world)
         tops: dict[str, TopK] = {}
@@ -140,7 +136,9 @@ class TopPatchesCallback(VisualizationCallback):
                     tops[name].update_from_maps(maps, ids)
         return {name: t.gathered() for name, t in tops.items()}
 
-    def render(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> Pictures:
+    def render(
+        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
+    ) -> Pictures:
         tops = self.collect(pl_module, datamodule)
         x0, _ = probe_images(datamodule, self.split, [0])
         fields = receptive_fields(pl_module, x0.to(pl_module.device), self.layers)

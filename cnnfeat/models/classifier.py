@@ -68,9 +68,7 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
         for stage in ("train", "val", "test"):
-            setattr(
-                self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-            )
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro", validate_args=False))
             setattr(self, f"{stage}_loss", MeanMetric())
         self._to_register: set[str] = set()
 

@@ -38,8 +38,7 @@ class SmallCNN(ImageClassifier):
         super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
         if (input_mean is None) != (input_std is None) or (input_std is not None and input_std <= 0):
             raise ValueError(
-                f"input_mean and input_std must both be set (std > 0) or both None, got "
-                f"{input_mean}, {input_std}"
+                f"input_mean and input_std must both be set (std > 0) or both None, got {input_mean}, {input_std}"
             )
         self.save_hyperparameters()
         self.input_mean, self.input_std = input_mean, input_std

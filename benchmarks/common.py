@@ -1,0 +1,82 @@
+"""Helpers shared by the benchmark scripts: run the real composed config in-process and read results back."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cnnfeat.callbacks import VisualizationCallback
+from cnnfeat.train import CONFIG_DIR, build
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class RunResult:
+    overrides: list[str]
+    fit_seconds: float
+    test_acc: float
+    epochs: list[dict[str, float]]  # per epoch: train/acc, train/loss, val/acc, val/loss
+    callback_seconds: dict[str, list[float]] = field(default_factory=dict)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        ea = EventAccumulator(f, size_guidance={"scalars": 0})
+        ea.Reload()
+        for tag in ea.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
+    return out
+
+
+def run_config(overrides: list[str], out: Path) -> RunResult:
+    """Compose ``train`` with ``overrides``, fit (timed) and test; per-epoch metrics from the event files."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.root_dir = str(out)
+    dm, model, trainer = build(cfg)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    fit_seconds = time.perf_counter() - start
+    test_acc = float("nan")
+    if cfg.get("test"):
+        test_acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    sc = scalars(out)
+    keys = ("train/acc", "train/loss", "val/acc", "val/loss")
+    n = len(sc.get("train/acc", []))
+    epochs = [{k: sc[k][i][1] for k in keys if k in sc and i < len(sc[k])} for i in range(n)]
+    cb_seconds = {type(cb).__name__: cb.seconds for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)}
+    return RunResult(list(overrides), fit_seconds, test_acc, epochs, cb_seconds)
+
+
+def machine() -> dict[str, object]:
+    return {
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=lambda o: o.__dict__))
+    return path

@@ -1,0 +1,160 @@
+"""The UMAP embedding callback: tags and steps, animation, projector, numbers, alignment, determinism, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from cnnfeat import embedding
+from cnnfeat.callbacks import EmbeddingCallback
+from cnnfeat.callbacks.base import inference
+from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.models import SmallCNN
+from cnnfeat.train import train
+from tests.conftest import read_events
+
+MakeCfg = Callable[..., DictConfig]
+ONLY_UMAP = [
+    "~callbacks.filters",
+    "~callbacks.feature_maps",
+    "~callbacks.dead_relu",
+    "~callbacks.top_patches",
+    "callbacks.umap.probe_size=300",
+]
+
+
+def test_training_logs_maps_numbers_gif_and_projector(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    train(make_cfg(*ONLY_UMAP, "trainer.max_epochs=2", "trainer.limit_train_batches=30"))
+    ev = read_events(tmp_path)
+    assert [e.step for e in ev["images"]["umap/features"]] == [0, 1, 2]
+    assert [e.step for e in ev["images"]["umap/pixels"]] == [0], "the raw-pixel baseline is drawn once"
+    sizes = {(e.width, e.height) for e in ev["images"]["umap/features"]}
+    assert len(sizes) == 1 and next(iter(sizes))[1] == 400 + 24
+    sc = ev["scalars"]
+    for name in ("knn_acc", "knn_acc_2d", "trustworthiness"):
+        assert len(sc[f"umap/{name}"]) == 3 and all(0.0 <= v <= 1.0 for _, v in sc[f"umap/{name}"])
+        assert len(sc[f"umap/pixels/{name}"]) == 1
+    assert all(-1.0 <= v <= 1.0 for _, v in sc["umap/silhouette"])
+    assert len(sc["umap/frame_shift"]) == 2
+
+    gif = Image.open(tmp_path / "umap_embedding.gif")
+    assert gif.n_frames == 3
+    frame = np.asarray(gif.convert("RGB"), dtype=float)
+    assert frame.std() > 10, "frames must not be blank"
+    assert (tmp_path / "projector_config.pbtxt").is_file()
+    assert "umap/features" in (tmp_path / "projector_config.pbtxt").read_text()
+
+
+def test_knn_accuracy_rises_with_training(datamodule: FashionMNISTDataModule) -> None:
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    cb = EmbeddingCallback(probe_size=500, pixels=False, gif=False, projector=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=150,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(SmallCNN(), datamodule=datamodule)
+    untrained, trained = cb.quality[0], cb.quality[1]
+    assert trained.knn_acc > untrained.knn_acc + 0.02, (untrained, trained)
+    assert trained.silhouette > untrained.silhouette
+
+
+def test_same_seed_same_map_and_warm_frames_stay_aligned(datamodule: FashionMNISTDataModule) -> None:
+    model = SmallCNN()
+
+    def maps(seed: int, steps: int) -> list[np.ndarray]:
+        cb = EmbeddingCallback(probe_size=400, pixels=False, seed=seed)
+        with inference(model):
+            for s in range(steps):
+                cb.render(model, datamodule, s)
+        return [cb.embeddings[s] for s in range(steps)]
+
+    a, b = maps(0, 2), maps(0, 1)
+    assert np.array_equal(a[0], b[0]), "deterministic: the same seed gives the same map"
+    # re-fitting the same features from the previous map barely moves the points ...
+    warm_shift = embedding.frame_shift(a[0], a[1])
+    # ... while an independent fit (another seed, no alignment) lands somewhere else
+    cold = maps(1, 1)[0]
+    assert warm_shift < 0.5 * embedding.frame_shift(a[0], cold), (warm_shift, embedding.frame_shift(a[0], cold))
+
+
+def test_state_dict_round_trip_keeps_the_trajectory(datamodule: FashionMNISTDataModule) -> None:
+    model = SmallCNN()
+    cb = EmbeddingCallback(probe_size=300)
+    with inference(model):
+        cb.render(model, datamodule, 0)
+    state = cb.state_dict()
+    restored = EmbeddingCallback(probe_size=300)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.probe_ids, cb.probe_ids)
+    assert np.array_equal(restored.embeddings[0], cb.embeddings[0])
+    assert np.array_equal(restored.pixel_embedding, cb.pixel_embedding)
+
+
+def test_stratified_probe_is_balanced_and_seeded(datamodule: FashionMNISTDataModule) -> None:
+    labels = datamodule.dataset("test").labels
+    ids = embedding.stratified_ids(labels, 1000, seed=3)
+    assert torch.equal(ids, embedding.stratified_ids(labels, 1000, seed=3))
+    assert not torch.equal(ids, embedding.stratified_ids(labels, 1000, seed=4))
+    assert torch.bincount(labels[ids]).tolist() == [100] * 10
+    assert len(ids.unique()) == 1000
+
+
+def test_cluster_quality_of_a_perfect_and_a_random_map() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    centres = rng.normal(size=(4, 10)) * 20
+    feats = centres[labels] + rng.normal(size=(200, 10))
+    good = embedding.cluster_quality(feats, centres[labels][:, :2] + rng.normal(size=(200, 2)), labels)
+    bad = embedding.cluster_quality(feats, rng.normal(size=(200, 2)), labels)
+    assert good.knn_acc == 1.0 and good.knn_acc_2d > 0.95 and good.silhouette > 0.5
+    assert bad.knn_acc_2d < 0.5 and bad.silhouette < 0.1 and bad.trustworthiness < good.trustworthiness
+
+
+class _NoFeatures(SmallCNN):
+    """A module without the public ``features()`` method (the check fires before any forward pass)."""
+
+    features = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["callbacks.umap.probe_size=20000"], r"probe_size=20000 is larger than the test split \(10000 images\)"),
+        (["callbacks.umap.every_n_epochs=0"], r"every_n_epochs must be an integer >= 1, got 0"),
+        (["callbacks.umap.probe_size=10"], r"probe_size=10 is too small"),
+    ],
+)
+def test_bad_arguments_fail_before_training(
+    make_cfg: MakeCfg, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(Exception, match=message):
+        train(make_cfg(*ONLY_UMAP, *overrides))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_module_without_features_is_refused(datamodule: FashionMNISTDataModule) -> None:
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[EmbeddingCallback(probe_size=100)],
+    )
+    with pytest.raises(ValueError, match=r"needs _NoFeatures.features\(x\) -> \(N, D\)"):
+        trainer.fit(_NoFeatures(), datamodule=datamodule)
