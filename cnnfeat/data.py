@@ -168,7 +168,7 @@ class TensorImageDataset(Dataset):
         return self.images[rows].unsqueeze(1), self.labels[rows]
 
 
-def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``collate_fn`` for ``__getitems__`` datasets: the batch is already stacked."""
     return batch
 
@@ -353,7 +353,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             self.dataset(split),
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=_keep_batch,
+            collate_fn=keep_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.linalg import orthogonal_procrustes
-from sklearn.manifold import trustworthiness
-from sklearn.metrics import silhouette_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.model_selection import StratifiedKFold
 
 
 def stratified_ids(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
@@ -117,15 +115,72 @@ class ClusterQuality:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
 
 
+def knn_cv_accuracy(x: torch.Tensor, labels: torch.Tensor, k: int = 5, folds: int = 5) -> float:
+    """``folds``-fold (scikit-learn's unshuffled ``StratifiedKFold``) accuracy of a k-NN majority vote.
+
+    Same folds and votes as ``cross_val_score(KNeighborsClassifier(k), x, labels, cv=StratifiedKFold(folds))``
+    (ties go to the smallest label, as there), computed from one distance matrix.
+    """
+    d = torch.cdist(x, x)
+    n_classes = int(labels.max()) + 1
+    correct = 0
+    for train, test in StratifiedKFold(folds).split(np.zeros(len(labels)), labels.numpy()):
+        train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
+        nbrs = d[test_t][:, train_t].topk(k, dim=1, largest=False).indices
+        votes = F.one_hot(labels[train_t][nbrs], n_classes).sum(dim=1)
+        correct += int((votes.argmax(dim=1) == labels[test_t]).sum())
+    return correct / len(labels)
+
+
+def trustworthiness_score(x: torch.Tensor, embedding: torch.Tensor, k: int = 5) -> float:
+    """Trustworthiness of a map (as ``sklearn.manifold.trustworthiness``, Euclidean, k neighbours).
+
+    Penalises map neighbours that are far apart in the original space:
+    ``1 - 2 / (n k (2n - 3k - 1)) * sum_i sum_{j in N_k^map(i)} max(0, rank_i(j) - k)``. Only the ranks of
+    the k map neighbours are needed, not a full sort of every row as scikit-learn does.
+    """
+    n = len(x)
+    dx, de = torch.cdist(x, x), torch.cdist(embedding, embedding)
+    de.fill_diagonal_(float("inf"))
+    nbrs = de.topk(k, dim=1, largest=False).indices  # (n, k) map neighbours
+    d_nbr = dx.gather(1, nbrs)
+    penalty = 0
+    for s in range(0, n, 512):  # rows in blocks: (block, k, n) comparisons stay small
+        # rank of j for i = points closer to i than j is (i itself, at distance 0, included)
+        ranks = (dx[s : s + 512].unsqueeze(1) < d_nbr[s : s + 512].unsqueeze(2)).sum(dim=2)
+        penalty += int((ranks - k).clamp(min=0).sum())
+    return 1.0 - penalty * 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))
+
+
+def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette of the classes (as ``sklearn.metrics.silhouette_score``, Euclidean)."""
+    d = torch.cdist(x, x).double()
+    onehot = F.one_hot(labels).double()
+    counts = onehot.sum(dim=0)
+    sums = d @ onehot  # (n, classes): summed distance to every class
+    own = onehot.bool()
+    own_count = counts[labels]
+    a = sums[own] / (own_count - 1).clamp(min=1)
+    mean_other = (sums / counts).masked_fill(own, float("inf"))
+    b = mean_other.min(dim=1).values
+    s = (b - a) / torch.maximum(a, b)
+    s = torch.where(own_count > 1, s, torch.zeros_like(s))  # singletons score 0, as in scikit-learn
+    return float(s.mean())
+
+
 def cluster_quality(
     features: np.ndarray, embedding: np.ndarray, labels: np.ndarray, k: int = 5, folds: int = 5
 ) -> ClusterQuality:
-    """k-NN accuracy (``folds``-fold, stratified, unshuffled) in both spaces, trustworthiness, silhouette."""
-    cv = StratifiedKFold(folds)
-    knn = KNeighborsClassifier(k)
+    """k-NN accuracy (``folds``-fold, stratified, unshuffled) in both spaces, trustworthiness, silhouette.
+
+    Computed with torch (the same numbers as scikit-learn's functions, which the tests check): scikit-learn's
+    OpenMP runtime and torch's spin-wait against each other on a small CPU, which made the scikit-learn
+    versions 4x slower right after a forward pass.
+    """
+    f, e, y = torch.from_numpy(features).float(), torch.from_numpy(embedding).float(), torch.from_numpy(labels).long()
     return ClusterQuality(
-        knn_acc=float(cross_val_score(knn, features, labels, cv=cv).mean()),
-        knn_acc_2d=float(cross_val_score(knn, embedding, labels, cv=cv).mean()),
-        trustworthiness=float(trustworthiness(features, embedding, n_neighbors=k)),
-        silhouette=float(silhouette_score(embedding, labels)),
+        knn_acc=knn_cv_accuracy(f, y, k, folds),
+        knn_acc_2d=knn_cv_accuracy(e, y, k, folds),
+        trustworthiness=trustworthiness_score(f, e, k),
+        silhouette=silhouette(e, y),
     )

@@ -9,7 +9,9 @@ hooks), and composed with the standard recurrences, per axis:
 
 for Conv2d, MaxPool2d and AvgPool2d (kernel k, stride s, padding p, dilation d). ``start`` is the input
 coordinate of the centre of output unit 0. Elementwise layers (ReLU, BatchNorm, Dropout, ...) keep the
-geometry; anything else that changes the spatial shape (Linear, Flatten, adaptive pooling) ends the chain.
+geometry; anything else that changes the spatial shape (Linear, Flatten, adaptive pooling) ends the chain,
+except before the first conv/pool layer: there it is an input transform (e.g. a resize to 224x224) and
+coordinates restart in its output, named by ``ReceptiveField.frame``.
 This assumes a chain (no parallel branches), as in AlexNet, VGG and the lecture's network.
 """
 
@@ -37,6 +39,7 @@ class ReceptiveField:
     jump: tuple[int, int]
     start: tuple[float, float]
     output_shape: tuple[int, int]
+    frame: str | None = None  # the module whose output the boxes refer to (None: the model's input)
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Input-pixel box ``(top, left, bottom, right)`` (inclusive) of the unit at ``(row, col)``.
@@ -65,10 +68,13 @@ def receptive_fields(
     size, jump, start = [1, 1], [1, 1], [0.0, 0.0]
     fields: dict[str, ReceptiveField] = {}
     broken_at: str | None = None
+    frame: str | None = None
+    seen_spatial = False
     for call in trace(model, example_input):
         if broken_at is None:
             m = call.module
             if isinstance(m, _SPATIAL):
+                seen_spatial = True
                 k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
                 p = _pair(m.padding) if not isinstance(m.padding, str) else _same_padding(m)
                 d = _pair(getattr(m, "dilation", 1))
@@ -77,11 +83,15 @@ def receptive_fields(
                     start[a] += ((k[a] - 1) * d[a] / 2 - p[a]) * jump[a]
                     jump[a] *= s[a]
             elif len(call.output_shape) != 4 or call.output_shape[-2:] != call.input_shape[-2:]:
+                if not seen_spatial and len(call.output_shape) == 4:  # an input transform: restart after it
+                    size, jump, start, frame = [1, 1], [1, 1], [0.0, 0.0], call.name
+                    fields.clear()
+                    continue
                 broken_at = call.name
                 continue
             if len(call.output_shape) == 4:
                 fields[call.name] = ReceptiveField(
-                    tuple(size), tuple(jump), tuple(start), tuple(call.output_shape[-2:])
+                    tuple(size), tuple(jump), tuple(start), tuple(call.output_shape[-2:]), frame
                 )
         elif names and call.name in names:
             raise ValueError(

@@ -70,19 +70,31 @@ def grid(cells: torch.Tensor, nrow: int, min_cell: int = 32, padding: int = 2) -
     return make_grid(upscale(cells, min_cell), nrow=nrow, padding=padding, pad_value=GRID_PAD_VALUE)
 
 
-def filter_grid(weight: torch.Tensor, per: str = "layer", min_cell: int = 24) -> torch.Tensor:
+def filter_grid(
+    weight: torch.Tensor, per: str = "layer", min_cell: int = 24, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Conv weights (out,in,kh,kw) as an out x in grid of diverging cells (one row when in == 1).
 
     ``per="layer"`` scales by the largest |w| of the layer (filters comparable to each other);
     ``per="filter"`` scales each output filter by its own largest |w| (shape of weak filters visible).
+    ``scale`` overrides the per-layer scale (e.g. the whole layer's when ``weight`` is a subset).
     """
     if per not in ("layer", "filter"):
         raise ValueError(f"per must be 'layer' or 'filter', got {per!r}")
     w = weight.detach().float().cpu()
     out_c, in_c = w.shape[:2]
-    scale = w.abs().amax() if per == "layer" else w.abs().amax(dim=(1, 2, 3), keepdim=True)
+    if per == "filter":
+        scale = w.abs().amax(dim=(1, 2, 3), keepdim=True)
+    elif scale is None:
+        scale = w.abs().amax()
     cells = diverging(w, scale).reshape(out_c * in_c, 3, *w.shape[-2:])
     return grid(cells, nrow=in_c if in_c > 1 else out_c, min_cell=min_cell)
+
+
+def kernel_grid(kernels: torch.Tensor, scale: torch.Tensor | float | None = None, min_cell: int = 24) -> torch.Tensor:
+    """One filter's in-channel kernels (in,kh,kw) as a square grid of diverging cells."""
+    k = kernels.detach().float().cpu()
+    return grid(diverging(k, scale), nrow=math.ceil(math.sqrt(len(k))), min_cell=min_cell)
 
 
 def rgb_filter_grid(weight: torch.Tensor, per: str = "filter", nrow: int = 8, min_cell: int = 44) -> torch.Tensor:

@@ -158,3 +158,21 @@ def test_module_without_features_is_refused(datamodule: FashionMNISTDataModule) 
     )
     with pytest.raises(ValueError, match=r"needs _NoFeatures.features\(x\) -> \(N, D\)"):
         trainer.fit(_NoFeatures(), datamodule=datamodule)
+
+
+def test_torch_metrics_equal_scikit_learn() -> None:
+    from sklearn.manifold import trustworthiness
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, 700)
+    x = (rng.normal(size=(700, 20)) + labels[:, None] * 0.4).astype(np.float32)
+    e = (x[:, :2] + rng.normal(size=(700, 2))).astype(np.float32)
+    xt, et, yt = torch.from_numpy(x), torch.from_numpy(e), torch.from_numpy(labels)
+    for data, t in ((x, xt), (e, et)):
+        ref = cross_val_score(KNeighborsClassifier(5), data, labels, cv=StratifiedKFold(5)).mean()
+        assert embedding.knn_cv_accuracy(t, yt, 5, 5) == pytest.approx(ref, abs=1e-9)
+    assert embedding.trustworthiness_score(xt, et, 5) == pytest.approx(trustworthiness(x, e, n_neighbors=5), abs=1e-6)
+    assert embedding.silhouette(et, yt) == pytest.approx(silhouette_score(e, labels), abs=1e-5)

@@ -5,6 +5,7 @@ from cnnfeat.callbacks.dead_relu import DeadReluCallback
 from cnnfeat.callbacks.epoch_summary import EpochSummary
 from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
 from cnnfeat.callbacks.filters import FilterCallback
+from cnnfeat.callbacks.shape_table import ShapeTableCallback
 from cnnfeat.callbacks.top_patches import TopPatchesCallback
 from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
 
@@ -16,6 +17,7 @@ __all__ = [
     "FeatureMapCallback",
     "FilterCallback",
     "Pictures",
+    "ShapeTableCallback",
     "TopPatchesCallback",
     "VisualizationCallback",
 ]

@@ -99,6 +99,14 @@ def probe_images(
     return x, torch.as_tensor(ys)
 
 
+def model_inputs(datamodule: pl.LightningDataModule, split: str, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """What the model consumes for these image IDs: the datamodule's ``inputs(split, ids)`` when it has one
+    (e.g. cached frozen-backbone features), otherwise the images themselves."""
+    if hasattr(datamodule, "inputs"):
+        return datamodule.inputs(split, ids)
+    return probe_images(datamodule, split, ids)[0]
+
+
 def split_size(datamodule: pl.LightningDataModule, split: str) -> int:
     """Number of images in a split of the datamodule (after ``setup``)."""
     if hasattr(datamodule, "dataset"):
@@ -126,16 +134,18 @@ class VisualizationCallback(pl.Callback):
         every_n_epochs: render after every N-th epoch (and after the last one).
         log_untrained: also render before training (step 0, the untrained network).
         save_png: also write every image as a PNG under ``<run dir>/images/<tag>/step_NNN.png``.
+        during_training: ``False`` renders only before training: for layers that are frozen.
     """
 
-    name = "visualization"
-
-    def __init__(self, every_n_epochs: int = 1, log_untrained: bool = True, save_png: bool = False) -> None:
+    def __init__(
+        self, every_n_epochs: int = 1, log_untrained: bool = True, save_png: bool = False, during_training: bool = True
+    ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         self.every_n_epochs = every_n_epochs
         self.log_untrained = log_untrained
         self.save_png = save_png
+        self.during_training = during_training
         self._warned = False
         #: wall seconds of each emission (render + write), for cost accounting in benchmarks
         self.seconds: list[float] = []
@@ -163,6 +173,8 @@ class VisualizationCallback(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.during_training:
+            return
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if epoch % self.every_n_epochs == 0 or last:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from cnnfeat import layers, viz
@@ -29,7 +30,9 @@ class FeatureMapCallback(VisualizationCallback):
     (pre-ReLU, diverging colours, 0 = white) and ``feature_maps/<layer>/relu/img<ID>`` (post-ReLU, viridis
     from 0). ``scale="channel"`` (default) scales each map on its own, so weak channels show their
     structure; ``"image"`` shares one scale between the channels of a picture, so strengths compare.
-    The ReLU of a layer is found by tracing a forward pass; a conv without one gets only the ``conv`` tag.
+    ``channels`` picks some channels (in that order), e.g. the lecture's AlexNet conv1 filters 25, 22, 16, 11,
+    45, 28, 10. The ReLU of a layer is found by tracing a forward pass; a conv without one gets only the
+    ``conv`` tag.
     Outputs are captured by cloning hooks, so inplace ReLUs do not overwrite the pre-ReLU maps.
     """
 
@@ -37,6 +40,7 @@ class FeatureMapCallback(VisualizationCallback):
         self,
         image_ids: Sequence[int] = LECTURE_IMAGE_IDS,
         layers: Sequence[str] = ("conv1", "conv2"),
+        channels: Sequence[int] | None = None,
         split: str = "test",
         scale: str = "channel",
         nrow: int = 8,
@@ -44,20 +48,33 @@ class FeatureMapCallback(VisualizationCallback):
         every_n_epochs: int = 1,
         log_untrained: bool = True,
         save_png: bool = False,
+        during_training: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, log_untrained=log_untrained, save_png=save_png)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            log_untrained=log_untrained,
+            save_png=save_png,
+            during_training=during_training,
+        )
         if not image_ids or not layers:
             raise ValueError("image_ids and layers must not be empty")
         self.image_ids, self.layers = [int(i) for i in image_ids], list(layers)
+        self.channels = [int(c) for c in channels] if channels is not None else None
         if scale not in ("channel", "image"):
             raise ValueError(f"scale must be 'channel' or 'image', got {scale!r}")
         self.split, self.scale, self.nrow, self.min_cell = split, scale, nrow, min_cell
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers.resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
+        convs = layers.resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
+        for name, conv in convs.items():
+            if self.channels is not None and (min(self.channels) < 0 or max(self.channels) >= conv.out_channels):
+                raise ValueError(f"channels {self.channels} out of range for {name} ({conv.out_channels} channels)")
         if trainer.datamodule is None:
             raise ValueError(f"{type(self).__name__} reads its images from the datamodule: pass one to the Trainer")
         check_ids(self.image_ids, split_size(trainer.datamodule, self.split), what=f"{self.split} image_ids")
+
+    def _pick(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps if self.channels is None else maps[self.channels]
 
     def render(
         self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
@@ -76,7 +93,7 @@ class FeatureMapCallback(VisualizationCallback):
             )
             for conv in self.layers:
                 pictures.images[f"feature_maps/{conv}/conv/img{img_id}"] = viz.map_grid(
-                    out[conv][k],
+                    self._pick(out[conv][k]),
                     signed=True,
                     per_channel=self.scale == "channel",
                     nrow=self.nrow,
@@ -84,7 +101,7 @@ class FeatureMapCallback(VisualizationCallback):
                 )
                 if relu := relu_of.get(conv):
                     pictures.images[f"feature_maps/{conv}/relu/img{img_id}"] = viz.map_grid(
-                        out[relu][k],
+                        self._pick(out[relu][k]),
                         signed=False,
                         per_channel=self.scale == "channel",
                         nrow=self.nrow,

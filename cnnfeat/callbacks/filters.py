@@ -19,7 +19,9 @@ class FilterCallback(VisualizationCallback):
     by the largest |w| of the layer, so the filters of a layer can be compared with each other;
     ``"filter"`` scales each output filter on its own. Layers with 3 input channels can be drawn as RGB
     pictures (``rgb=true``, AlexNet's conv1). Kernels are upscaled with nearest neighbours to at least
-    ``min_cell`` pixels so that 3x3 kernels are visible.
+    ``min_cell`` pixels so that 3x3 kernels are visible. For big layers, ``max_filters`` shows only the first
+    output filters in the out x in grid (RGB pictures show all), and ``per_filter_grids=k`` adds ``filters/<layer>/out<i>``: the in-channel kernels of
+    each of the first k filters as a square grid (the lecture's "64x5x5 filters" of AlexNet's conv2).
     """
 
     def __init__(
@@ -27,17 +29,30 @@ class FilterCallback(VisualizationCallback):
         layers: Sequence[str] = ("conv1", "conv2"),
         scale: str = "layer",
         rgb: bool = False,
+        max_filters: int | None = None,
+        per_filter_grids: int = 0,
         min_cell: int = 24,
         every_n_epochs: int = 1,
         log_untrained: bool = True,
         save_png: bool = False,
+        during_training: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, log_untrained=log_untrained, save_png=save_png)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            log_untrained=log_untrained,
+            save_png=save_png,
+            during_training=during_training,
+        )
         if scale not in ("layer", "filter"):
             raise ValueError(f"scale must be 'layer' or 'filter', got {scale!r}")
         if not layers:
             raise ValueError("layers must name at least one conv layer")
+        if (max_filters is not None and max_filters < 1) or per_filter_grids < 0:
+            raise ValueError(
+                f"max_filters must be >= 1 (or null) and per_filter_grids >= 0, got {max_filters}, {per_filter_grids}"
+            )
         self.layers, self.scale, self.rgb, self.min_cell = list(layers), scale, rgb, min_cell
+        self.max_filters, self.per_filter_grids = max_filters, per_filter_grids
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
@@ -48,9 +63,14 @@ class FilterCallback(VisualizationCallback):
         pictures = Pictures()
         for name, conv in resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer").items():
             w = conv.weight
-            if self.rgb and w.shape[1] == 3:
+            if self.rgb and w.shape[1] == 3:  # every filter, as an RGB picture
                 img = viz.rgb_filter_grid(w, per=self.scale, min_cell=self.min_cell)
             else:
-                img = viz.filter_grid(w, per=self.scale, min_cell=self.min_cell)
+                shown = w[: self.max_filters] if self.max_filters else w
+                img = viz.filter_grid(shown, per=self.scale, min_cell=self.min_cell, scale=w.abs().amax())
             pictures.images[f"filters/{name}"] = img
+            for k in range(min(self.per_filter_grids, w.shape[0]) if w.shape[1] > 3 else 0):
+                pictures.images[f"filters/{name}/out{k}"] = viz.kernel_grid(
+                    w[k], scale=w.abs().amax(), min_cell=self.min_cell
+                )
         return pictures

@@ -80,11 +80,18 @@ class TopPatchesCallback(VisualizationCallback):
         probe_size: int | None = None,
         batch_size: int = 1000,
         min_cell: int = 40,
+        max_cell: int = 96,
         every_n_epochs: int = 5,
         log_untrained: bool = True,
         save_png: bool = False,
+        during_training: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, log_untrained=log_untrained, save_png=save_png)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            log_untrained=log_untrained,
+            save_png=save_png,
+            during_training=during_training,
+        )
         if top_k < 1 or max_channels < 1 or batch_size < 1 or (probe_size is not None and probe_size < 1):
             raise ValueError("top_k, max_channels, batch_size and probe_size must be >= 1")
         if not layers:
@@ -92,7 +99,9 @@ class TopPatchesCallback(VisualizationCallback):
         self.layers, self.top_k = list(layers), top_k
         self.channels = list(channels) if channels is not None else None
         self.max_channels, self.split, self.probe_size = max_channels, split, probe_size
-        self.batch_size, self.min_cell = batch_size, min_cell
+        if max_cell < min_cell:
+            raise ValueError(f"max_cell ({max_cell}) must be >= min_cell ({min_cell})")
+        self.batch_size, self.min_cell, self.max_cell = batch_size, min_cell, max_cell
 
     def _probe_count(self, datamodule: pl.LightningDataModule) -> int:
         return self.probe_size or split_size(datamodule, self.split)
@@ -136,6 +145,14 @@ class TopPatchesCallback(VisualizationCallback):
                     tops[name].update_from_maps(maps, ids)
         return {name: t.gathered() for name, t in tops.items()}
 
+    def _crop_sources(self, pl_module: pl.LightningModule, x: torch.Tensor, frame: str | None) -> torch.Tensor:
+        """The images the boxes refer to: the inputs, or the output of an input transform (e.g. a resize)."""
+        if frame is None:
+            return x
+        with layers.capture(pl_module, [frame]) as out:
+            pl_module(x.to(pl_module.device))
+        return out[frame].cpu()
+
     def render(
         self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
     ) -> Pictures:
@@ -148,21 +165,24 @@ class TopPatchesCallback(VisualizationCallback):
             chans = self._channels(top.values.shape[1])
             ids = top.ids[:, chans].cpu()
             uniq = ids[ids >= 0].unique()
-            imgs = (
-                dict(zip(uniq.tolist(), probe_images(datamodule, self.split, uniq)[0], strict=True))
-                if len(uniq)
-                else {}
-            )
+            sources = {}
+            if len(uniq):
+                x, _ = probe_images(datamodule, self.split, uniq)
+                sources = dict(zip(uniq.tolist(), self._crop_sources(pl_module, x, rf.frame), strict=True))
+            channels_in = next(iter(sources.values())).shape[0] if sources else 1
             width = rf.output_shape[1]
             cells = []
             for c_idx, c in enumerate(chans):
                 for r in range(len(top.values)):
                     img_id, pos = int(ids[r, c_idx]), int(top.positions[r, c])
                     if img_id < 0:  # fewer probe images than k
-                        cells.append(torch.zeros(1, *rf.size))
+                        cells.append(torch.zeros(channels_in, *rf.size))
                         continue
-                    cells.append(crop(imgs[img_id], rf.box(pos // width, pos % width)))
+                    cells.append(crop(sources[img_id], rf.box(pos // width, pos % width)))
+            patches = torch.stack(cells).float()
+            if patches.shape[-1] > self.max_cell:  # big receptive fields (AlexNet conv5: 163 px) are shrunk
+                patches = torch.nn.functional.interpolate(patches, size=(self.max_cell, self.max_cell), mode="area")
             pictures.images[f"top_patches/{name}"] = viz.grid(
-                viz.grey(torch.stack(cells)), nrow=len(top.values), min_cell=self.min_cell
+                viz.grey(patches), nrow=len(top.values), min_cell=self.min_cell
             )
         return pictures

@@ -16,6 +16,7 @@ from cnnfeat.callbacks.base import (
     Pictures,
     VisualizationCallback,
     class_names,
+    model_inputs,
     probe_images,
     split_size,
     tensorboard_writer,
@@ -110,7 +111,7 @@ class EmbeddingCallback(VisualizationCallback):
         return probe_images(datamodule, self.split, self.probe_ids)
 
     def features(self, pl_module: pl.LightningModule, x: torch.Tensor) -> np.ndarray:
-        """``pl_module.features`` of the probe images, batched, as float32 numpy (N, D)."""
+        """``pl_module.features`` of the probe inputs, batched, as float32 numpy (N, D)."""
         out = [
             pl_module.features(x[i : i + self.batch_size].to(pl_module.device)).float().cpu()
             for i in range(0, len(x), self.batch_size)
@@ -152,7 +153,7 @@ class EmbeddingCallback(VisualizationCallback):
             q = embedding.cluster_quality(raw, self.pixel_embedding, labels, self.knn_k, self.cv_folds)
             pictures.scalars.update(q.as_dict("umap/pixels/"))
             pictures.images["umap/pixels"] = self._panel(self.pixel_embedding, labels, names, "raw pixels (784-d)")
-        feats = self.features(pl_module, x)
+        feats = self.features(pl_module, model_inputs(datamodule, self.split, self.probe_ids))
         previous = self.embeddings[max(self.embeddings)] if self.embeddings else None
         emb = self._fit(feats, previous)
         self.embeddings[step], self._last_features = emb, feats

@@ -1,0 +1,224 @@
+"""Transfer learning: torchvision's AlexNet convolutional part, frozen, with an MLP head for Fashion-MNIST."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import AlexNet_Weights, alexnet
+
+from cnnfeat.models.classifier import ImageClassifier
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+#: torchvision ``features.<i>`` index -> our layer name (the lecture's "layer 1..5").
+BACKBONE_NAMES = (
+    "conv1",
+    "relu1",
+    "pool1",
+    "conv2",
+    "relu2",
+    "pool2",
+    "conv3",
+    "relu3",
+    "conv4",
+    "relu4",
+    "conv5",
+    "relu5",
+    "pool5",
+)
+
+
+class WeightsError(RuntimeError):
+    """AlexNet weights are missing or do not fit."""
+
+
+def imagenet_weights_file() -> Path:
+    """Where torchvision keeps the ImageNet AlexNet weights (``$TORCH_HOME/hub/checkpoints/...``)."""
+    url = AlexNet_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _imagenet_state_dict() -> dict[str, torch.Tensor]:
+    target = imagenet_weights_file()
+    try:
+        return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # offline (URLError), interrupted or corrupt download
+        raise WeightsError(
+            f"AlexNet ImageNet weights (AlexNet_Weights.IMAGENET1K_V1) are not in the torch hub cache and could not "
+            f"be downloaded ({type(e).__name__}: {e}).\nPut the file {target.name} into {target.parent} (get it "
+            f"from {AlexNet_Weights.IMAGENET1K_V1.url} on a machine with internet; TORCH_HOME moves the cache), or "
+            "pass a local file with model.weights=/path/to/alexnet.pth, or model.weights=none for random weights."
+        ) from e
+
+
+def _file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"model.weights={path}: no such file (expected an AlexNet state dict, e.g. {imagenet_weights_file().name})"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"model.weights={path} could not be loaded as a weights-only state dict ({e})") from e
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"model.weights={path} holds a {type(state).__name__}, not a state dict")
+    return dict(state)
+
+
+def build_backbone(weights: str | os.PathLike | None = "imagenet", seed: int = 0) -> nn.Sequential:
+    """AlexNet's convolutional part with named layers (conv1, relu1, pool1, ..., pool5).
+
+    ``weights``: ``"imagenet"`` (torchvision's IMAGENET1K_V1), ``"none"``/``None`` (random, initialised from
+    ``seed`` so that every caller gets the same network) or a path to an AlexNet state dict
+    (``features.*`` keys, as torchvision saves it; a ``backbone.*`` state dict from cnnfeat works too).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = alexnet(weights=None)
+    backbone = nn.Sequential(OrderedDict(zip(BACKBONE_NAMES, net.features, strict=True)))
+    if weights is None or str(weights).lower() == "none":
+        return backbone
+    state = _imagenet_state_dict() if str(weights).lower() == "imagenet" else _file_state_dict(weights)
+    renamed = {}
+    for key, value in state.items():
+        for prefix in ("features.", "backbone."):
+            if key.startswith(prefix):
+                idx, _, rest = key[len(prefix) :].partition(".")
+                name = BACKBONE_NAMES[int(idx)] if idx.isdigit() and int(idx) < len(BACKBONE_NAMES) else idx
+                renamed[f"{name}.{rest}"] = value
+    if not renamed:
+        raise WeightsError(
+            f"model.weights={weights} is not an AlexNet state dict: no 'features.*' keys (found keys "
+            f"like {sorted(state)[:5]})"
+        )
+    try:
+        result = backbone.load_state_dict(renamed, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"model.weights={weights}: tensors do not fit AlexNet's convolutional layers: {e}") from e
+    if result.missing_keys:
+        raise WeightsError(f"model.weights={weights} lacks AlexNet layers: missing {result.missing_keys}")
+    return backbone
+
+
+def backbone_fingerprint(backbone: nn.Module, extra: str = "") -> str:
+    """A short hash of the backbone's tensors (and ``extra``, e.g. the preprocessing), for cache keys."""
+    h = hashlib.sha1(extra.encode())
+    for name, t in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Resize(nn.Module):
+    """Bilinear resize of (N,C,H,W) to ``size`` x ``size`` (a module, so receptive fields can start after it)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+class GreyToImageNet(nn.Module):
+    """Grey images in [0, 1] -> 3 identical channels with ImageNet normalisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+
+class TransferClassifier(ImageClassifier):
+    """Frozen AlexNet ``features`` + ``avgpool`` and a trainable MLP head (AlexNet's classifier shape by default).
+
+    Input: Fashion-MNIST images (N,1,28,28) in [0, 1], resized to ``input_size`` and made ImageNet-like on
+    the device (``resize`` then ``to_imagenet``), or, for training on the frozen-feature cache, backbone
+    outputs (N, 9216) that skip straight to the head. The backbone has ``requires_grad=False`` and stays
+    in eval mode even when Lightning calls ``train()``; only the head reaches the optimizer.
+    ``features(x)`` is the head's last hidden layer (after its ReLU), what the UMAP callback maps.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        weights: str | None = "imagenet",
+        backbone_seed: int = 0,
+        hidden: Sequence[int] = (4096, 4096),
+        dropout: float = 0.5,
+        input_size: int = 224,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if input_size < 63:
+            raise ValueError(f"input_size must be >= 63 for AlexNet's layers, got {input_size}")
+        self.save_hyperparameters()
+        self.resize = Resize(input_size)
+        self.to_imagenet = GreyToImageNet()
+        self.backbone = build_backbone(weights, backbone_seed)
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.channels_last = channels_last
+        if channels_last:  # ~1.7x faster AlexNet convolutions on CPU
+            self.backbone.to(memory_format=torch.channels_last)
+        layers: list[nn.Module] = []
+        width = 256 * 6 * 6
+        for h in hidden:
+            layers += [nn.Dropout(dropout), nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        self.hidden = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
+        self.feature_dim = width
+        self.example_input_array = torch.zeros(1, 1, 28, 28)
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        """Lightning calls ``train()`` every epoch; the frozen backbone stays in eval mode regardless."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        """Refuse a datamodule whose cached features came from another backbone (cnnfeat's feature cache)."""
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "check_model"):
+            dm.check_model(self)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N,1,H,W) in [0,1] -> the backbone's input (N,3,input_size,input_size), ImageNet-normalised."""
+        return self.to_imagenet(self.resize(x))
+
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part: images -> (N, 9216), what the feature cache stores."""
+        x = self.preprocess(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return torch.flatten(self.avgpool(self.backbone(x)), 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's last hidden layer for images (N,1,H,W) or cached backbone features (N, 9216)."""
+        if x.ndim == 4:
+            x = self.backbone_features(x)
+        return self.hidden(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

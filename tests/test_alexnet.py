@@ -1,0 +1,169 @@
+"""The frozen-AlexNet transfer classifier, its weights, its feature cache and its pictures (random weights)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torchvision.models import alexnet
+
+from cnnfeat import layers
+from cnnfeat.callbacks.shape_table import shape_table
+from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.feature_cache import FrozenFeatureDataModule
+from cnnfeat.models import SmallCNN, TransferClassifier
+from cnnfeat.models.alexnet import WeightsError, imagenet_weights_file
+from cnnfeat.receptive_field import receptive_fields
+from cnnfeat.train import train
+from tests.conftest import read_events
+
+MakeCfg = Callable[..., DictConfig]
+CONVS = [f"backbone.conv{i}" for i in range(1, 6)]
+
+
+@pytest.fixture(scope="module")
+def model() -> TransferClassifier:
+    return TransferClassifier(weights="none")
+
+
+def test_receptive_fields_of_alexnet_layers_1_to_5(model: TransferClassifier) -> None:
+    rf = receptive_fields(model, torch.zeros(1, 1, 28, 28), CONVS)
+    assert [f.size[0] for f in rf.values()] == [11, 51, 99, 131, 163]
+    assert [f.jump[0] for f in rf.values()] == [4, 8, 16, 16, 16]
+    assert {f.frame for f in rf.values()} == {"resize"}, "coordinates are those of the 224x224 resized image"
+    assert rf["backbone.conv1"].box(0, 0) == (-2, -2, 8, 8)  # padding 2
+
+
+def test_shape_table_is_the_lectures(model: TransferClassifier) -> None:
+    rows = shape_table(model.backbone, [1, 3, 224, 224])
+    convs = [s for _, t, s in rows if t == "Conv2d"]
+    assert convs == [(1, 64, 55, 55), (1, 192, 27, 27), (1, 384, 13, 13), (1, 256, 13, 13), (1, 256, 13, 13)]
+    assert [t for _, t, _ in rows][:3] == ["Conv2d", "ReLU", "MaxPool2d"] and rows[-1][2] == (1, 256, 6, 6)
+
+
+def test_inplace_relus_do_not_overwrite_the_captured_conv_output(model: TransferClassifier) -> None:
+    assert model.backbone.relu1.inplace, "torchvision's AlexNet ReLUs are inplace: the trap we guard against"
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad(), layers.capture(model, ["backbone.conv1", "backbone.relu1"]) as out:
+        model(x)
+    pre, post = out["backbone.conv1"], out["backbone.relu1"]
+    assert (pre < 0).any() and not torch.equal(pre, post)
+    assert torch.equal(post, pre.clamp(min=0))
+
+
+def test_only_the_head_trains_and_the_backbone_stays_frozen_in_eval(datamodule: FashionMNISTDataModule) -> None:
+    model = TransferClassifier(weights="none", hidden=[64], optimizer={"_target_": "torch.optim.SGD", "lr": 0.05})
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.classifier.weight.clone()
+    optimizer = model.configure_optimizers()["optimizer"]
+    trainable = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert trainable == {id(p) for p in [*model.hidden.parameters(), *model.classifier.parameters()]}
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)  # on images: the backbone runs, frozen, every step
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    assert not torch.equal(head_before, model.classifier.weight), "the head did train"
+    assert model.training and not model.backbone.training and not any(m.training for m in model.backbone.modules())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_missing_imagenet_weights_say_where_to_put_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(
+        "torchvision.models.AlexNet_Weights.IMAGENET1K_V1.value.url",
+        "http://127.0.0.1:9/alexnet-owt-7be5be79.pth",
+        raising=False,
+    )
+    with pytest.raises(WeightsError) as e:
+        TransferClassifier(weights="imagenet")
+    msg = str(e.value)
+    assert "alexnet-owt-7be5be79.pth" in msg and str(tmp_path / "torch" / "hub" / "checkpoints") in msg
+    assert "model.weights=/path/to/alexnet.pth" in msg and "model.weights=none" in msg
+    assert imagenet_weights_file().parent == tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_local_weights_file_loads_and_bad_files_are_refused(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    reference = alexnet(weights=None)
+    good = tmp_path / "alexnet.pth"
+    torch.save(reference.state_dict(), good)
+    model = TransferClassifier(weights=str(good))
+    assert torch.equal(model.backbone.conv5.weight, reference.features[10].weight)
+
+    torch.save(SmallCNN().state_dict(), tmp_path / "small.pth")
+    with pytest.raises(WeightsError, match=r"not an AlexNet state dict: no 'features\.\*' keys"):
+        TransferClassifier(weights=str(tmp_path / "small.pth"))
+    state = reference.state_dict()
+    state["features.0.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(state, tmp_path / "wrong_shape.pth")
+    with pytest.raises(WeightsError, match=r"do not fit AlexNet's convolutional layers"):
+        TransferClassifier(weights=str(tmp_path / "wrong_shape.pth"))
+    with pytest.raises(WeightsError, match=r"no such file"):
+        TransferClassifier(weights=str(tmp_path / "nope.pth"))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match=r"could not be loaded as a weights-only state dict"):
+        TransferClassifier(weights=str(tmp_path / "garbage.pth"))
+
+
+def test_feature_cache_is_computed_once_and_matches_the_backbone(data_dir: Path, cache_dir: Path) -> None:
+    dm = FrozenFeatureDataModule(data_dir=data_dir, cache_dir=cache_dir, weights="none", max_images=64, download=False)
+    dm.prepare_data()
+    path = dm.cache_file("test")
+    stamp = path.stat().st_mtime_ns
+    dm.prepare_data()
+    assert path.stat().st_mtime_ns == stamp, "a cached split is not extracted again"
+    dm.setup()
+    model = TransferClassifier(weights="none").eval()
+    x, _ = dm.images("test", [0, 5, 63])
+    expected = model.backbone_features(x)
+    cached = dm.inputs("test", [0, 5, 63])
+    assert torch.allclose(cached, expected, rtol=2e-3, atol=2e-3)  # stored as float16
+    assert torch.allclose(model(cached), model(x), rtol=1e-2, atol=1e-2)
+
+    other = FrozenFeatureDataModule(
+        data_dir=data_dir, cache_dir=cache_dir, weights="none", backbone_seed=1, max_images=64, download=False
+    )
+    assert other.cache_file("test") != path, "another backbone gets another cache entry"
+    with pytest.raises(ValueError, match="cached features come from a different backbone"):
+        other.check_model(model)
+
+
+def test_transfer_experiment_end_to_end(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    cfg = make_cfg(
+        "experiment=transfer",
+        "model.weights=none",
+        "model.hidden=[256]",
+        "data.max_images=128",
+        "trainer.max_epochs=1",
+        "callbacks.feature_maps.image_ids=[22,36,74]",
+        "callbacks.top_patches.probe_size=32",
+        "callbacks.umap.probe_size=100",
+        "callbacks.top_patches.max_channels=4",
+    )
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    ev = read_events(tmp_path)
+    images = ev["images"]
+    conv1 = images["filters/backbone.conv1"][0]
+    assert (conv1.width, conv1.height) == (8 * 35 + 2, 8 * 35 + 2)  # 64 RGB filters 11x11 upscaled to 33, 8 x 8
+    assert "filters/backbone.conv2/out2" in images
+    conv2 = images["filters/backbone.conv2"][0]
+    assert (conv2.width, conv2.height) == (64 * 27 + 2, 16 * 27 + 2)  # the first 16 of 192 filters x 64 inputs
+    for kind in ("conv", "relu"):
+        e = images[f"feature_maps/backbone.conv1/{kind}/img22"][0]
+        assert (e.width, e.height) == (7 * 57 + 2, 55 + 4)  # the lecture's 7 filters, 55x55 maps
+    for conv in CONVS:
+        assert [e.step for e in images[f"top_patches/{conv}"]] == [0], "frozen layers are drawn once"
+    assert [e.step for e in images["umap/features"]] == [0, 1]
+    assert "model/shapes/text_summary" in ev["tensors"]
