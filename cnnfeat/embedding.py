@@ -8,13 +8,16 @@ Why the pieces are as they are (measured on a 2-core CPU, 2,000 x 100 points):
     them close to the previous frame;
   * each map is centred, scaled to unit RMS radius and rotated/reflected onto the previous one
     (orthogonal Procrustes), so frames can share fixed axes;
-  * ``umap`` is imported on first use: importing it costs seconds.
+  * ``umap`` is imported on first use (importing it costs seconds), with numba's on-disk cache switched on
+    for the functions a fit compiles: umap-learn compiles them anew in every process (~4 s here); with
+    the cache only the first run on a machine pays that.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -56,6 +59,29 @@ def knn_graph(x: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.
     return torch.cat(idx).numpy(), torch.cat(dist).numpy().astype(np.float32)
 
 
+_UMAP_JIT = {  # module -> numba functions a UMAP fit compiles (umap-learn 0.5)
+    "umap.umap_": ("compute_membership_strengths", "smooth_knn_dist"),
+    "umap.layouts": ("_nb_optimize_layout_euclidean_single_epoch", "clip", "rdist", "tau_rand_int"),
+    "umap.utils": ("tau_rand", "tau_rand_int"),
+}
+
+
+@cache
+def _umap():
+    """Import umap-learn once, with numba's on-disk cache enabled for the functions its fits compile."""
+    import importlib
+
+    import umap
+
+    for module, names in _UMAP_JIT.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            fn = getattr(mod, name, None)
+            if hasattr(fn, "enable_caching"):  # a numba dispatcher; other umap versions simply skip this
+                fn.enable_caching()
+    return umap
+
+
 def fit_umap(
     x: np.ndarray,
     n_neighbors: int = 15,
@@ -69,8 +95,7 @@ def fit_umap(
     ``random_state`` makes the result deterministic (umap then runs single-threaded); ``None`` is
     faster on many cores but not reproducible.
     """
-    import umap
-
+    umap = _umap()
     knn = knn_graph(x, n_neighbors)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")

@@ -20,8 +20,9 @@ class FilterCallback(VisualizationCallback):
     ``"filter"`` scales each output filter on its own. Layers with 3 input channels can be drawn as RGB
     pictures (``rgb=true``, AlexNet's conv1). Kernels are upscaled with nearest neighbours to at least
     ``min_cell`` pixels so that 3x3 kernels are visible. For big layers, ``max_filters`` shows only the first
-    output filters in the out x in grid (RGB pictures show all), and ``per_filter_grids=k`` adds ``filters/<layer>/out<i>``: the in-channel kernels of
-    each of the first k filters as a square grid (the lecture's "64x5x5 filters" of AlexNet's conv2).
+    output filters in the out x in grid (RGB pictures show all), and ``per_filter_grids=k`` adds
+    ``filters/<layer>/out<i>``: the in-channel kernels of each of the first k filters as a square grid
+    (the lecture's "64x5x5 filters" of AlexNet's conv2).
     """
 
     def __init__(
