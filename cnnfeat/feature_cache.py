@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             ds = self.images_dm.dataset(split)
             n = len(ds.images) if self.max_images is None else min(self.max_images, len(ds.images))
             feats = torch.empty(n, 256 * 6 * 6, dtype=torch.float16)
+            start_time = time.perf_counter()
             with Progress(transient=True) as bar, torch.no_grad():
                 task = bar.add_task(f"AlexNet features, {split} ({n} images, {device.type})", total=n)
                 for start in range(0, n, self.extract_batch_size):
@@ -150,7 +152,16 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             torch.save({"features": feats, "labels": ds.labels[:n].clone()}, tmp)
             tmp.replace(path)
-            log.info("Cached %s features of %d %s images in %s", feats.shape[1], n, split, path)
+            seconds = time.perf_counter() - start_time
+            log.info(
+                "Cached %d-d AlexNet features of %d %s images in %.0f s (%.0f images/s): %s",
+                feats.shape[1],
+                n,
+                split,
+                seconds,
+                n / seconds,
+                path,
+            )
         model.to("cpu")
 
     def setup(self, stage: str | None = None) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnfeat.data import ENV_DATA, FashionMNISTDataModule
@@ -70,13 +70,11 @@ def make_cfg(tmp_path: Path, data_dir: Path, cache_dir: Path) -> Callable[..., D
             f"data.data_dir={data_dir}",
             f"data.cache_dir={cache_dir}",
             "data.download=false",
+            f"paths.root_dir={REPO}",
+            f"paths.output_dir={tmp_path}",  # a test's own paths.output_dir=... comes later and wins
         ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*base, *overrides])
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(REPO)
-            cfg.paths.output_dir = str(tmp_path)
-        return cfg
+            return compose(config_name="train", overrides=[*base, *overrides])
 
     return make
 

@@ -177,3 +177,16 @@ def test_epoch_metrics_are_exact_batch_weighted_averages(datamodule: FashionMNIS
     val = ref.validate(model, datamodule=datamodule, verbose=False)[0]
     assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(val["val/acc"])
     assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(val["val/loss"], rel=1e-5)
+
+
+def test_cli_missing_data_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    r = _cli(
+        "trainer=cpu",
+        f"data.data_dir={tmp_path / 'nothing'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.download=false",
+        cwd=tmp_path,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Fashion-MNIST files not found" in out and "CNNFEAT_DATA" in out
+    assert "apt install dataset-fashion-mnist" in out and "Traceback" not in out

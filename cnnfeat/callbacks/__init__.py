@@ -2,6 +2,7 @@
 
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback
 from cnnfeat.callbacks.dead_relu import DeadReluCallback
+from cnnfeat.callbacks.divergence import DivergenceGuard
 from cnnfeat.callbacks.epoch_summary import EpochSummary
 from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
 from cnnfeat.callbacks.filters import FilterCallback
@@ -12,6 +13,7 @@ from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
 __all__ = [
     "LECTURE_IMAGE_IDS",
     "DeadReluCallback",
+    "DivergenceGuard",
     "EmbeddingCallback",
     "EpochSummary",
     "FeatureMapCallback",

@@ -135,7 +135,14 @@ class VisualizationCallback(pl.Callback):
         log_untrained: also render before training (step 0, the untrained network).
         save_png: also write every image as a PNG under ``<run dir>/images/<tag>/step_NNN.png``.
         during_training: ``False`` renders only before training: for layers that are frozen.
+
+    Under DDP every process renders (a callback may gather work across processes, as top patches do)
+    unless ``rank_zero_render`` is set, for work that needs no other process (UMAP); images are written
+    by rank 0 only.
     """
+
+    #: render on rank 0 only; its scalars are then logged from rank 0 without syncing
+    rank_zero_render: bool = False
 
     def __init__(
         self, every_n_epochs: int = 1, log_untrained: bool = True, save_png: bool = False, during_training: bool = True
@@ -199,7 +206,7 @@ class VisualizationCallback(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "images" if self.save_png else None
 
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or (self.rank_zero_render and not trainer.is_global_zero):
             return
         start = time.perf_counter()
         writer = self._writer(trainer)
@@ -210,7 +217,14 @@ class VisualizationCallback(pl.Callback):
         on_epoch_end = step > 0
         if on_epoch_end:  # through Lightning: any logger, callback_metrics, all ranks take part
             for tag, value in pictures.scalars.items():
-                pl_module.log(tag, value, on_step=False, on_epoch=True)
+                pl_module.log(
+                    tag,
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=not self.rank_zero_render,
+                    rank_zero_only=self.rank_zero_render,
+                )
         if trainer.is_global_zero:
             # the untrained network has no Lightning step, so its scalars go to TensorBoard at step 0
             pictures.write(writer, step, self.png_dir(trainer), scalars=not on_epoch_end)

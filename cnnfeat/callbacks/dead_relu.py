@@ -29,7 +29,7 @@ class DeadReluCallback(VisualizationCallback):
         probe_size: int = 2000,
         split: str = "test",
         layers: Sequence[str] | None = None,
-        batch_size: int = 1000,
+        batch_size: int = 256,
         hist_samples: int = 20_000,
         every_n_epochs: int = 1,
         log_untrained: bool = True,

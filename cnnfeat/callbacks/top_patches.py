@@ -78,7 +78,7 @@ class TopPatchesCallback(VisualizationCallback):
         max_channels: int = 16,
         split: str = "test",
         probe_size: int | None = None,
-        batch_size: int = 1000,
+        batch_size: int = 256,
         min_cell: int = 40,
         max_cell: int = 96,
         every_n_epochs: int = 5,

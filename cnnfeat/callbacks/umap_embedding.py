@@ -42,6 +42,8 @@ class EmbeddingCallback(VisualizationCallback):
     the warm start are part of the callback's ``state_dict``, so a resumed run continues its trajectory.
     """
 
+    rank_zero_render = True  # UMAP needs no other process; under DDP only rank 0 fits the maps
+
     def __init__(
         self,
         probe_size: int = 2000,
@@ -61,7 +63,7 @@ class EmbeddingCallback(VisualizationCallback):
         projector: bool = True,
         panel_size: int = 400,
         axis_limit: float = 2.2,
-        batch_size: int = 1000,
+        batch_size: int = 256,
         every_n_epochs: int = 1,
         log_untrained: bool = True,
         save_png: bool = False,

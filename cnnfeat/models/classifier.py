@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnfeat import layers
+from cnnfeat.rng import rng_states, set_rng_states
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.2}
 DEFAULT_SCHEDULER: dict[str, Any] = {
@@ -132,12 +133,24 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(dim=1)
 
+    # -- checkpoints: exact resume -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the RNG states: the next epoch's shuffle (and dropout) depend on them."""
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["cnnfeat_model"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """When resuming a fit, continue from the saved RNG states (``load_from_checkpoint`` leaves them alone)."""
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_states(checkpoint["rng_states"])
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = instantiate(self.optimizer_spec, params=params)
-        if self.scheduler_spec is None:
-            return {"optimizer": optimizer}
-        scheduler = instantiate(self.scheduler_spec, optimizer=optimizer)
+        if self.scheduler_spec is None:  # a constant rate, still logged as "lr"
+            scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        else:
+            scheduler = instantiate(self.scheduler_spec, optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"},

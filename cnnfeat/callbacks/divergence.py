@@ -1,0 +1,66 @@
+"""Stop a run whose loss has become NaN or infinite, cleanly and with a message instead of a stack trace."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+log = logging.getLogger("cnnfeat")
+
+
+class DivergenceGuard(pl.Callback):
+    """Checks the training loss every ``check_every_n_steps`` steps; a non-finite loss stops the fit.
+
+    After the stop, ``diverged`` holds where it happened (epoch, step, loss) and the entry point marks the
+    run ``diverged`` in its ``status.json``, keeps its logs and skips testing; other jobs of a multirun go
+    on. On a GPU a check forces a device sync, so check every few steps there. A dying-ReLU network stuck
+    at a finite loss (ln 10 = 2.30) is not divergence and trains to the end.
+    """
+
+    def __init__(self, check_every_n_steps: int = 1) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.check_every_n_steps = check_every_n_steps
+        self.diverged: dict[str, Any] | None = None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.diverged is not None or trainer.global_step % self.check_every_n_steps:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss).all()):
+            return
+        value = float(loss.detach().float().mean())
+        self.diverged = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step, "loss": value}
+        log.error(
+            "Training diverged: the loss is %s at epoch %d, step %d. Stopping this run; its logs and last "
+            "checkpoint are kept. Try a smaller model.optimizer.lr (now %s) or gradient clipping "
+            "(trainer.gradient_clip_val=1.0).",
+            "NaN" if math.isnan(value) else value,
+            self.diverged["epoch"],
+            self.diverged["step"],
+            _lr(trainer),
+        )
+        trainer.should_stop = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"diverged": self.diverged}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diverged = state_dict.get("diverged")
+
+
+def _lr(trainer: pl.Trainer) -> float | str:
+    try:
+        return trainer.optimizers[0].param_groups[0]["lr"]
+    except (IndexError, KeyError, AttributeError):
+        return "?"
