@@ -38,6 +38,7 @@ def test_quick_and_dying_relu_experiments(make_cfg: MakeCfg) -> None:
         "lr_monitor",
         "rich_progress_bar",
         "epoch_summary",
+        "divergence_guard",
     }
 
 
