@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from cnnfeat.callbacks.divergence import DivergenceGuard
 from cnnfeat.checkpoints import check_compatible, read_checkpoint
@@ -54,8 +55,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, model, trainer
 
 
+@rank_zero_only
 def write_status(run_dir: str | Path, status: str, **info: Any) -> Path:
-    """``<run dir>/status.json``: running, finished, diverged, interrupted or failed (with details)."""
+    """``<run dir>/status.json``: running, finished, diverged, interrupted or failed (with details); rank 0 only."""
     path = Path(run_dir) / "status.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -118,7 +120,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None:
         check_compatible(read_checkpoint(ckpt_path), model, ckpt_path)
     run_dir = cfg.paths.output_dir
-    log.info("Output directory: %s", run_dir)
+    if trainer.is_global_zero:
+        log.info("Output directory: %s", run_dir)
     write_status(run_dir, "running", resumed_from=ckpt_path)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -144,7 +147,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        log.info("Test accuracy (final weights): %.2f%%", 100 * metrics["test/acc"])
+        if trainer.is_global_zero:
+            log.info("Test accuracy (final weights): %.2f%%", 100 * metrics["test/acc"])
     log_hparams(trainer, cfg, metrics)
     write_status(run_dir, "finished", epoch=trainer.current_epoch, step=trainer.global_step, metrics=metrics)
     return metrics

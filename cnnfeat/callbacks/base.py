@@ -73,6 +73,17 @@ def inference(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def sync_epoch_metrics(trainer: pl.Trainer) -> None:
+    """Under DDP, compute the epoch's logged metrics on every rank now.
+
+    Rank 0's progress bar computes them (an all-gather) in ``on_train_epoch_end``; a callback that runs a
+    collective of its own in the same hook must let the other ranks join that gather first, or the two
+    collectives pair up across ranks and the run hangs.
+    """
+    if trainer.world_size > 1:
+        _ = trainer.callback_metrics
+
+
 def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
     """The SummaryWriter of the trainer's TensorBoardLogger, or None."""
     for lg in trainer.loggers:
@@ -180,6 +191,7 @@ class VisualizationCallback(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sync_epoch_metrics(trainer)
         if not self.during_training:
             return
         epoch = trainer.current_epoch + 1
@@ -206,7 +218,10 @@ class VisualizationCallback(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "images" if self.save_png else None
 
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if trainer.sanity_checking or (self.rank_zero_render and not trainer.is_global_zero):
+        if trainer.sanity_checking:
+            return
+        png_dir = self.png_dir(trainer)  # trainer.log_dir is a broadcast under DDP: every rank must ask
+        if self.rank_zero_render and not trainer.is_global_zero:
             return
         start = time.perf_counter()
         writer = self._writer(trainer)
@@ -227,5 +242,5 @@ class VisualizationCallback(pl.Callback):
                 )
         if trainer.is_global_zero:
             # the untrained network has no Lightning step, so its scalars go to TensorBoard at step 0
-            pictures.write(writer, step, self.png_dir(trainer), scalars=not on_epoch_end)
+            pictures.write(writer, step, png_dir, scalars=not on_epoch_end)
         self.seconds.append(time.perf_counter() - start)

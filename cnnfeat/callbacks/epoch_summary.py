@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
 log = logging.getLogger("cnnfeat")
@@ -28,9 +27,10 @@ class EpochSummary(pl.Callback):
     """
 
     @override
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        m = trainer.callback_metrics
+        m = trainer.callback_metrics  # on every rank: under DDP reading them is a collective (synced metrics)
+        if not trainer.is_global_zero:
+            return
         log.info(
             ">>> End epoch %d, train accuracy = %s, train avgLoss = %s",
             trainer.current_epoch + 1,

@@ -194,9 +194,9 @@ class EmbeddingCallback(VisualizationCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP: all ranks ask
         if not trainer.is_global_zero or not self.embeddings:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if self.gif:
             path = self.write_gif(trainer.datamodule, run_dir / "umap_embedding.gif")
             log.info("UMAP animation: %s", path)
