@@ -200,6 +200,20 @@ class VisualizationCallback(pl.Callback):
             self._emit(trainer, pl_module, step=epoch)
 
     # -- plumbing ------------------------------------------------------------------------------------
+    def require_datamodule(self, trainer: pl.Trainer) -> pl.LightningDataModule:
+        """The trainer's datamodule (where probe images come from); a clear error when there is none."""
+        if trainer.datamodule is None:
+            raise ValueError(
+                f"{type(self).__name__} reads its probe images from the datamodule: pass one to the Trainer"
+            )
+        return trainer.datamodule
+
+    def check_probe_size(self, trainer: pl.Trainer, split: str, probe_size: int | None) -> None:
+        """Refuse a probe set larger than the split it is drawn from."""
+        n = split_size(self.require_datamodule(trainer), split)
+        if probe_size is not None and probe_size > n:
+            raise ValueError(f"probe_size={probe_size} is larger than the {split} split ({n} images)")
+
     def should_render(self, trainer: pl.Trainer) -> bool:
         """Rendering is pointless without a destination; subclasses with scalars override this."""
         return tensorboard_writer(trainer) is not None or self.save_png

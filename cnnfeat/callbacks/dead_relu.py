@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from cnnfeat import layers
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, probe_images, split_size
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, probe_images
 
 
 class DeadReluCallback(VisualizationCallback):
@@ -52,13 +52,7 @@ class DeadReluCallback(VisualizationCallback):
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.relu_names(pl_module):
             raise ValueError(f"{type(pl_module).__name__} has no ReLU modules to watch")
-        if trainer.datamodule is None:
-            raise ValueError(
-                f"{type(self).__name__} reads its probe images from the datamodule: pass one to the Trainer"
-            )
-        n = split_size(trainer.datamodule, self.split)
-        if self.probe_size > n:
-            raise ValueError(f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)")
+        self.check_probe_size(trainer, self.split, self.probe_size)
 
     def should_render(self, trainer: pl.Trainer) -> bool:
         return True  # scalars go through pl_module.log to any logger

@@ -69,9 +69,8 @@ class FeatureMapCallback(VisualizationCallback):
         for name, conv in convs.items():
             if self.channels is not None and (min(self.channels) < 0 or max(self.channels) >= conv.out_channels):
                 raise ValueError(f"channels {self.channels} out of range for {name} ({conv.out_channels} channels)")
-        if trainer.datamodule is None:
-            raise ValueError(f"{type(self).__name__} reads its images from the datamodule: pass one to the Trainer")
-        check_ids(self.image_ids, split_size(trainer.datamodule, self.split), what=f"{self.split} image_ids")
+        datamodule = self.require_datamodule(trainer)
+        check_ids(self.image_ids, split_size(datamodule, self.split), what=f"{self.split} image_ids")
 
     def _pick(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.channels is None else maps[self.channels]

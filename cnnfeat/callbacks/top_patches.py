@@ -111,13 +111,7 @@ class TopPatchesCallback(VisualizationCallback):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         found = layers.resolve_layers(pl_module, self.layers)
-        if trainer.datamodule is None:
-            raise ValueError(
-                f"{type(self).__name__} reads its probe images from the datamodule: pass one to the Trainer"
-            )
-        n = split_size(trainer.datamodule, self.split)
-        if self.probe_size is not None and self.probe_size > n:
-            raise ValueError(f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)")
+        self.check_probe_size(trainer, self.split, self.probe_size)
         x, _ = probe_images(trainer.datamodule, self.split, [0])
         receptive_fields(pl_module, x.to(pl_module.device), self.layers)  # raises for layers without one
         for name, m in found.items():

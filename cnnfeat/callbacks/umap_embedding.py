@@ -95,13 +95,7 @@ class EmbeddingCallback(VisualizationCallback):
                 f"{type(self).__name__} needs {type(pl_module).__name__}.features(x) -> (N, D), the "
                 "last-layer feature vector; add that method to the module"
             )
-        if trainer.datamodule is None:
-            raise ValueError(
-                f"{type(self).__name__} reads its probe images from the datamodule: pass one to the Trainer"
-            )
-        n = split_size(trainer.datamodule, self.split)
-        if self.probe_size > n:
-            raise ValueError(f"probe_size={self.probe_size} is larger than the {self.split} split ({n} images)")
+        self.check_probe_size(trainer, self.split, self.probe_size)
 
     def should_render(self, trainer: pl.Trainer) -> bool:
         return True  # scalars go to any logger, the GIF to the run directory
