@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
@@ -13,10 +12,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from omegaconf import DictConfig, open_dict
 
 from cnnfeat.callbacks import VisualizationCallback
+from cnnfeat.figures import read_scalars
 from cnnfeat.train import CONFIG_DIR, build
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,23 +30,19 @@ class RunResult:
     callback_seconds: dict[str, list[float]] = field(default_factory=dict)
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        ea = EventAccumulator(f, size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ea.Tags().get("scalars", []):
-            out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return out
-
-
-def run_config(overrides: list[str], out: Path) -> RunResult:
-    """Compose ``train`` with ``overrides``, fit (timed) and test; per-epoch metrics from the event files."""
+def compose_config(overrides: list[str], out: Path) -> DictConfig:
+    """The real ``train`` config with ``overrides``, writing into ``out``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.root_dir = str(out)
+    return cfg
+
+
+def run_config(overrides: list[str], out: Path) -> RunResult:
+    """Compose ``train`` with ``overrides``, fit (timed) and test; per-epoch metrics from the event files."""
+    cfg = compose_config(overrides, out)
     dm, model, trainer = build(cfg)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -55,7 +50,7 @@ def run_config(overrides: list[str], out: Path) -> RunResult:
     test_acc = float("nan")
     if cfg.get("test"):
         test_acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
-    sc = scalars(out)
+    sc = read_scalars(out)
     keys = ("train/acc", "train/loss", "val/acc", "val/loss")
     n = len(sc.get("train/acc", []))
     epochs = [{k: sc[k][i][1] for k in keys if k in sc and i < len(sc[k])} for i in range(n)]

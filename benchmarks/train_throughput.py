@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,15 +27,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from torch.utils.data import DataLoader
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import ToTensor
 
 from cnnfeat.data import FashionMNISTDataModule, to_float
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compose_config
+
 from cnnfeat.models import SmallCNN
-from cnnfeat.train import CONFIG_DIR, build
+from cnnfeat.train import build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP = 20
@@ -130,12 +133,7 @@ def cnnfeat_fit(data_dir: str, cache_dir: str, bs: int, steps: int, accelerator:
     ]
     if accelerator == "gpu":
         overrides.append("trainer.precision=16-mixed")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(out)
-    dm, model, trainer = build(cfg)
+    dm, model, trainer = build(compose_config(overrides, out))
     timer = _Timer()
     trainer.callbacks.append(timer)
     trainer.fit(model, datamodule=dm)
