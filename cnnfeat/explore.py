@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnfeat.callbacks import EmbeddingCallback, VisualizationCallback
 from cnnfeat.callbacks.base import inference
 from cnnfeat.checkpoints import load_model, read_checkpoint
-from cnnfeat.train import CONFIG_DIR, run_cli
+from cnnfeat.train import CONFIG_DIR, instantiate_group, run_cli
 
 log = logging.getLogger("cnnfeat")
 
@@ -76,11 +76,7 @@ def explore(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
-    callbacks = [
-        c
-        for c in (instantiate(c) for c in (cfg.callbacks or {}).values() if c and "_target_" in c)
-        if isinstance(c, VisualizationCallback)
-    ]
+    callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if isinstance(c, VisualizationCallback)]
     out = Path(cfg.paths.output_dir)
     writer = SummaryWriter(str(out))
     png_dir = out / "images" if cfg.save_png else None

@@ -36,7 +36,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 
-def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a ``{name: {_target_: ...}}`` group; ``null`` entries are skipped."""
     if not cfg:
         return []
@@ -49,8 +49,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
 
