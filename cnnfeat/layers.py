@@ -1,6 +1,8 @@
-"""Find layers of any ``nn.Module`` by name and read their outputs with forward hooks.
+"""Find layers of any ``nn.Module`` by name and read their outputs.
 
-Names are those of ``named_modules()`` (``conv1``, ``features.0``); errors list the valid ones.
+Module names are those of ``named_modules()`` (``conv1``, ``features.0``); ``trace``, ``activation_after`` and
+``capture`` work on the nodes of ``cnnfeat.graph`` (functional ops, each call of a module), whose names
+extend them. Errors are ``LayerError`` and list the valid names.
 """
 
 from __future__ import annotations
@@ -11,6 +13,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from cnnfeat import graph as _graph
+from cnnfeat.graph import LayerError, unknown_names
+
+__all__ = [
+    "ACTIVATIONS",
+    "LayerCall",
+    "LayerError",
+    "activation_after",
+    "capture",
+    "conv_layers",
+    "relu_layers",
+    "resolve_layers",
+    "trace",
+]
 
 #: Modules treated as the ReLU-type activation of a conv layer.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
@@ -34,13 +51,13 @@ def resolve_layers(
     valid = [n for n, m in modules.items() if n and isinstance(m, kind)]
     bad = [n for n in names if n not in modules or not isinstance(modules[n], kind)]
     if bad:
-        raise ValueError(f"Unknown {what} name(s) {bad} for {type(model).__name__}; valid names: {valid}")
+        raise unknown_names(bad, valid, type(model).__name__, what)
     return {n: modules[n] for n in names}
 
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One leaf module call seen while tracing a forward pass."""
+    """One leaf module call seen while tracing a forward pass (``name`` is its node name, ``conv:1`` for a 2nd call)."""
 
     name: str
     module: nn.Module
@@ -49,77 +66,34 @@ class LayerCall:
 
 
 def trace(model: nn.Module, x: torch.Tensor) -> list[LayerCall]:
-    """Leaf modules in the order a forward pass calls them, with input and output shapes.
+    """Leaf modules (built-in or user-defined, without children) in the order a forward pass calls them.
 
-    Execution order (not registration order) is what receptive fields and ReLU pairing need.
+    Execution order (not registration order), with input and output shapes; from ``cnnfeat.graph.trace_graph``.
     """
-    calls: list[LayerCall] = []
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(mod: nn.Module, args: tuple, out: object) -> None:
-        if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
-            calls.append(LayerCall(names[mod], mod, tuple(args[0].shape), tuple(out.shape)))
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return calls
+    return [
+        LayerCall(n.name, n.module, n.input_shapes[0], n.output_shape)
+        for n in _graph.trace_graph(model, x)
+        if n.kind == "module" and n.input_shapes and next(n.module.children(), None) is None
+    ]
 
 
 def activation_after(model: nn.Module, x: torch.Tensor) -> dict[str, str | None]:
-    """For each conv layer, the name of the ReLU-type module applied directly to its output, or ``None``.
+    """For each conv call, the node name of the first activation applied to its output, or ``None``.
 
-    "Directly" means the next leaf call with the same output shape is an activation; found by tracing
-    the forward pass on ``x``, so it works for any model that uses activation *modules*.
+    Found on the graph of a forward pass on ``x`` (``cnnfeat.graph.activation_after``): through BatchNorm,
+    bias, dropout and identity, for activation modules and functional activations alike.
     """
-    calls = trace(model, x)
-    pairs: dict[str, str | None] = {}
-    for i, c in enumerate(calls):
-        if isinstance(c.module, nn.Conv2d):
-            nxt = calls[i + 1] if i + 1 < len(calls) else None
-            ok = nxt is not None and isinstance(nxt.module, ACTIVATIONS) and nxt.input_shape == c.output_shape
-            pairs[c.name] = nxt.name if ok else None
-    return pairs
+    g = _graph.trace_graph(model, x)
+    return {conv: _graph.activation_after(g, conv)[0] for conv in _graph.conv_nodes(g)}
 
 
 @contextmanager
 def capture(model: nn.Module, names: Iterable[str], inputs: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the output (or, with ``inputs=True``, the input) of each named layer during forward passes.
+    """Record the output (or, with ``inputs=True``, the input) of each named node during forward passes.
 
-    Tensors are *cloned* when the hook runs: a conv followed by ``ReLU(inplace=True)`` (AlexNet) would
-    otherwise be overwritten by the ReLU, and the "pre-ReLU" map would silently equal the post-ReLU one.
-    Clones are in the standard (NCHW) layout, where per-channel reductions are fast even when the model
-    runs channels_last. A later forward pass replaces the stored tensor; hooks are removed on exit.
+    ``cnnfeat.graph.capture``: tensors are *cloned* when produced, so a conv followed by
+    ``ReLU(inplace=True)`` (AlexNet) keeps its pre-ReLU map, in the standard (NCHW) layout even when the
+    model runs channels_last. A later forward pass replaces the stored tensor; hooks are removed on exit.
     """
-    names = list(names)
-    modules = resolve_layers(model, names)
-    out: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str):
-        if inputs:
-
-            def pre_hook(_mod: nn.Module, args: tuple) -> None:
-                out[name] = args[0].detach().clone(memory_format=torch.contiguous_format)
-
-            return pre_hook
-
-        def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-            out[name] = output.detach().clone(memory_format=torch.contiguous_format)
-
-        return hook
-
-    register = "register_forward_pre_hook" if inputs else "register_forward_hook"
-    handles = [getattr(m, register)(make_hook(n)) for n, m in modules.items()]
-    try:
+    with _graph.capture(model, names, inputs) as out:
         yield out
-    finally:
-        for h in handles:
-            h.remove()
