@@ -194,7 +194,7 @@ def _is_spatial(node: Node) -> bool:
             node.module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.ZeroPad2d, nn.ConstantPad2d)
         ) or _is_adaptive(node)
     if node.op == "getitem":  # a crop or strided slice of H, W
-        return (sl := _slices(node)) is not None and sl != ((0, 1), (0, 1))
+        return _slices(node) is not None and not _is_pointwise(node)
     return node.op in ("conv2d", "max_pool2d", "avg_pool2d", "pad") or _is_adaptive(node)
 
 
@@ -218,8 +218,8 @@ def _is_pointwise(node: Node) -> bool:
         return True
     if node.op in ("softmax", "log_softmax"):
         return node.params.get("dim") in (1, -3)
-    if node.op == "getitem":
-        return _slices(node) == ((0, 1), (0, 1))  # batch or channel slices
+    if node.op == "getitem":  # batch or channel slices
+        return _slices(node) == ((0, 1), (0, 1)) and node.input_shapes[0][-2:] == node.output_shape[-2:]
     return False
 
 

@@ -253,3 +253,27 @@ def test_an_input_transform_restarts_the_frame_and_is_unknown_later() -> None:
     assert fields["conv1"].frame == "interpolate" and fields["conv1"].size == (3, 3)
     with pytest.raises(ReceptiveFieldError, match=r"'interpolate:1' \(interpolate\) is not a known spatial operation"):
         receptive_fields(Upsampled(), torch.rand(1, 1, 14, 14), ["conv2"])
+
+
+class Mismatched(nn.Module):
+    """Squeeze-and-excitation (a global context multiplies every unit) and a sum of paths of different steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 2, stride=2)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        scale = torch.sigmoid(self.fc(y.mean((2, 3)))).view(-1, 4, 1, 1)
+        return y * scale, y + x[:, :, :14, :14]
+
+
+def test_joining_paths_without_one_grid_is_an_error_naming_the_join() -> None:
+    graph = trace_graph(Mismatched(), torch.rand(1, 1, 28, 28))
+    assert graph_receptive_fields(graph, ["getitem"])["getitem"].jump == (1, 1), "a crop keeps the step"
+    with pytest.raises(ReceptiveFieldError, match=r"'mul' comes after 'mean', which has no spatial geometry"):
+        graph_receptive_fields(graph, ["mul"])
+    steps = r"'add' \(add\) joins paths with different jumps \[\(1, 1\), \(2, 2\)\]"
+    with pytest.raises(ReceptiveFieldError, match=steps):
+        graph_receptive_fields(graph, ["add"])
