@@ -25,6 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import FashionMNIST
 
+from cnnfeat.atomic import atomic_write, is_disk_full, remove_orphans
+from cnnfeat.errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 ENV_DATA = "CNNFEAT_DATA"
@@ -50,8 +53,27 @@ _CACHE_VERSION = 1
 _DOWNLOAD_TIMEOUT_S = 30
 
 
-class DataError(RuntimeError):
-    """Fashion-MNIST files are missing, corrupt or could not be cached."""
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_cache_dir(path: Path) -> Path:
+    """``path`` if it is (or can become) a writable directory; a message naming it and the variable otherwise."""
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"The cache directory {path} is a file, not a directory. Point data.cache_dir or {ENV_CACHE} at a "
+            "writable directory."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"Cannot create the cache directory {path} ({e.strerror or e}). Point data.cache_dir or {ENV_CACHE} at "
+            "a writable directory."
+        ) from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"The cache directory {path} is not writable. Point data.cache_dir or {ENV_CACHE} elsewhere.")
+    return path
 
 
 def default_cache_dir() -> Path:
@@ -88,6 +110,9 @@ def read_idx(path: Path, verify: bool = True) -> torch.Tensor:
     count, md5 = _IDX_FILES[stem]
     try:
         raw = path.read_bytes()
+    except PermissionError as e:
+        raise DataError(f"{path} cannot be read (permission denied): give this user read access to it.") from e
+    try:
         data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(
@@ -145,6 +170,23 @@ def _download(stem: str, dest_dir: Path) -> Path:
     raise OSError("; ".join(errors))
 
 
+def write_cache(path: Path, payload: dict, what: str) -> None:
+    """``torch.save`` a cache file atomically; any failure (a full disk included) is a message naming the directory.
+
+    Temporary files of interrupted writes in that directory are removed first.
+    """
+    check_cache_dir(path.parent)
+    remove_orphans(path.parent)
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (e.g. ENOSPC) as RuntimeError
+        why = "the disk is full" if is_disk_full(e) else f"{type(e).__name__}: {e}"
+        raise DataError(
+            f"Cannot write the {what} cache {path} ({why}). Free space there, or point data.cache_dir or {ENV_CACHE} "
+            "at another writable directory."
+        ) from e
+
+
 class TensorImageDataset(Dataset):
     """uint8 images (N,H,W) and int64 labels in memory; a batch is one indexing op, not N PIL conversions.
 
@@ -200,12 +242,11 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         verify: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(
-                f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}"
-            )
-        if not 0 <= val_size < 60_000:
-            raise ValueError(f"data.val_size must be in [0, 60000), got {val_size}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"data.{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(val_size) or not 0 <= val_size < 60_000:
+            raise ConfigError(f"data.val_size must be an integer in [0, 60000), got {val_size!r}")
         self.save_hyperparameters()
         env_dir = os.environ.get(ENV_DATA)
         self.data_dir = Path(data_dir or env_dir or default_cache_dir()).expanduser()
@@ -227,6 +268,12 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def source_files(self) -> dict[str, Path]:
         """Locate the four files, downloading the missing ones when allowed; clear error otherwise."""
+        if self.data_dir.exists() and not (self.data_dir.is_dir() and os.access(self.data_dir, os.R_OK | os.X_OK)):
+            raise DataError(
+                f"The data directory {self.data_dir} (data.data_dir or {ENV_DATA}) is "
+                f"{'not a directory' if not self.data_dir.is_dir() else 'not readable by this user'}: point it at "
+                "the readable directory that holds the Fashion-MNIST files."
+            )
         found = {s: find_source_file(self.data_dir, s) or find_source_file(self.download_dir, s) for s in _IDX_FILES}
         missing = [s for s, p in found.items() if p is None]
         if missing and self.download:
@@ -256,6 +303,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Verify the source files and decode them into the cache (only when the sources changed)."""
+        check_cache_dir(self.cache_dir)
         sources = self.source_files()
         for split, stems in _SOURCE_SPLITS.items():
             paths = [sources[s] for s in stems]
@@ -272,9 +320,16 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                         continue
                 except Exception:
                     log.warning("Rebuilding unreadable cache file %s", cache)
+            log.info("Decoding %s into %s", ", ".join(p.name for p in paths), cache)
             images, labels = (read_idx(p, verify=self.verify) for p in paths)
             if len(images) != len(labels):
                 raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+            if int(labels.max()) >= len(CLASSES):  # checked even with verify=false: labels index the classes
+                bad = sorted({int(v) for v in labels[labels >= len(CLASSES)].unique()})
+                raise DataError(
+                    f"{paths[1]} holds labels {bad[:10]} outside 0..{len(CLASSES) - 1}: Fashion-MNIST has "
+                    f"{len(CLASSES)} classes. Replace the file with the official one."
+                )
             self._write_cache(
                 cache,
                 {
@@ -287,17 +342,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             )
 
     def _write_cache(self, path: Path, payload: dict) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(payload, tmp)
-            tmp.replace(path)  # atomic: a reader never sees half a file
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise DataError(
-                f"Cannot write the decoded-data cache {path} ({e}). Point data.cache_dir or {ENV_CACHE} at a "
-                "writable directory."
-            ) from e
+        write_cache(path, payload, "decoded-data")
 
     # -- datasets ------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -324,7 +369,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> TensorImageDataset:
         """The ``train``, ``val`` or ``test`` dataset (after ``setup``)."""
         if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}")
+            raise ConfigError(f"Unknown split {split!r}; choose one of {SPLITS}")
         if not self._data:
             raise RuntimeError("FashionMNISTDataModule.setup() has not run yet")
         return self._data[split]

@@ -27,7 +27,8 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnfeat.callbacks import EmbeddingCallback, VisualizationCallback
 from cnnfeat.callbacks.base import inference
 from cnnfeat.checkpoints import load_model, read_checkpoint
-from cnnfeat.train import CONFIG_DIR, instantiate_group, run_cli
+from cnnfeat.cli import CONFIG_DIR, instantiate_group, run_cli
+from cnnfeat.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("cnnfeat")
 
@@ -38,11 +39,11 @@ def checkpoints_in(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"ckpt={path}: no such file or directory")
-    epochs = sorted(path.glob("epoch*.ckpt"), key=lambda p: int(re.search(r"epoch(\d+)", p.name).group(1)))
-    found = epochs or sorted(path.glob("*.ckpt"))
+        raise CheckpointError(f"ckpt={path}: no such file or directory")
+    numbered = [(int(m.group(1)), p) for p in path.glob("epoch*.ckpt") if (m := re.match(r"epoch(\d+)", p.name))]
+    found = [p for _, p in sorted(numbered)] or sorted(path.glob("*.ckpt"))
     if not found:
-        raise FileNotFoundError(f"ckpt={path}: no .ckpt files in this directory")
+        raise CheckpointError(f"ckpt={path}: no .ckpt files in this directory")
     return found
 
 
@@ -93,8 +94,8 @@ def explore(cfg: DictConfig) -> Path:
                 try:
                     with inference(model):
                         pictures = cb.render(model, datamodule, step)
-                except ValueError as e:
-                    raise ValueError(
+                except ValueError as e:  # a layer or image the model/data lack: name the callback
+                    raise ConfigError(
                         f"{type(cb).__name__}: {e} (for a TransferClassifier checkpoint use callbacks=transfer)"
                     ) from e
                 pictures.write(writer, step, png_dir)

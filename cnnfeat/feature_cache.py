@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
-from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float
+from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cache
+from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.models.alexnet import TransferClassifier, backbone_fingerprint
 
 log = logging.getLogger("cnnfeat")
@@ -29,6 +31,20 @@ log = logging.getLogger("cnnfeat")
 
 def _preprocessing(input_size: int) -> str:
     return f"alexnet|resize{input_size}|imagenet-norm"
+
+
+def _complete(path: Path) -> bool:
+    """Whether a cache file exists and its zip directory (written last by ``torch.save``) is intact."""
+    if not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+        return True
+    except (OSError, zipfile.BadZipFile):
+        log.warning("The frozen-feature cache %s is incomplete; rebuilding it", path)
+        path.unlink(missing_ok=True)
+        return False
 
 
 class FeatureDataset(Dataset):
@@ -78,7 +94,7 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if max_images is not None and max_images < 1:
-            raise ValueError(f"max_images must be >= 1 or null, got {max_images}")
+            raise ConfigError(f"max_images must be >= 1 or null, got {max_images}")
         images = FashionMNISTDataModule(
             data_dir=data_dir,
             cache_dir=cache_dir,
@@ -128,7 +144,7 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Make sure the images are there, then extract every split not yet in the cache."""
         self.images_dm.prepare_data()
-        todo = [s for s in ("train", "test") if not self.cache_file(s).is_file()]
+        todo = [s for s in ("train", "test") if not _complete(self.cache_file(s))]
         if not todo:
             return
         self.images_dm.setup()
@@ -148,10 +164,7 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
                     feats[start : start + len(x)] = model.backbone_features(x.float() / 255).half().cpu()
                     bar.advance(task, len(x))
             path = self.cache_file(split)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save({"features": feats, "labels": ds.labels[:n].clone()}, tmp)
-            tmp.replace(path)
+            write_cache(path, {"features": feats, "labels": ds.labels[:n].clone()}, "frozen-feature")
             seconds = time.perf_counter() - start_time
             log.info(
                 "Cached %d-d AlexNet features of %d %s images in %.0f s (%.0f images/s): %s",
@@ -168,7 +181,7 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         if self._data:
             return
         self.images_dm.setup(stage)
-        cached = {s: torch.load(self.cache_file(s), weights_only=True) for s in ("train", "test")}
+        cached = {s: self._load(s) for s in ("train", "test")}
         for split in ("train", "val", "test"):
             source = "test" if split == "test" or (split == "val" and self.images_dm.val_on_test) else "train"
             c = cached[source]
@@ -176,11 +189,24 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             rows = rows[rows < len(c["labels"])]  # max_images keeps only the first rows
             self._data[split] = FeatureDataset(c["features"], c["labels"], rows)
 
+    def _load(self, split: str, retry: bool = True) -> dict[str, torch.Tensor]:
+        """Read a split's cached features; an unreadable file is named, removed and rebuilt once."""
+        path = self.cache_file(split)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:
+            if not retry:
+                raise DataError(f"The frozen-feature cache {path} cannot be read even after rebuilding it ({e})") from e
+            log.warning("The frozen-feature cache %s cannot be read (%s); removing and rebuilding it", path, e)
+            path.unlink(missing_ok=True)
+            self.prepare_data()
+            return self._load(split, retry=False)
+
     def check_model(self, model: TransferClassifier) -> None:
         """Refuse a model whose frozen backbone is not the one the cached features came from."""
         mine = backbone_fingerprint(model.backbone, _preprocessing(model.hparams.input_size))
         if mine != self.fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 "The cached features come from a different backbone than the model's: give data.weights, "
                 "data.backbone_seed and data.input_size the model's values (experiment=transfer does)"
             )

@@ -1,69 +1,107 @@
 """Hydra entry point: compose the config, instantiate datamodule, model, callbacks, logger and trainer, fit.
 
-``cnnfeat-train experiment=seed`` (or ``python -m cnnfeat.train ...``) reproduces the lecture.
+``cnnfeat-train experiment=seed`` (or ``python -m cnnfeat.train ...``) reproduces the lecture. How a run can
+end, and the exit code and ``status.json`` of each ending, are described in README ("Resuming and failures").
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-from collections.abc import Callable
+import math
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from cnnfeat.callbacks.divergence import DivergenceGuard
+from cnnfeat.checkpoint_io import AtomicCheckpointIO
 from cnnfeat.checkpoints import check_compatible, read_checkpoint
-from cnnfeat.data import DataError
-from cnnfeat.models.alexnet import WeightsError
+from cnnfeat.cli import CONFIG_DIR, instantiate_group, instantiate_node, is_multirun, run_cli, sigterm_raises
+from cnnfeat.errors import CheckpointError, ConfigError, TrainingDiverged
+from cnnfeat.resume import CONFIG_KEY, ApplyOverrides, RecordConfig, check_resume, training_config
+from cnnfeat.status import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, RunLock, read_status, write_status
+
+__all__ = ["CONFIG_DIR", "build", "main", "train"]
 
 log = logging.getLogger("cnnfeat")
-T = TypeVar("T")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+_INT_ARGS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "num_sanity_val_steps",
+    "log_every_n_steps",
+    "check_val_every_n_epoch",
+    "accumulate_grad_batches",
+    "num_nodes",
+)
+_NUMBER_ARGS = (
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+    "overfit_batches",
+    "val_check_interval",
+    "gradient_clip_val",
+)
 
-# ${pid:} in run directories: two runs started in the same second still get directories of their own
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def instantiate_group(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a ``{name: {_target_: ...}}`` group; ``null`` entries are skipped."""
-    if not cfg:
-        return []
-    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+def check_config(cfg: DictConfig) -> None:
+    """Fail before anything is built on values of the wrong type (with the key's name)."""
+    seed = cfg.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ConfigError(f"seed must be an integer or null, got {seed!r}")
+    trainer = cfg.get("trainer") or {}
+    for key in _INT_ARGS:
+        v = trainer.get(key)
+        if v is not None and not _is_int(v):
+            raise ConfigError(f"trainer.{key} must be an integer, got {v!r}")
+    for key in _NUMBER_ARGS:
+        v = trainer.get(key)
+        if v is not None and not (_is_int(v) or (isinstance(v, float) and math.isfinite(v))):
+            raise ConfigError(f"trainer.{key} must be a number, got {v!r}")
+    if cfg.get("resume_overrides", "refuse") not in ("refuse", "allow"):
+        raise ConfigError(f"resume_overrides must be 'refuse' or 'allow', got {cfg.get('resume_overrides')!r}")
+
+
+def _callbacks_for(trainer_cfg: DictConfig, callbacks: list[Any]) -> list[Any]:
+    """Drop callbacks that a Trainer switch turns off, instead of letting Lightning refuse the combination."""
+    if trainer_cfg.get("enable_checkpointing") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    if trainer_cfg.get("enable_progress_bar") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
-    """Seed, then instantiate the datamodule, model and trainer (with callbacks and loggers) from ``cfg``."""
+    """Check, seed, then instantiate the datamodule, model and trainer (with callbacks and loggers) from ``cfg``.
+
+    Checkpoints are written by :class:`~cnnfeat.checkpoint_io.AtomicCheckpointIO` unless the config names
+    another ``CheckpointIO`` in ``trainer.plugins``.
+    """
+    check_config(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    datamodule = instantiate_node(cfg.data, "data")
+    model = instantiate_node(cfg.model, "model")
+    callbacks = _callbacks_for(cfg.trainer, instantiate_group(cfg.get("callbacks")))
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    plugins = [instantiate_node(p, "trainer.plugins") for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer = instantiate_node(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return datamodule, model, trainer
-
-
-@rank_zero_only
-def write_status(run_dir: str | Path, status: str, **info: Any) -> Path:
-    """``<run dir>/status.json``: running, finished, diverged, interrupted or failed (with details); rank 0 only."""
-    path = Path(run_dir) / "status.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"status": status, **info}, indent=2, default=str))
-    tmp.replace(path)
-    return path
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -72,24 +110,61 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if ckpt_path is None and cfg.get("resume"):
         ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"resume=true but {ckpt_path} does not exist: point hydra.run.dir at the run to "
-                "resume (outputs/runs/DATE/TIME) or give ckpt_path=..."
+                "resume (outputs/runs/DATE/TIME-PID) or give ckpt_path=..."
             )
     if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"ckpt_path={ckpt_path} does not exist (expected a .ckpt file, e.g. "
-            "outputs/runs/DATE/TIME/checkpoints/last.ckpt)"
+            "outputs/runs/DATE/TIME-PID/checkpoints/last.ckpt)"
         )
     return ckpt_path
+
+
+def _saved_training_config(ckpt: dict[str, Any], ckpt_path: str) -> dict[str, Any] | None:
+    """The training config a checkpoint was written under: its own record, else its run's ``.hydra/config.yaml``."""
+    if CONFIG_KEY in ckpt:
+        return ckpt[CONFIG_KEY]
+    recorded = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    return training_config(OmegaConf.load(recorded)) if recorded.is_file() else None
+
+
+def prepare_resume(cfg: DictConfig, ckpt_path: str, model: pl.LightningModule, trainer: pl.Trainer) -> list[str]:
+    """Check a checkpoint before resuming from it; with ``resume_overrides=allow`` arrange for new values to apply.
+
+    Returns the changed training settings (empty when the config is the checkpoint's own).
+    """
+    ckpt = read_checkpoint(ckpt_path)
+    check_compatible(ckpt, model, ckpt_path)
+    saved = _saved_training_config(ckpt, ckpt_path)
+    if saved is None:
+        return []
+    new = training_config(cfg)
+    changes = check_resume(saved, new, cfg.get("resume_overrides") == "allow", ckpt_path)
+    if changes:
+        log.warning("Resuming with changed settings:\n  %s", "\n  ".join(changes))
+        saved_lr = (saved.get("model", {}).get("optimizer") or {}).get("lr")
+        optimizer, scheduler = new["model"].get("optimizer") or {}, new["model"].get("scheduler")
+        trainer.callbacks.append(ApplyOverrides(optimizer, scheduler, saved_lr))
+    return changes
+
+
+def check_classes(datamodule: pl.LightningDataModule, model: pl.LightningModule) -> None:
+    """Refuse a model with fewer outputs than the data has classes (labels would be out of range)."""
+    data_n, model_n = getattr(datamodule, "num_classes", None), getattr(model, "num_classes", None)
+    if _is_int(data_n) and _is_int(model_n) and model_n < data_n:
+        raise ConfigError(
+            f"model.num_classes={model_n}, but the data has {data_n} classes: the model needs at least {data_n} outputs"
+        )
 
 
 HPARAM_METRICS = ("val/acc", "test/acc", "train/acc", "train/loss", "umap/knn_acc", "relu/dead_fraction/all")
 
 
-def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float], status: str) -> None:
     """The run's config and final metrics in TensorBoard's HParams tab, so multirun jobs compare side by side."""
-    params: dict[str, Any] = {"seed": cfg.get("seed"), "status": "diverged" if "diverged" in metrics else "finished"}
+    params: dict[str, Any] = {"seed": cfg.get("seed"), "status": status}
     if HydraConfig.initialized():  # not when composed without a Hydra app (tests, benchmarks)
         params["experiment"] = HydraConfig.get().runtime.choices.get("experiment") or "none"
     for section in ("model", "data", "trainer"):
@@ -102,82 +177,101 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float])
                 and (section != "trainer" or k in ("max_epochs", "precision", "accelerator", "devices"))
             }
         )
-    hp_metrics = {f"hp/{k}": v for k, v in metrics.items() if k in HPARAM_METRICS}
+    hp_metrics = {f"hp/{k}": v for k, v in metrics.items() if k in HPARAM_METRICS and math.isfinite(v)}
     for lg in trainer.loggers:
         if isinstance(lg, TensorBoardLogger):
             lg.log_hyperparams(params, hp_metrics)
             lg.experiment.flush()
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (resuming if asked), then test the final weights; return the metrics and record the run's status.
+def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    ``status.json`` in the run directory says how the run ended: ``finished``, ``diverged`` (non-finite loss,
-    stopped cleanly by ``DivergenceGuard``; not tested), ``interrupted`` (SIGTERM/Ctrl-C) or ``failed``.
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (resuming if asked), then test the final weights; return the metrics and record how the run ended.
+
+    ``status.json`` in the run directory: ``running`` while it trains, then ``finished``, ``diverged``
+    (the returned metrics then hold ``diverged: 1.0``), ``interrupted`` or ``failed``. A resume that is refused
+    (missing, foreign or unsafe checkpoint, a changed config without ``resume_overrides=allow``) leaves the
+    run's record untouched. Only one live process may write into a run directory.
     """
-    ckpt_path = resolve_ckpt_path(cfg)
-    datamodule, model, trainer = build(cfg)
-    if ckpt_path is not None:
-        check_compatible(read_checkpoint(ckpt_path), model, ckpt_path)
-    run_dir = cfg.paths.output_dir
-    if trainer.is_global_zero:
-        log.info("Output directory: %s", run_dir)
-    write_status(run_dir, "running", resumed_from=ckpt_path)
+    run_dir = Path(cfg.paths.output_dir)
+    rank0 = rank_zero_only.rank == 0
+    lock = RunLock.acquire(run_dir) if rank0 and not RunLock.is_held(run_dir) else None
+    status = rank_zero_only(write_status)
+    started = False
+    trainer: pl.Trainer | None = None
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except BaseException as e:  # SIGTERM and Ctrl-C arrive as SystemExit subclasses
-        interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
-        write_status(
-            run_dir,
-            "interrupted" if interrupted else "failed",
-            error=f"{type(e).__name__}: {e}",
-            epoch=trainer.current_epoch,
-            step=trainer.global_step,
-        )
-        if isinstance(e, SystemExit) and not e.code:  # Lightning's SIGTERMException carries no exit code
+        with sigterm_raises() as signals:
+            ckpt_path = resolve_ckpt_path(cfg)
+            if ckpt_path is None:
+                status(run_dir, "running")
+                started = True
+            datamodule, model, trainer = build(cfg)
+            trainer.callbacks.append(RecordConfig(training_config(cfg)))
+            check_classes(datamodule, model)
+            if ckpt_path is not None:
+                changes = prepare_resume(cfg, ckpt_path, model, trainer)
+                previous = {k: v for k, v in (read_status(run_dir) or {}).items() if k != "previous"}
+                status(run_dir, "running", resumed_from=ckpt_path, changes=changes, previous=previous or None)
+                started = True
+            if trainer.is_global_zero:
+                log.info("Output directory: %s", run_dir)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            metrics = _metrics(trainer)
+            if cfg.get("test"):
+                if trainer.is_global_zero:
+                    log.info("Testing the final weights on the test set")
+                trainer.test(model, datamodule=datamodule, verbose=False)
+                metrics.update({k: v for k, v in _metrics(trainer).items() if k.startswith("test/")})
+                if trainer.is_global_zero:
+                    log.info("Test accuracy (final weights): %.2f%%", 100 * metrics["test/acc"])
+            if signals["sigterm"]:  # arrived too late for Lightning to stop a loop: still an interrupted run
+                raise SystemExit(EXIT_SIGTERM)
+    except TrainingDiverged as e:
+        metrics = {**_metrics(trainer), "diverged": 1.0} if trainer is not None else {"diverged": 1.0}
+        log.error("%s", e)
+        status(run_dir, "diverged", epoch=e.epoch, step=e.step, loss=e.loss, error=str(e), metrics=metrics)
+        if trainer is not None:
+            log_hparams(trainer, cfg, metrics, "diverged")
+        return metrics
+    except BaseException as e:
+        if started:
+            interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
+            status(
+                run_dir,
+                "interrupted" if interrupted else "failed",
+                error=f"{type(e).__name__}: {e}",
+                epoch=trainer.current_epoch if trainer is not None else None,
+                step=trainer.global_step if trainer is not None else None,
+            )
+        if isinstance(e, SystemExit) and e.code in (None, 0, EXIT_SIGTERM):  # Lightning's SIGTERMException
             log.error("Interrupted by SIGTERM; resume with resume=true hydra.run.dir=%s", run_dir)
-            raise SystemExit(128 + signal.SIGTERM) from e
+            raise SystemExit(EXIT_SIGTERM) from e
+        if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's Ctrl-C exit
+            raise SystemExit(EXIT_SIGINT) from e
         raise
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    guard = next((c for c in trainer.callbacks if isinstance(c, DivergenceGuard)), None)
-    if guard is not None and guard.diverged:
-        write_status(run_dir, "diverged", **guard.diverged, metrics=metrics)
-        log_hparams(trainer, cfg, {**metrics, "diverged": 1.0})
-        return {**metrics, "diverged": 1.0}
-    if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        if trainer.is_global_zero:
-            log.info("Test accuracy (final weights): %.2f%%", 100 * metrics["test/acc"])
-    log_hparams(trainer, cfg, metrics)
-    write_status(run_dir, "finished", epoch=trainer.current_epoch, step=trainer.global_step, metrics=metrics)
+    finally:
+        if lock is not None:
+            lock.release()
+    log_hparams(trainer, cfg, metrics, "finished")
+    status(run_dir, "finished", epoch=trainer.current_epoch, step=trainer.global_step, metrics=metrics)
     return metrics
 
 
-#: mistakes a user can fix (data, weights, checkpoint, a config value): a message is enough, no traceback
-USER_ERRORS = (DataError, WeightsError, FileNotFoundError, ValueError)
-
-
-def run_cli(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run an entry point; in a single run a user error ends it with its message and exit code 2.
-
-    In a multirun the error is re-raised so that only that job fails; ``HYDRA_FULL_ERROR=1`` shows the
-    traceback.
-    """
-    try:
-        return fn(cfg)
-    except USER_ERRORS as e:
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the full traceback)", type(e).__name__, e)
-        raise SystemExit(2) from None
+def _main(cfg: DictConfig) -> float | None:
+    """Train and turn a diverged single run into exit code 3 (a multirun goes on to its next job)."""
+    metrics = train(cfg)
+    if metrics.get("diverged") and not is_multirun():
+        raise SystemExit(EXIT_DIVERGED)
+    return math.nan if metrics.get("diverged") else metrics.get("val/acc")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Train; returns ``val/acc`` so that sweepers (e.g. Optuna) can optimise it."""
-    return run_cli(train, cfg).get("val/acc")
+    """Train; returns ``val/acc`` (NaN for a diverged job) so that sweepers (e.g. Optuna) can optimise it."""
+    return run_cli(_main, cfg)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cnnfeat.cli import CONFIG_DIR
 from cnnfeat.data import ENV_DATA, FashionMNISTDataModule
-from cnnfeat.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -35,7 +35,9 @@ def test_quick_and_dying_relu_experiments(make_cfg: MakeCfg) -> None:
     assert dying.model.scheduler is None and "dead_relu" in dying.callbacks and "filters" not in dying.callbacks
     assert make_cfg("callbacks=none").callbacks.keys() == {
         "model_checkpoint",
+        "last_checkpoint",
         "lr_monitor",
+        "progress_log",
         "rich_progress_bar",
         "epoch_summary",
         "divergence_guard",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from omegaconf import DictConfig
 from cnnfeat.callbacks import EmbeddingCallback
 from cnnfeat.train import build, train
 from tests.conftest import read_events
+from tests.helpers.procs import Proc
 
 MakeCfg = Callable[..., DictConfig]
 SMALL = [
@@ -36,10 +35,8 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-def _cli(run_dir: Path, data_dir: Path, cache_dir: Path, *args: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
+def _cli(run_dir: Path, data_dir: Path, cache_dir: Path, *args: str) -> Proc:
+    return Proc(
         "cnnfeat.train",
         "trainer=cpu",
         f"data.data_dir={data_dir}",
@@ -48,9 +45,9 @@ def _cli(run_dir: Path, data_dir: Path, cache_dir: Path, *args: str) -> subproce
         "trainer.enable_model_summary=false",
         "test=false",
         *SMALL,
+        "callbacks.progress_log.every_n_steps=50",
         *args,
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    )
 
 
 @pytest.mark.slow
@@ -60,26 +57,20 @@ def test_killed_mid_epoch_then_resumed_equals_an_uninterrupted_run(
 ) -> None:
     """Resume restarts the interrupted epoch from ``last.ckpt`` (the end of the last completed epoch) with the
     RNG states saved there, so the final weights equal those of a run that was never stopped."""
-    ref = _cli(tmp_path / "ref", data_dir, cache_dir, "trainer.max_epochs=3", "trainer.limit_train_batches=200")
-    run = _cli(tmp_path / "run", data_dir, cache_dir, "trainer.max_epochs=3", "trainer.limit_train_batches=200")
+    epochs = ["trainer.max_epochs=3", "trainer.limit_train_batches=200"]
+    ref = _cli(tmp_path / "ref", data_dir, cache_dir, *epochs)
+    run = _cli(tmp_path / "run", data_dir, cache_dir, *epochs)
+    run.wait_for_line("epoch 2/3: batch 100/200")  # the progress log: well into epoch 2
+    run.p.send_signal(sig)
+    assert run.wait(timeout=60) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and run.poll() is None:
-        time.sleep(0.05)
-    assert last.exists(), "the first epoch's checkpoint never appeared"
-    time.sleep(1.0)  # well into epoch 2
-    run.send_signal(sig)
-    run.wait(timeout=60)
-    assert run.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
-    assert torch.load(last, weights_only=True)["global_step"] in (200, 400), "last.ckpt is a whole epoch"
+    assert torch.load(last, weights_only=True)["global_step"] == 200, "last.ckpt is the end of epoch 1"
     status = json.loads((tmp_path / "run" / "status.json").read_text())["status"]
     assert status == ("interrupted" if sig == signal.SIGTERM else "running")  # SIGKILL leaves no chance to write
 
-    resumed = _cli(
-        tmp_path / "run", data_dir, cache_dir, "trainer.max_epochs=3", "trainer.limit_train_batches=200", "resume=true"
-    )
-    assert resumed.wait(timeout=240) == 0, resumed.stderr.read()[-2000:]
-    assert ref.wait(timeout=240) == 0, ref.stderr.read()[-2000:]
+    resumed = _cli(tmp_path / "run", data_dir, cache_dir, *epochs, "resume=true")
+    assert resumed.wait(timeout=240) == 0, resumed.output[-2000:]
+    assert ref.wait(timeout=240) == 0, ref.output[-2000:]
     a, b = _state(tmp_path / "ref"), _state(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
@@ -103,23 +94,6 @@ def test_callback_state_survives_resume(make_cfg: MakeCfg, tmp_path: Path) -> No
     from PIL import Image
 
     assert Image.open(tmp_path / "umap_embedding.gif").n_frames == 3, "untrained + epoch 1 (restored) + epoch 2"
-
-
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(
-    make_cfg: MakeCfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    train(make_cfg(*SMALL))
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    good = last.read_bytes()
-
-    def crash(*args: object, **kwargs: object) -> None:
-        raise OSError("simulated crash between writing and renaming")
-
-    monkeypatch.setattr(shutil, "move", crash)  # fsspec commits a checkpoint by moving its temp file into place
-    with pytest.raises(OSError, match="simulated crash"):
-        train(make_cfg(*SMALL, "trainer.max_epochs=2", "resume=true"))
-    assert last.read_bytes() == good, "a half-written last.ckpt must never replace the good one"
-    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
 
 
 def test_same_seed_same_metrics_and_pictures(make_cfg: MakeCfg, tmp_path: Path) -> None:
@@ -162,11 +136,11 @@ def test_divergence_stops_cleanly_and_the_sweep_goes_on(tmp_path: Path, data_dir
         f"hydra.sweep.dir={tmp_path}",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]  # a diverged job is a result of the sweep, not a failure
     assert "Training diverged: the loss is" in r.stdout + r.stderr and "Traceback" not in r.stderr
     statuses = [json.loads((tmp_path / j / "status.json").read_text()) for j in ("0", "1")]
     assert [s["status"] for s in statuses] == ["finished", "diverged"]
-    assert statuses[1]["epoch"] == 1 and not np.isfinite(statuses[1]["loss"])
+    assert statuses[1]["epoch"] == 1 and statuses[1]["loss"] in ("nan", "inf", "-inf")
     assert "train/loss" in read_events(tmp_path / "1")["scalars"] or (tmp_path / "1" / "train.log").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(j["job"], j["status"]) for j in summary] == [(0, "finished"), (1, "diverged")]

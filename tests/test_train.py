@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException, MissingConfigException
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
 from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.errors import CheckpointError, ConfigError
 from cnnfeat.models import SmallCNN
 from cnnfeat.train import train
 from tests.conftest import read_events
@@ -77,13 +78,13 @@ def test_unknown_config_option_names_the_choices(make_cfg: MakeCfg) -> None:
 
 
 def test_bad_learning_rate_fails_before_training(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    with pytest.raises(InstantiationException, match=r"model.optimizer.lr must be a positive number, got -0.5"):
+    with pytest.raises(ConfigError, match=r"model.optimizer.lr must be a positive number, got -0.5"):
         train(make_cfg("model.optimizer.lr=-0.5"))
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_missing_checkpoint_is_a_clear_error(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*nope.ckpt does not exist"):
+    with pytest.raises(CheckpointError, match=r"ckpt_path=.*nope.ckpt does not exist"):
         train(make_cfg(f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
@@ -128,7 +129,7 @@ def test_cli_unknown_option_and_bad_lr_messages(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "Could not find 'model/resnet'" in r.stderr and "small_cnn" in r.stderr
     r = _cli("trainer=cpu", "model.optimizer.lr=0", cwd=tmp_path)
-    assert r.returncode != 0 and "model.optimizer.lr must be a positive number, got 0" in r.stderr
+    assert r.returncode == 2 and "model.optimizer.lr must be a positive number, got 0" in r.stderr
     assert "Traceback" not in r.stderr
 
 

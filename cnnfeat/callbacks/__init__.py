@@ -6,6 +6,7 @@ from cnnfeat.callbacks.divergence import DivergenceGuard
 from cnnfeat.callbacks.epoch_summary import EpochSummary
 from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
 from cnnfeat.callbacks.filters import FilterCallback
+from cnnfeat.callbacks.progress_log import ProgressLog
 from cnnfeat.callbacks.shape_table import ShapeTableCallback
 from cnnfeat.callbacks.top_patches import TopPatchesCallback
 from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
@@ -19,6 +20,7 @@ __all__ = [
     "FeatureMapCallback",
     "FilterCallback",
     "Pictures",
+    "ProgressLog",
     "ShapeTableCallback",
     "TopPatchesCallback",
     "VisualizationCallback",

@@ -1,8 +1,7 @@
-"""Stop a run whose loss has become NaN or infinite, cleanly and with a message instead of a stack trace."""
+"""Stop a run whose loss has become NaN or infinite, at once and with a message instead of a stack trace."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -10,21 +9,23 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-log = logging.getLogger("cnnfeat")
+from cnnfeat.errors import ConfigError, TrainingDiverged
 
 
 class DivergenceGuard(pl.Callback):
-    """Checks the training loss every ``check_every_n_steps`` steps; a non-finite loss stops the fit.
+    """Checks the training loss every ``check_every_n_steps`` steps; a non-finite loss stops the fit at once.
 
-    After the stop, ``diverged`` holds where it happened (epoch, step, loss) and the entry point marks the
-    run ``diverged`` in its ``status.json``, keeps its logs and skips testing; other jobs of a multirun go
-    on. On a GPU a check forces a device sync, so check every few steps there. A dying-ReLU network stuck
+    It raises :class:`~cnnfeat.errors.TrainingDiverged` (holding epoch, step and loss) in the step where the
+    loss stopped being finite, so no checkpoint of the diverged weights is written at the end of that epoch;
+    ``diverged`` keeps the same details. The entry point marks the run ``diverged`` in ``status.json``,
+    keeps its logs and earlier checkpoints, skips testing and exits with code 3; the other jobs of a multirun
+    go on. On a GPU a check forces a device sync, so check every few steps there. A dying-ReLU network stuck
     at a finite loss (ln 10 = 2.30) is not divergence and trains to the end.
     """
 
     def __init__(self, check_every_n_steps: int = 1) -> None:
         if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise ConfigError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
         self.diverged: dict[str, Any] | None = None
 
@@ -39,16 +40,13 @@ class DivergenceGuard(pl.Callback):
             return
         value = float(loss.detach().float().mean())
         self.diverged = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step, "loss": value}
-        log.error(
-            "Training diverged: the loss is %s at epoch %d, step %d. Stopping this run; its logs and last "
-            "checkpoint are kept. Try a smaller model.optimizer.lr (now %s) or gradient clipping "
-            "(trainer.gradient_clip_val=1.0).",
-            "NaN" if math.isnan(value) else value,
-            self.diverged["epoch"],
-            self.diverged["step"],
-            _lr(trainer),
+        raise TrainingDiverged(
+            f"Training diverged: the loss is {'NaN' if math.isnan(value) else value} at epoch "
+            f"{self.diverged['epoch']}, step {self.diverged['step']}. Stopping this run; its logs and the checkpoints "
+            f"of earlier epochs are kept. Try a smaller model.optimizer.lr (now {_lr(trainer)}) or gradient "
+            "clipping (trainer.gradient_clip_val=1.0).",
+            **self.diverged,
         )
-        trainer.should_stop = True
 
     @override
     def state_dict(self) -> dict[str, Any]:

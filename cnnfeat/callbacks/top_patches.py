@@ -116,7 +116,7 @@ class TopPatchesCallback(VisualizationCallback):
         receptive_fields(pl_module, x.to(pl_module.device), self.layers)  # raises for layers without one
         for name, m in found.items():
             c = getattr(m, "out_channels", None)
-            if self.channels is not None and c is not None and max(self.channels) >= c:
+            if self.channels is not None and c is not None and (min(self.channels) < 0 or max(self.channels) >= c):
                 raise ValueError(f"channels {self.channels} out of range for {name} ({c} channels)")
 
     def collect(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, TopK]:

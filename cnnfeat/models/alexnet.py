@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import AlexNet_Weights, alexnet
 
+from cnnfeat.errors import ConfigError, WeightsError
 from cnnfeat.models.classifier import ImageClassifier
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,10 +35,6 @@ BACKBONE_NAMES = (
     "relu5",
     "pool5",
 )
-
-
-class WeightsError(RuntimeError):
-    """AlexNet weights are missing or do not fit."""
 
 
 def imagenet_weights_file() -> Path:
@@ -167,9 +164,9 @@ class TransferClassifier(ImageClassifier):
     ) -> None:
         super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         if input_size < 63:
-            raise ValueError(f"input_size must be >= 63 for AlexNet's layers, got {input_size}")
+            raise ConfigError(f"input_size must be >= 63 for AlexNet's layers, got {input_size}")
         self.save_hyperparameters()
         self.resize = Resize(input_size)
         self.to_imagenet = GreyToImageNet()

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnfeat import layers
+from cnnfeat.errors import ConfigError
 from cnnfeat.rng import rng_states, set_rng_states
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.2}
@@ -41,10 +42,10 @@ def plain(cfg: Any) -> Any:
 def check_optimizer_spec(spec: Mapping[str, Any]) -> None:
     """Fail fast (before any training) on an optimizer spec without ``_target_`` or with lr <= 0."""
     if "_target_" not in spec:
-        raise ValueError(f"model.optimizer needs a _target_ (e.g. torch.optim.SGD), got {dict(spec)}")
+        raise ConfigError(f"model.optimizer needs a _target_ (e.g. torch.optim.SGD), got {dict(spec)}")
     lr = spec.get("lr")
     if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"model.optimizer.lr must be a positive number, got {lr!r}")
+        raise ConfigError(f"model.optimizer.lr must be a positive number, got {lr!r}")
 
 
 class ImageClassifier(pl.LightningModule):
@@ -65,8 +66,8 @@ class ImageClassifier(pl.LightningModule):
         self.optimizer_spec = dict(plain(optimizer) or DEFAULT_OPTIMIZER)
         self.scheduler_spec = dict(plain(scheduler)) if scheduler else None
         check_optimizer_spec(self.optimizer_spec)
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro", validate_args=False))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from cnnfeat.errors import ConfigError
 from cnnfeat.models.classifier import DEFAULT_SCHEDULER, ImageClassifier
 
 #: Fashion-MNIST training-set pixel mean and std (of images scaled to [0, 1]).
@@ -36,9 +38,12 @@ class SmallCNN(ImageClassifier):
         channels_last: bool = True,
     ) -> None:
         super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
-        if (input_mean is None) != (input_std is None) or (input_std is not None and input_std <= 0):
-            raise ValueError(
-                f"input_mean and input_std must both be set (std > 0) or both None, got {input_mean}, {input_std}"
+        if (input_mean is None) != (input_std is None) or (
+            input_std is not None and not (math.isfinite(input_std) and math.isfinite(input_mean) and input_std > 0)
+        ):
+            raise ConfigError(
+                "input_mean and input_std must both be finite numbers (std > 0) or both None, got "
+                f"{input_mean}, {input_std}"
             )
         self.save_hyperparameters()
         self.input_mean, self.input_std = input_mean, input_std

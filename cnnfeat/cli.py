@@ -1,0 +1,135 @@
+"""What the entry points (``cnnfeat-train``, ``cnnfeat-explore``) share: config location, resolvers, error edge.
+
+No entry point imports another; both import this module. Exit codes are documented in
+:mod:`cnnfeat.status`: 0 finished, 1 an unexpected error (with its traceback), 2 a :class:`CnnfeatError`
+(a problem the message names: config, data, checkpoint, disk, a busy run directory), 3 diverged, 130 Ctrl-C,
+143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cnnfeat.errors import CnnfeatError, ConfigError
+from cnnfeat.status import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+
+log = logging.getLogger("cnnfeat")
+T = TypeVar("T")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# ${pid:} in run directories: two runs started in the same second still get directories of their own
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+# ${record_subdir:${resume}}: a resumed run records its config beside the original, never over it
+OmegaConf.register_new_resolver(
+    "record_subdir",
+    lambda resume: f".hydra-resume-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if resume else ".hydra",
+    replace=True,
+    use_cache=True,
+)
+
+
+class MaxLevelFilter(logging.Filter):
+    """Passes records below ``level`` (the console's stdout handler; warnings and errors go to stderr)."""
+
+    def __init__(self, level: str | int = logging.WARNING) -> None:
+        super().__init__()
+        self.level = logging.getLevelName(level) if isinstance(level, str) else level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+class Interrupted(SystemExit):
+    """SIGTERM arrived outside Lightning's own loops (e.g. while data is prepared); exit code 143."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[dict[str, bool]]:
+    """While active, SIGTERM raises :class:`Interrupted`, except inside a Lightning loop, which stops itself.
+
+    Lightning installs its own SIGTERM handler while it runs and calls the previous one (this) after its
+    own; this one then only records the signal (``state["sigterm"]``) and lets Lightning stop at the next
+    batch. Outside Lightning it raises at once, so the entry point can record ``interrupted``.
+    """
+    state = {"sigterm": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        state["sigterm"] = True
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise Interrupted
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def instantiate_node(node: DictConfig, where: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose cnnfeat errors surface as themselves, naming the config node."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, CnnfeatError):
+            if f"{where}." not in str(cause) and f"{where}:" not in str(cause):
+                cause.args = (f"{where}: {cause}", *cause.args[1:])
+            raise cause from None
+        if isinstance(cause, TypeError) and "argument" in str(cause):
+            raise ConfigError(f"{where}: {cause}") from e
+        raise
+
+
+def instantiate_group(cfg: DictConfig | None, where: str = "callbacks") -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group; ``null`` entries are skipped."""
+    if not cfg:
+        return []
+    return [
+        instantiate_node(c, f"{where}.{name}")
+        for name, c in cfg.items()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_cli(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run an entry point; in a single run a :class:`CnnfeatError` ends it with its message and exit code 2.
+
+    In a multirun the error is re-raised so that only that job fails (the sweep goes on and its summary
+    lists the job as failed); ``HYDRA_FULL_ERROR=1`` shows the traceback. Any other exception is a bug and
+    keeps its traceback. Ctrl-C exits with 130, SIGTERM with 143.
+    """
+    try:
+        return fn(cfg)
+    except CnnfeatError as e:
+        if is_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the full traceback)", type(e).__name__, e)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        log.error("Interrupted (Ctrl-C)")
+        raise SystemExit(EXIT_SIGINT) from None

@@ -1,0 +1,45 @@
+"""cnnfeat's own error types: mistakes a user can fix, each with a message that says what to do.
+
+The command-line entry points catch :class:`CnnfeatError` only and print its message (exit code 2); any other
+exception, including a ``ValueError`` raised inside torch, NumPy or scikit-learn, is a bug and keeps its
+traceback. Each class also derives from the builtin a caller would expect (``ValueError`` for a bad
+argument, ``OSError`` for a file that cannot be written), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class CnnfeatError(Exception):
+    """Base class of every error cnnfeat raises for a problem the user can fix."""
+
+
+class ConfigError(CnnfeatError, ValueError):
+    """A configuration value or argument is invalid (the message names it and the valid choices)."""
+
+
+class DataError(CnnfeatError, RuntimeError):
+    """Data files are missing, unreadable or corrupt, or a cache could not be written."""
+
+
+class WeightsError(CnnfeatError, RuntimeError):
+    """Pretrained weights are missing or do not fit the network."""
+
+
+class CheckpointError(CnnfeatError, ValueError):
+    """A checkpoint is missing, unreadable, foreign, unsafe, or does not match the run."""
+
+
+class CheckpointWriteError(CnnfeatError, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+class RunDirectoryBusy(CnnfeatError, RuntimeError):
+    """Another live process is writing into the same run directory."""
+
+
+class TrainingDiverged(CnnfeatError, RuntimeError):
+    """The loss or the weights became NaN or infinite; the run was stopped and marked ``diverged``."""
+
+    def __init__(self, message: str, epoch: int, step: int, loss: float) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.loss = epoch, step, loss
