@@ -9,6 +9,7 @@ No entry point imports another; both import this module. Exit codes are document
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -30,7 +31,21 @@ from cnnfeat.status import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 log = logging.getLogger("cnnfeat")
 T = TypeVar("T")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+def config_dir() -> str:
+    """The directory of cnnfeat's Hydra configs: ``cnnfeat/conf`` inside an installed wheel, else the checkout's
+    top-level ``conf/`` (an editable install or a source tree, where ``conf/`` is not an importable package)."""
+    try:
+        spec = importlib.util.find_spec("cnnfeat.conf")
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(location) / "train.yaml").is_file():
+            return str(Path(location))
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONFIG_DIR = config_dir()
 
 # ${pid:} in run directories: two runs started in the same second still get directories of their own
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
