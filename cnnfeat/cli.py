@@ -47,6 +47,39 @@ def config_dir() -> str:
 
 CONFIG_DIR = config_dir()
 
+#: Trainer arguments cnnfeat passes itself (instantiated from their own config groups)
+_TRAINER_PASSED = ("self", "callbacks")
+#: Lightning defaults cnnfeat changes wherever the installed release has the argument
+_TRAINER_CHANGED = {"enable_autolog_hparams": False}  # cnnfeat logs config + final metrics to HParams itself
+
+
+def trainer_arguments() -> dict[str, Any]:
+    """Every argument of the installed ``pytorch_lightning.Trainer`` with its default (plain values only)."""
+    import inspect
+
+    import pytorch_lightning as pl
+
+    args: dict[str, Any] = {}
+    for name, p in inspect.signature(pl.Trainer.__init__).parameters.items():
+        if name in _TRAINER_PASSED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        args[name] = default if isinstance(default, str | int | float | bool | type(None)) else str(default)
+    args.update({k: v for k, v in _TRAINER_CHANGED.items() if k in args})
+    return args
+
+
+def register_trainer_schema() -> None:
+    """``trainer/lightning``: every Trainer argument of the installed Lightning, so ``trainer.NAME=VALUE`` works for
+    all of them while the YAML presets list only what cnnfeat changes (and so never name an argument an older
+    Lightning release lacks)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="trainer", name="lightning", node=trainer_arguments())
+
+
+register_trainer_schema()
+
 # ${pid:} in run directories: two runs started in the same second still get directories of their own
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 # ${record_subdir:${resume}}: a resumed run records its config beside the original, never over it

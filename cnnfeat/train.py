@@ -15,7 +15,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -75,8 +75,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume_overrides must be 'refuse' or 'allow', got {cfg.get('resume_overrides')!r}")
 
 
-def _callbacks_for(trainer_cfg: DictConfig, callbacks: list[Any]) -> list[Any]:
+def _callbacks_for(trainer_cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> list[Any]:
     """Drop callbacks that a Trainer switch turns off, instead of letting Lightning refuse the combination."""
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if trainer_cfg.get("enable_checkpointing") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     if trainer_cfg.get("enable_progress_bar") is False:
@@ -95,8 +97,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_node(cfg.data, "data")
     model = instantiate_node(cfg.model, "model")
-    callbacks = _callbacks_for(cfg.trainer, instantiate_group(cfg.get("callbacks")))
-    loggers = instantiate_group(cfg.get("logger"), "logger")
+    loggers = [] if cfg.trainer.get("logger") is False else instantiate_group(cfg.get("logger"), "logger")
+    callbacks = _callbacks_for(cfg.trainer, instantiate_group(cfg.get("callbacks")), loggers)
     plugins = [instantiate_node(p, "trainer.plugins") for p in (cfg.trainer.get("plugins") or [])]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())

@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnfeat.data import FashionMNISTDataModule
 from cnnfeat.errors import CheckpointError, ConfigError
@@ -191,3 +191,33 @@ def test_cli_missing_data_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "Fashion-MNIST files not found" in out and "CNNFEAT_DATA" in out
     assert "apt install dataset-fashion-mnist" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "trainer.enable_progress_bar=false",
+        "trainer.logger=false",
+        "trainer.enable_checkpointing=false",
+        "trainer.fast_dev_run=true",
+    ],
+)
+def test_lightning_switches_work_with_the_default_callbacks(make_cfg: MakeCfg, tmp_path: Path, switch: str) -> None:
+    """The first overrides a Lightning user types work with every default callback, the progress bar included."""
+    cfg = make_cfg(
+        switch,
+        "callbacks.dead_relu.probe_size=200",
+        "callbacks.top_patches.probe_size=200",
+        "callbacks.umap.probe_size=200",
+        "trainer.limit_train_batches=2",
+    )
+    cfg.callbacks.rich_progress_bar = OmegaConf.create({"_target_": "pytorch_lightning.callbacks.RichProgressBar"})
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    events = read_events(tmp_path)["scalars"]
+    ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
+    if switch in ("trainer.logger=false", "trainer.fast_dev_run=true"):
+        assert not events, "no logger, no event files"
+    else:
+        assert "val/acc" in events
+    assert bool(ckpts) == (switch in ("trainer.enable_progress_bar=false", "trainer.logger=false"))
