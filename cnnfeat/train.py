@@ -220,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 started = True
             if trainer.is_global_zero:
                 log.info("Output directory: %s", run_dir)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)  # AtomicCheckpointIO: weights_only
             metrics = _metrics(trainer)
             if cfg.get("test"):
                 if trainer.is_global_zero:
