@@ -36,6 +36,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
+from cnnfeat.errors import ConfigError
+
 INPUT = "input"
 
 #: Activation modules and functions that ``activation_after`` accepts as "the activation of a conv".
@@ -129,8 +131,8 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 
 
-class LayerError(ValueError):
-    """A layer or node name the model does not have; the message lists the valid ones."""
+class LayerError(ConfigError):
+    """A layer or node name the model does not have; the message lists the valid ones (a ``ValueError`` too)."""
 
 
 def unknown_names(bad: Iterable[str], valid: Iterable[str], owner: str, what: str = "layer") -> LayerError:

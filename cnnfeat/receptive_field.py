@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnfeat.errors import ConfigError
 from cnnfeat.graph import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_MODULES,
@@ -75,7 +76,7 @@ _RESHAPES = frozenset(["flatten", "view", "reshape", "squeeze", "unsqueeze", "un
 _CONCATS = frozenset(["cat", "concat", "concatenate"])
 
 
-class ReceptiveFieldError(ValueError):
+class ReceptiveFieldError(ConfigError):
     """A node whose units have no receptive field we can derive; the message names the node that prevents it."""
 
 
