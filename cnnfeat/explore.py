@@ -7,8 +7,9 @@
 Given a directory of per-epoch checkpoints (train with ``callbacks.model_checkpoint.save_top_k=-1``), the
 UMAP maps are fitted one after the other from warm starts, so the aligned trajectory and the filter
 evolution are rebuilt after the fact; when the run's ``.hydra/config.yaml`` sits beside the checkpoints,
-the untrained network (step 0) is re-created from the run's seed too. Pictures go to TensorBoard and, with
-``save_png=true`` (the default here), to ``<output dir>/images``.
+the untrained network (step 0) is re-created from the run's seed too. Pictures and scalars go to TensorBoard
+at step = epochs trained (the training run's axis) and, with ``save_png=true`` (the default here), to
+``<output dir>/images``. The probe images are built as in training (``cnnfeat.probe``), once per split.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnfeat.callbacks import EmbeddingCallback, VisualizationCallback
-from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.base import inference, shared_probe
 from cnnfeat.checkpoints import load_model, read_checkpoint
 from cnnfeat.cli import CONFIG_DIR, instantiate_group, run_cli
 from cnnfeat.errors import CheckpointError, ConfigError
@@ -61,8 +62,8 @@ def untrained_model(ckpt_file: Path) -> pl.LightningModule | None:
     if "weights" in hparams:  # a frozen backbone: the same in every checkpoint, copied instead of re-loaded
         hparams["weights"] = "none"
     model = type(trained)(**hparams)
-    if hasattr(model, "backbone"):
-        model.backbone.load_state_dict(trained.backbone.state_dict())
+    frozen = {n: p for n, p in trained.named_parameters() if not p.requires_grad}  # the same in every checkpoint
+    model.load_state_dict(frozen, strict=False)
     return model.eval()
 
 
@@ -88,22 +89,25 @@ def explore(cfg: DictConfig) -> Path:
         model, ckpt = load_model(f)
         models.append((int(ckpt.get("epoch", 0)) + 1, model))  # step = epochs trained
     try:
-        for step, model in models:
+        for i, (step, model) in enumerate(models):
             model.to(device)
             for cb in callbacks:
                 try:
+                    if i == 0:  # the same probe and checks as in training
+                        probe = shared_probe(datamodule, cb.probe_spec, model) if cb.needs_probe else None
+                        cb.prepare(model, probe)
                     with inference(model):
-                        pictures = cb.render(model, datamodule, step)
-                except ValueError as e:  # a layer or image the model/data lack: name the callback
+                        pictures = cb.render(model, cb.probe, step)
+                except ConfigError as e:  # a layer or image the model/data lack: name the callback
                     raise ConfigError(
                         f"{type(cb).__name__}: {e} (for a TransferClassifier checkpoint use callbacks=transfer)"
                     ) from e
-                pictures.write(writer, step, png_dir)
+                pictures.write(writer, step, png_dir)  # images and scalars at step = epochs trained
             log.info("Pictures for step %d (%s)", step, type(model).__name__)
             model.to("cpu")
         for cb in callbacks:
-            if isinstance(cb, EmbeddingCallback) and cb.embeddings and cb.gif:
-                log.info("UMAP animation: %s", cb.write_gif(datamodule, out / "umap_embedding.gif"))
+            if isinstance(cb, EmbeddingCallback) and cb.embeddings and cb.gif and cb.probe is not None:
+                log.info("UMAP animation: %s", cb.write_gif(cb.probe, out / "umap_embedding.gif"))
     finally:
         writer.close()
     log.info("Explored %d checkpoint(s) of %s: tensorboard --logdir %s", len(files), cfg.ckpt, out)

@@ -1,10 +1,13 @@
 """Frozen-backbone features computed once and kept on disk, so a transfer head trains without the backbone.
 
 ``FrozenFeatureDataModule`` wraps a ``FashionMNISTDataModule``: ``prepare_data`` runs every image of each
-split through the frozen AlexNet part once (batched, with a progress bar) and stores the (N, 9216)
-outputs as float16 under ``<cache_dir>/features/<key>/``, where the key hashes the backbone's weights and
-the preprocessing; training then reads those vectors. The train/val/test split and the image IDs are the
-wrapped datamodule's, and its images stay available to the picture callbacks (``images()``).
+split through the frozen AlexNet part (``cnnfeat.models.alexnet.FrozenAlexNet``, built from ``weights``,
+``backbone_seed`` and ``input_size``) once (batched, with a progress bar) and stores the (N, 9216) outputs as
+float16 under ``<cache_dir>/features/<key>/``, where the key hashes the backbone's weights and the
+preprocessing; training then reads those vectors. The train/val/test split and the image IDs are the wrapped
+datamodule's; its probe (``probe_set``) holds the images as pictures and model inputs and the cached vectors
+as ``batch_inputs``. The module knows no model class: ``experiment=transfer`` gives the model and this
+DataModule their backbone values from one config node.
 """
 
 from __future__ import annotations
@@ -24,13 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cache
 from cnnfeat.errors import ConfigError, DataError
-from cnnfeat.models.alexnet import TransferClassifier, backbone_fingerprint
+from cnnfeat.models.alexnet import FrozenAlexNet
+from cnnfeat.probe import ProbeSet, ProbeSpec
 
 log = logging.getLogger("cnnfeat")
-
-
-def _preprocessing(input_size: int) -> str:
-    return f"alexnet|resize{input_size}|imagenet-norm"
 
 
 def _complete(path: Path) -> bool:
@@ -68,8 +68,9 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
     """Cached frozen-AlexNet features of Fashion-MNIST (see the module docstring).
 
     The data arguments are ``FashionMNISTDataModule``'s (same names as ``conf/data/fashion_mnist.yaml``).
-    ``weights``, ``backbone_seed`` and ``input_size`` must match the ``TransferClassifier`` (the experiment
-    config interpolates them from ``model.*``); a model whose backbone differs is refused in ``setup``.
+    ``weights``, ``backbone_seed`` and ``input_size`` build the frozen backbone; they must be the model's
+    (``experiment=transfer`` takes both from its ``backbone`` node; the picture callbacks' probe refuses a
+    model whose own forward disagrees with the cached vectors).
     ``max_images`` caps each split (the first N images) for quick runs and tests. ``device``: where the
     extraction runs (``auto``: CUDA when available).
     """
@@ -110,25 +111,23 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.extract_batch_size = batch_size, eval_batch_size, extract_batch_size
         self.max_images, self.device = max_images, device
         self.classes = images.classes
-        self._extractor: TransferClassifier | None = None
+        self._extractor: FrozenAlexNet | None = None
         self._fingerprint: str | None = None
         self._data: dict[str, FeatureDataset] = {}
 
     # -- the backbone and its cache key --------------------------------------------------------------
     @property
-    def extractor(self) -> TransferClassifier:
-        """A head-less TransferClassifier with the same frozen backbone and preprocessing as the model."""
+    def extractor(self) -> FrozenAlexNet:
+        """The frozen backbone whose outputs are cached (built on first use)."""
         if self._extractor is None:
-            self._extractor = TransferClassifier(
-                weights=self.weights, backbone_seed=self.backbone_seed, input_size=self.input_size, hidden=[]
-            ).eval()
+            self._extractor = FrozenAlexNet(self.weights, self.backbone_seed, self.input_size)
         return self._extractor
 
     @property
     def fingerprint(self) -> str:
         """Hash of the backbone's weights and the preprocessing: the cache key."""
         if self._fingerprint is None:
-            self._fingerprint = backbone_fingerprint(self.extractor.backbone, _preprocessing(self.input_size))
+            self._fingerprint = self.extractor.fingerprint()
         return self._fingerprint
 
     def cache_file(self, split: str) -> Path:
@@ -161,7 +160,7 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
                 task = bar.add_task(f"AlexNet features, {split} ({n} images, {device.type})", total=n)
                 for start in range(0, n, self.extract_batch_size):
                     x = ds.images[start : min(start + self.extract_batch_size, n)].unsqueeze(1).to(device)
-                    feats[start : start + len(x)] = model.backbone_features(x.float() / 255).half().cpu()
+                    feats[start : start + len(x)] = model(x.float() / 255).half().cpu()
                     bar.advance(task, len(x))
             path = self.cache_file(split)
             write_cache(path, {"features": feats, "labels": ds.labels[:n].clone()}, "frozen-feature")
@@ -202,15 +201,6 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             self.prepare_data()
             return self._load(split, retry=False)
 
-    def check_model(self, model: TransferClassifier) -> None:
-        """Refuse a model whose frozen backbone is not the one the cached features came from."""
-        mine = backbone_fingerprint(model.backbone, _preprocessing(model.hparams.input_size))
-        if mine != self.fingerprint:
-            raise ConfigError(
-                "The cached features come from a different backbone than the model's: give data.weights, "
-                "data.backbone_seed and data.input_size the model's values (experiment=transfer does)"
-            )
-
     # -- data for training and for the picture callbacks ---------------------------------------------
     def dataset(self, split: str) -> FeatureDataset:
         return self._data[split]
@@ -230,6 +220,22 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         """The model's cached inputs (backbone features, float32) for image IDs of a split."""
         x, _ = self.dataset(split).__getitems__(torch.as_tensor(ids).tolist())
         return x.float()
+
+    def probe_set(self, spec: ProbeSpec) -> ProbeSet:
+        """The picture callbacks' probe: images (the model's inputs too) and the cached vectors as batch inputs."""
+        n = min(len(self.dataset(spec.split)), spec.max_images)
+        ids = torch.arange(n)
+        images, labels = self.images(spec.split, ids)
+        return ProbeSet(
+            images,
+            images,
+            labels,
+            tuple(self.classes),
+            ids,
+            spec.split,
+            len(self.dataset(spec.split)),
+            batch_inputs=self.inputs(spec.split, ids),
+        )
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=batch_size, shuffle=shuffle, collate_fn=keep_batch)

@@ -11,12 +11,14 @@ import torch
 from omegaconf import DictConfig
 from torchvision.models import alexnet
 
-from cnnfeat import layers
+from cnnfeat import feature_cache, layers
 from cnnfeat.callbacks.shape_table import shape_table
 from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.errors import ConfigError
 from cnnfeat.feature_cache import FrozenFeatureDataModule
 from cnnfeat.models import SmallCNN, TransferClassifier
-from cnnfeat.models.alexnet import WeightsError, imagenet_weights_file
+from cnnfeat.models.alexnet import FrozenAlexNet, WeightsError, imagenet_weights_file
+from cnnfeat.probe import ProbeSpec, check_batch_inputs
 from cnnfeat.receptive_field import receptive_fields
 from cnnfeat.train import train
 from tests.conftest import read_events
@@ -135,14 +137,43 @@ def test_feature_cache_is_computed_once_and_matches_the_backbone(data_dir: Path,
         data_dir=data_dir, cache_dir=cache_dir, weights="none", backbone_seed=1, max_images=64, download=False
     )
     assert other.cache_file("test") != path, "another backbone gets another cache entry"
-    with pytest.raises(ValueError, match="cached features come from a different backbone"):
-        other.check_model(model)
+
+
+def test_model_and_cache_share_one_backbone_and_a_mismatch_is_refused(data_dir: Path, cache_dir: Path) -> None:
+    """The data code knows no model class; the probe checks that the cached vectors are the model's own."""
+    assert not [v for v in vars(feature_cache).values() if isinstance(v, type) and issubclass(v, pl.LightningModule)]
+    model = TransferClassifier(weights="none", input_size=64).eval()
+    assert (
+        model.fingerprint() == FrozenAlexNet("none", 0, 64).fingerprint() != FrozenAlexNet("none", 1, 64).fingerprint()
+    )
+    for seed, ok in ((0, True), (1, False)):
+        dm = FrozenFeatureDataModule(
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            weights="none",
+            backbone_seed=seed,
+            input_size=64,
+            max_images=16,
+            download=False,
+        )
+        dm.prepare_data()
+        dm.setup()
+        probe = dm.probe_set(ProbeSpec())
+        x, y = dm.images("test")
+        assert torch.equal(probe.images, x) and torch.equal(probe.inputs, x) and torch.equal(probe.labels, y)
+        assert torch.equal(probe.batch_inputs, dm.inputs("test", range(16)))
+        with torch.no_grad():
+            if ok:
+                check_batch_inputs(model, probe)
+            else:
+                with pytest.raises(ConfigError, match=r"cached frozen-backbone features\) do not give TransferClass"):
+                    check_batch_inputs(model, probe)
 
 
 def test_transfer_experiment_end_to_end(make_cfg: MakeCfg, tmp_path: Path) -> None:
     cfg = make_cfg(
         "experiment=transfer",
-        "model.weights=none",
+        "backbone.weights=none",
         "model.hidden=[256]",
         "data.max_images=128",
         "trainer.max_epochs=1",
@@ -151,6 +182,7 @@ def test_transfer_experiment_end_to_end(make_cfg: MakeCfg, tmp_path: Path) -> No
         "callbacks.umap.probe_size=100",
         "callbacks.top_patches.max_channels=4",
     )
+    assert cfg.model.weights == cfg.data.weights == "none", "one node sets both"
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     ev = read_events(tmp_path)

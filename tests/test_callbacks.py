@@ -1,25 +1,33 @@
-"""Picture callbacks in a real Trainer: TensorBoard tags, image sizes, steps, PNGs, numbers and errors."""
+"""Picture callbacks in a real Trainer: TensorBoard tags, image sizes, steps, PNGs, numbers and errors.
+
+Foreign networks and DataModules are covered in ``test_zoo_callbacks.py``.
+"""
 
 from __future__ import annotations
 
-import os
+import csv
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import CSVLogger
 
 from cnnfeat import layers
-from cnnfeat.callbacks import DeadReluCallback, FeatureMapCallback, FilterCallback, TopPatchesCallback
-from cnnfeat.callbacks.base import inference
-from cnnfeat.callbacks.top_patches import TopK
+from cnnfeat.callbacks import (
+    DeadReluCallback,
+    EmbeddingCallback,
+    FeatureMapCallback,
+    FilterCallback,
+    TopPatchesCallback,
+    VisualizationCallback,
+)
+from cnnfeat.callbacks.base import inference, shared_probe
 from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.errors import ConfigError
 from cnnfeat.models import SmallCNN
 from cnnfeat.train import train
 from tests.conftest import read_events
@@ -58,9 +66,17 @@ def test_all_pictures_logged_with_sizes_and_steps(make_cfg: MakeCfg, tmp_path: P
     scalars = ev["scalars"]
     for relu in ("relu1", "relu2", "relu3", "relu4", "relu5", "all"):
         tag = f"relu/dead_fraction/{relu}"
-        assert len(scalars[tag]) == 3 and scalars[tag][0][0] == 0  # untrained + 2 epochs
+        assert [s for s, _ in scalars[tag]] == [0, 1, 2], "scalars share the pictures' axis: epochs trained"
         assert all(0.0 <= v <= 1.0 for _, v in scalars[tag])
-    assert len(ev["histograms"]["relu/preact/relu1"]) == 3
+    assert [e.step for e in ev["histograms"]["relu/preact/relu1"]] == [0, 1, 2]
+    assert [s for s, _ in scalars["train/loss"]] == [3, 7], "Lightning's own scalars stay at its global step"
+
+
+def render(cb: VisualizationCallback, model: torch.nn.Module, dm: FashionMNISTDataModule, step: int = 0):
+    """What a Trainer does for a callback, without one: the shared probe, the checks, one render."""
+    with inference(model):
+        cb.prepare(model, shared_probe(dm, cb.probe_spec, model) if cb.needs_probe else None)
+        return cb.render(model, cb.probe, step)
 
 
 def test_dead_fraction_zero_by_default_and_one_with_huge_negative_bias(
@@ -69,8 +85,7 @@ def test_dead_fraction_zero_by_default_and_one_with_huge_negative_bias(
     cb = DeadReluCallback(probe_size=500)
     for bias, expected in ((None, 0.0), (-100.0, 1.0)):
         model = SmallCNN(conv_bias_init=bias)
-        with inference(model):
-            s = cb.render(model, datamodule).scalars
+        s = render(cb, model, datamodule).scalars
         for relu in ("relu1", "relu2", "relu3"):
             assert s[f"relu/dead_fraction/{relu}"] == expected, (bias, relu, s)
     assert s["relu/zero_fraction/relu1"] == 1.0
@@ -86,9 +101,7 @@ def test_rendering_leaves_module_and_modes_untouched(datamodule: FashionMNISTDat
         DeadReluCallback(probe_size=200),
         TopPatchesCallback(probe_size=200),
     ):
-        with inference(model):
-            assert not torch.is_grad_enabled()
-            cb.render(model, datamodule)
+        render(cb, model, datamodule)
     assert model.training and not model.fc1.training and model.conv1.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks removed"
@@ -112,7 +125,7 @@ def test_top_patches_streaming_matches_brute_force_and_crops_are_right(
     model = SmallCNN().eval()
     cb = TopPatchesCallback(layers=["conv1"], top_k=5, probe_size=300, batch_size=64)
     with inference(model):
-        top = cb.collect(model, datamodule)["conv1"]
+        top = cb.collect(model, shared_probe(datamodule, cb.probe_spec))["conv1"]
         x, _ = datamodule.images("test", range(300))
         with layers.capture(model, ["conv1"]) as out:
             model(x)
@@ -134,31 +147,6 @@ def test_top_patches_streaming_matches_brute_force_and_crops_are_right(
     assert checked >= 10
 
 
-def _gather_worker(rank: int, world: int, port: int, values: torch.Tensor, q: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        top = TopK.empty(3, values.shape[1], torch.device("cpu"))
-        mine = torch.arange(rank, len(values), world)  # each process takes a shard, as under DDP
-        top.update(values[mine], mine[:, None].expand(-1, values.shape[1]), torch.zeros_like(values[mine]).long())
-        g = top.gathered()
-        if rank == 0:
-            q.put((g.values.tolist(), g.ids.tolist()))  # plain lists: no shared-memory handles
-    finally:
-        dist.destroy_process_group()
-
-
-def test_top_k_is_gathered_across_processes() -> None:
-    values = torch.randn(40, 4)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = 29_500 + os.getpid() % 1000
-    mp.start_processes(_gather_worker, args=(2, port, values, q), nprocs=2, start_method="spawn")
-    got_values, got_ids = q.get(timeout=60)
-    ref_values, ref_ids = values.topk(3, dim=0)
-    assert got_values == ref_values.tolist() and got_ids == ref_ids.tolist()
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -178,10 +166,29 @@ def test_top_k_is_gathered_across_processes() -> None:
         ),
         ("callbacks.filters.every_n_epochs=0", r"every_n_epochs must be an integer >= 1, got 0"),
         ("callbacks.filters.scale=global", r"scale must be 'layer' or 'filter', got 'global'"),
+        (
+            "callbacks.feature_maps.layers=[conv9]",
+            r"Unknown conv layer name\(s\) \['conv9'\] for SmallCNN; valid names: \['conv1', 'conv2', 'conv3'\]",
+        ),
+        (
+            "+callbacks.feature_maps.channels=[0,-2]",
+            r"channels \[0, -2\] out of range for conv1 \(6 channels: valid 0..5\)",
+        ),
+        ("callbacks.top_patches.channels=[16]", r"channels \[16\] out of range for conv1 \(6 channels: valid 0..5\)"),
+        (
+            "callbacks.top_patches.layers=[conv3,pool9]",
+            r"Unknown layer name\(s\) \['pool9'\] for SmallCNN; valid names: \['sub', 'div', 'contiguous', 'conv1'",
+        ),
+        (
+            "callbacks.dead_relu.layers=[relu1,relu7]",
+            r"Unknown ReLU layer name\(s\) \['relu7'\].*valid names: \['relu1', 'relu2', 'relu3', 'relu4', 'relu5'\]",
+        ),
+        ("callbacks.umap.layer=fc9", r"Unknown layer name\(s\) \['fc9'\] for SmallCNN; valid names: \['sub', 'div'"),
+        ("callbacks.umap.split=holdout", r"split must be one of \['test', 'train', 'val'\], got 'holdout'"),
     ],
 )
 def test_bad_arguments_fail_before_training(make_cfg: MakeCfg, tmp_path: Path, override: str, message: str) -> None:
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ConfigError, match=message):
         train(make_cfg(*SMALL, override))
     assert not (tmp_path / "checkpoints").exists(), "nothing may be trained or written"
 
@@ -204,14 +211,61 @@ def test_without_tensorboard_warns_once_and_still_logs_scalars(
         trainer.fit(SmallCNN(), datamodule=datamodule)
     messages = [str(w.message) for w in record if "no TensorBoardLogger" in str(w.message)]
     assert sorted(m.split(":")[0] for m in messages) == ["DeadReluCallback", "FilterCallback"], "once each"
-    assert "relu/dead_fraction/relu1" in trainer.callback_metrics
+    assert "relu/dead_fraction/relu1" in trainer.callback_metrics, "epoch-end scalars reach callback_metrics"
+    with (Path(trainer.logger.log_dir) / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("relu/dead_fraction/all")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2], "any logger gets the scalars at step = epochs trained"
 
 
 def test_dead_relu_reports_a_diverged_network_instead_of_failing(datamodule: FashionMNISTDataModule) -> None:
     model = SmallCNN()
     with torch.no_grad():
         model.conv1.weight.fill_(float("nan"))
-    with inference(model):
-        p = DeadReluCallback(probe_size=100).render(model, datamodule)
+    p = render(DeadReluCallback(probe_size=100), model, datamodule)
     assert p.scalars["relu/nonfinite_fraction/relu1"] == 1.0
     assert "relu/preact/relu1" not in p.histograms, "no histogram of NaNs"
+
+
+def test_a_model_without_relu_gets_a_warning_and_no_dead_relu_scalars(datamodule: FashionMNISTDataModule) -> None:
+    class Tanh(SmallCNN):
+        def __init__(self) -> None:
+            super().__init__()
+            for i in range(1, 6):
+                setattr(self, f"relu{i}", torch.nn.Tanh())
+
+    cb = DeadReluCallback(probe_size=50)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    with pytest.warns(UserWarning, match=r"DeadReluCallback: Tanh applies no ReLU-family activation"):
+        trainer.fit(Tanh(), datamodule=datamodule)
+    assert trainer.state.finished and not [k for k in trainer.callback_metrics if k.startswith("relu/")]
+    assert cb.seconds == [], "nothing was rendered"
+
+
+def test_one_probe_is_shared_by_every_callback(datamodule: FashionMNISTDataModule) -> None:
+    cbs = [FeatureMapCallback(), DeadReluCallback(probe_size=100), TopPatchesCallback(probe_size=100)]
+    cbs.append(EmbeddingCallback(probe_size=100, pixels=False, gif=False, projector=False))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=cbs,
+    )
+    trainer.fit(SmallCNN(), datamodule=datamodule)
+    assert len({id(cb.probe) for cb in cbs}) == 1, "built once, shared"
+    probe = cbs[0].probe
+    x, y = datamodule.images("test")
+    assert torch.equal(probe.images, x) and torch.equal(probe.inputs, x) and torch.equal(probe.labels, y)
+    assert probe.class_names == datamodule.classes and probe.split == "test" and not probe.note

@@ -13,8 +13,10 @@ from PIL import Image
 
 from cnnfeat import embedding
 from cnnfeat.callbacks import EmbeddingCallback
-from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.base import inference, shared_probe
 from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import LayerError
 from cnnfeat.models import SmallCNN
 from cnnfeat.train import train
 from tests.conftest import read_events
@@ -41,7 +43,7 @@ def test_training_logs_maps_numbers_gif_and_projector(make_cfg: MakeCfg, tmp_pat
         assert len(sc[f"umap/{name}"]) == 3 and all(0.0 <= v <= 1.0 for _, v in sc[f"umap/{name}"])
         assert len(sc[f"umap/pixels/{name}"]) == 1
     assert all(-1.0 <= v <= 1.0 for _, v in sc["umap/silhouette"])
-    assert len(sc["umap/frame_shift"]) == 2
+    assert [s for s, _ in sc["umap/frame_shift"]] == [1, 2] and [s for s, _ in sc["umap/knn_acc"]] == [0, 1, 2]
 
     gif = Image.open(tmp_path / "umap_embedding.gif")
     assert gif.n_frames == 3
@@ -78,8 +80,9 @@ def test_same_seed_same_map_and_warm_frames_stay_aligned(datamodule: FashionMNIS
     def maps(seed: int, steps: int) -> list[np.ndarray]:
         cb = EmbeddingCallback(probe_size=400, pixels=False, seed=seed)
         with inference(model):
+            cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
             for s in range(steps):
-                cb.render(model, datamodule, s)
+                cb.render(model, cb.probe, s)
         return [cb.embeddings[s] for s in range(steps)]
 
     a, b = maps(0, 2), maps(0, 1)
@@ -95,7 +98,8 @@ def test_state_dict_round_trip_keeps_the_trajectory(datamodule: FashionMNISTData
     model = SmallCNN()
     cb = EmbeddingCallback(probe_size=300)
     with inference(model):
-        cb.render(model, datamodule, 0)
+        cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+        cb.render(model, cb.probe, 0)
     state = cb.state_dict()
     restored = EmbeddingCallback(probe_size=300)
     restored.load_state_dict(state)
@@ -125,9 +129,12 @@ def test_cluster_quality_of_a_perfect_and_a_random_map() -> None:
 
 
 class _NoFeatures(SmallCNN):
-    """A module without the public ``features()`` method (the check fires before any forward pass)."""
+    """A module without the public ``features()`` method (its forward still works)."""
 
     features = None  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(SmallCNN.features(self, x))
 
 
 @pytest.mark.parametrize(
@@ -156,8 +163,32 @@ def test_module_without_features_is_refused(datamodule: FashionMNISTDataModule) 
         enable_progress_bar=False,
         callbacks=[EmbeddingCallback(probe_size=100)],
     )
-    with pytest.raises(ValueError, match=r"needs _NoFeatures.features\(x\) -> \(N, D\)"):
+    message = r"needs _NoFeatures.features\(x\) -> \(N, D\) or a node to embed: name one with layer=.*\['sub', 'div'"
+    with pytest.raises(ConfigError, match=message):
         trainer.fit(_NoFeatures(), datamodule=datamodule)
+
+
+def test_layer_embeds_any_node_flattened(datamodule: FashionMNISTDataModule) -> None:
+    """``layer=`` maps a node's output (here conv3's maps, 784-d once flattened) instead of ``features()``."""
+    model = _NoFeatures()
+    cb = EmbeddingCallback(probe_size=100, layer="pool2", pixels=False)
+    with inference(model):
+        cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+        cb.render(model, cb.probe, 0)
+        x, _ = datamodule.images("test", cb.probe_ids)
+        pooled = model.pool2(
+            model.relu3(
+                model.conv3(
+                    model.pool1(
+                        model.relu2(model.conv2(model.relu1(model.conv1((x - model.input_mean) / model.input_std))))
+                    )
+                )
+            )
+        )
+    assert cb._last_features.shape == (100, 16 * 7 * 7)
+    assert np.allclose(cb._last_features, pooled.flatten(1).numpy(), atol=1e-6)
+    with pytest.raises(LayerError, match=r"Unknown layer name\(s\) \['pool7'\] for _NoFeatures; valid names: \["):
+        EmbeddingCallback(probe_size=100, layer="pool7").prepare(model, cb.probe)
 
 
 def test_torch_metrics_equal_scikit_learn() -> None:

@@ -95,9 +95,12 @@ def test_explore_rebuilds_every_picture_from_per_epoch_checkpoints(
         ],
         cwd=tmp_path,
     )
-    trained, explored = read_events(run)["images"], read_events(out)["images"]
+    trained_events, explored_events = read_events(run), read_events(out)
+    trained, explored = trained_events["images"], explored_events["images"]
     for tag in ("filters/conv2", "feature_maps/conv1/relu/img22", "top_patches/conv3", "umap/features"):
         assert [e.step for e in explored[tag]] == [0, 1, 2], tag
+    for tag in ("relu/dead_fraction/all", "relu/zero_fraction/relu3", "umap/knn_acc"):  # one step axis, both tools
+        assert explored_events["scalars"][tag] == trained_events["scalars"][tag], tag
     # the untrained network is re-created from the run's seed: its pictures are the training run's step 0
     assert explored["filters/conv1"][0].encoded_image_string == trained["filters/conv1"][0].encoded_image_string
     assert explored["top_patches/conv3"][2].encoded_image_string == trained["top_patches/conv3"][2].encoded_image_string
@@ -200,7 +203,8 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, data_dir: Path, cache_dir: Pat
     assert (
         ddp["images"]["top_patches/conv3"][0].encoded_image_string
         == single["images"]["top_patches/conv3"][0].encoded_image_string
-    ), "gathered top-k = single-process top-k"
+    ), "rank 0 renders the whole probe: the single process's top-k"
+    assert [s for s, _ in ddp["scalars"]["relu/dead_fraction/all"]] == [0, 1], "written once per step, by rank 0"
     assert len(ddp["scalars"]["val/acc"]) == 1 and "umap/knn_acc" in ddp["scalars"]
     assert json.loads((tmp_path / "ddp" / "status.json").read_text())["status"] == "finished"
 

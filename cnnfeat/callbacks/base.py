@@ -1,32 +1,42 @@
-"""What every cnnfeat picture callback shares: when to run, where pictures go, and module hygiene.
+"""What every cnnfeat picture callback shares: when to run, which images, where pictures go, module hygiene.
 
-A subclass implements ``check`` (validate its arguments against the model and data before training) and
-``render`` (compute pictures and numbers from a module). The base class runs ``render`` on the untrained
-network (step 0) and every ``every_n_epochs`` epochs (step = epochs trained), under ``torch.no_grad()``
-with every submodule's train/eval mode restored afterwards, never during the sanity check; it writes
-images to TensorBoard from rank zero (warning once when there is no TensorBoard logger) and optionally
-as PNG files, and logs scalars through ``pl_module.log``. ``render`` is public so that other tools
-(``cnnfeat-explore``) can draw the same pictures from a checkpoint without a Trainer.
+A subclass implements ``check`` (validate its arguments against the model and the probe before training) and
+``render`` (compute pictures and numbers from a module and the probe). In ``setup`` the callback gets the run's
+probe (``cnnfeat.probe.ProbeSet``: built once per DataModule and split, shared by all callbacks). The base
+class runs ``render`` on the untrained network and every ``every_n_epochs`` epochs, on rank 0 only, under
+``torch.no_grad()`` with every submodule's train/eval mode restored afterwards, never during the sanity check.
+
+**One step axis.** Everything a callback writes carries ``step`` = epochs trained (0 = the untrained network,
+N = after N epochs): images, histograms and text to TensorBoard (warning once when there is no TensorBoard
+logger), PNG files ``step_NNN.png``, and scalars to every logger through ``log_metrics(..., step=step)``
+(as Lightning's ``LearningRateMonitor`` passes its step). Scalars of an epoch end are also put into
+``trainer.callback_metrics`` (``pl_module.log(..., logger=False)``) for HParams and the run summary.
+``render`` is public so that ``cnnfeat-explore`` draws the same pictures from checkpoints without a Trainer.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
+from weakref import WeakKeyDictionary
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
 from cnnfeat import viz
+from cnnfeat.errors import ConfigError
+from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 
 log = logging.getLogger("cnnfeat")
 
@@ -73,15 +83,11 @@ def inference(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def sync_epoch_metrics(trainer: pl.Trainer) -> None:
-    """Under DDP, compute the epoch's logged metrics on every rank now.
-
-    Rank 0's progress bar computes them (an all-gather) in ``on_train_epoch_end``; a callback that runs a
-    collective of its own in the same hook must let the other ranks join that gather first, or the two
-    collectives pair up across ranks and the run hangs.
-    """
-    if trainer.world_size > 1:
-        _ = trainer.callback_metrics
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
@@ -92,97 +98,114 @@ def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
     return None
 
 
-def probe_images(
-    datamodule: pl.LightningDataModule, split: str, ids: Sequence[int] | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float images in [0,1] and labels for image IDs of a split.
+#: One probe per DataModule and spec, built by the first callback that asks and shared by all (weakly held).
+_PROBES: WeakKeyDictionary[Any, dict[ProbeSpec, ProbeSet]] = WeakKeyDictionary()
 
-    Uses the datamodule's ``images(split, ids)`` when it has one (cnnfeat's does); otherwise indexes the
-    dataset behind ``<split>_dataloader()``, which must return ``(image tensor, label)`` pairs.
+
+def shared_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = None) -> ProbeSet:
+    """The probe of ``datamodule`` for ``spec``: built once (``cnnfeat.probe``), then the same object for everyone.
+
+    The first build says once what it had to decide (e.g. validation images instead of test) and, given the
+    model, checks that the DataModule's batch inputs agree with the model's forward on the images.
     """
-    if hasattr(datamodule, "images"):
-        return datamodule.images(split, ids)
-    ds = getattr(datamodule, f"{split}_dataloader")().dataset
-    xs, ys = zip(*(ds[int(i)] for i in ids), strict=True)
-    x = torch.stack([torch.as_tensor(v) for v in xs])
-    if x.dtype == torch.uint8:
-        x = x.float() / 255
-    return x, torch.as_tensor(ys)
+    if datamodule is None:
+        raise ConfigError("the picture callbacks read their probe images from a DataModule: pass one to the Trainer")
+    probes = _PROBES.setdefault(datamodule, {})
+    if spec not in probes:
+        probe = probe_from_datamodule(datamodule, spec)
+        if probe.note:
+            rank_zero_warn(f"{type(datamodule).__name__}: {probe.note}")
+        if model is not None:
+            with inference(model):
+                check_batch_inputs(model, probe)
+        probes[spec] = probe
+    return probes[spec]
 
 
-def model_inputs(datamodule: pl.LightningDataModule, split: str, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """What the model consumes for these image IDs: the datamodule's ``inputs(split, ids)`` when it has one
-    (e.g. cached frozen-backbone features), otherwise the images themselves."""
-    if hasattr(datamodule, "inputs"):
-        return datamodule.inputs(split, ids)
-    return probe_images(datamodule, split, ids)[0]
-
-
-def split_size(datamodule: pl.LightningDataModule, split: str) -> int:
-    """Number of images in a split of the datamodule (after ``setup``)."""
-    if hasattr(datamodule, "dataset"):
-        return len(datamodule.dataset(split))
-    return len(getattr(datamodule, f"{split}_dataloader")().dataset)
-
-
-def class_names(datamodule: pl.LightningDataModule | None, n: int) -> list[str]:
-    """The datamodule's ``classes`` if it has them, else ``"0" .. "n-1"``."""
-    names = getattr(datamodule, "classes", None)
-    return list(names) if names is not None else [str(i) for i in range(n)]
-
-
-def check_ids(ids: Sequence[int], size: int, what: str = "image_ids") -> None:
-    """Raise a clear error for IDs outside ``[0, size)``."""
-    bad = [i for i in ids if not 0 <= int(i) < size]
-    if bad:
-        raise ValueError(f"{what} {bad} out of range: the probe split has {size} images (valid IDs 0..{size - 1})")
+def log_dir(trainer: pl.Trainer) -> Path:
+    """Where ``trainer.log_dir`` points, read without its hidden broadcast (the caller broadcasts once)."""
+    if trainer.loggers:
+        lg = trainer.loggers[0]
+        return Path(lg.log_dir if isinstance(lg, (TensorBoardLogger, CSVLogger)) else lg.save_dir or ".")
+    return Path(trainer.default_root_dir)
 
 
 class VisualizationCallback(pl.Callback):
-    """Base class: schedule, output and module hygiene for picture callbacks (see the module docstring).
+    """Base class: schedule, probe, output and module hygiene for picture callbacks (see the module docstring).
 
     Args:
         every_n_epochs: render after every N-th epoch (and after the last one).
         log_untrained: also render before training (step 0, the untrained network).
         save_png: also write every image as a PNG under ``<run dir>/images/<tag>/step_NNN.png``.
         during_training: ``False`` renders only before training: for layers that are frozen.
-
-    Under DDP every process renders (a callback may gather work across processes, as top patches do)
-    unless ``rank_zero_render`` is set, for work that needs no other process (UMAP); images are written
-    by rank 0 only.
+        split: the split the probe images come from (``test``, ``val`` or ``train``; ``test`` falls back to
+            ``val`` when the DataModule builds its test set only in ``setup("test")``).
+        mean, std: what the inputs are normalised with, when the dataset's transform has no torchvision
+            ``Normalize`` to detect (pictures show ``x * std + mean``).
+        class_names: class names when the dataset has no ``classes``.
     """
 
-    #: render on rank 0 only; its scalars are then logged from rank 0 without syncing
-    rank_zero_render: bool = False
+    #: whether the callback reads probe images (the filters callback does not)
+    needs_probe: ClassVar[bool] = True
 
     def __init__(
-        self, every_n_epochs: int = 1, log_untrained: bool = True, save_png: bool = False, during_training: bool = True
+        self,
+        every_n_epochs: int = 1,
+        log_untrained: bool = True,
+        save_png: bool = False,
+        during_training: bool = True,
+        split: str = "test",
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
+            raise ConfigError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         self.every_n_epochs = every_n_epochs
         self.log_untrained = log_untrained
         self.save_png = save_png
         self.during_training = during_training
-        self._warned = False
+        self.probe_spec = ProbeSpec.of(split, mean, std, class_names)
+        self.split = split
+        #: the shared probe, set in ``setup`` (or by ``prepare``)
+        self.probe: ProbeSet | None = None
+        self._run_dir: Path | None = None
+        self._warned: set[str] = set()
         #: wall seconds of each emission (render + write), for cost accounting in benchmarks
         self.seconds: list[float] = []
 
     # -- to implement --------------------------------------------------------------------------------
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validate arguments against the model and data; raise ``ValueError`` with a clear message."""
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        """Validate arguments against the model and probe before training; raise a ``ConfigError``."""
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         """Compute the pictures for ``step`` (epochs trained) under ``inference``; must not change the module."""
         raise NotImplementedError
+
+    def should_render(self, writer: SummaryWriter | None) -> bool:
+        """Rendering is pointless without a destination; callbacks with scalars override this."""
+        return writer is not None or self.save_png
+
+    # -- shared API ----------------------------------------------------------------------------------
+    def prepare(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        """Check the arguments against ``pl_module`` and ``probe`` and keep the probe (``setup`` and explore)."""
+        self.probe = probe
+        self.check(pl_module, probe)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """A warning prefixed with the callback's name, once per callback and ``key``."""
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{type(self).__name__}: {message}")
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.check(trainer, pl_module)
+        if stage != "fit":
+            return
+        self._run_dir = Path(trainer.strategy.broadcast(log_dir(trainer)))  # the one collective, on every rank
+        probe = shared_probe(trainer.datamodule, self.probe_spec, pl_module) if self.needs_probe else None
+        self.prepare(pl_module, probe)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -191,7 +214,6 @@ class VisualizationCallback(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sync_epoch_metrics(trainer)
         if not self.during_training:
             return
         epoch = trainer.current_epoch + 1
@@ -200,61 +222,35 @@ class VisualizationCallback(pl.Callback):
             self._emit(trainer, pl_module, step=epoch)
 
     # -- plumbing ------------------------------------------------------------------------------------
-    def require_datamodule(self, trainer: pl.Trainer) -> pl.LightningDataModule:
-        """The trainer's datamodule (where probe images come from); a clear error when there is none."""
-        if trainer.datamodule is None:
-            raise ValueError(
-                f"{type(self).__name__} reads its probe images from the datamodule: pass one to the Trainer"
-            )
-        return trainer.datamodule
-
-    def check_probe_size(self, trainer: pl.Trainer, split: str, probe_size: int | None) -> None:
-        """Refuse a probe set larger than the split it is drawn from."""
-        n = split_size(self.require_datamodule(trainer), split)
-        if probe_size is not None and probe_size > n:
-            raise ValueError(f"probe_size={probe_size} is larger than the {split} split ({n} images)")
-
-    def should_render(self, trainer: pl.Trainer) -> bool:
-        """Rendering is pointless without a destination; subclasses with scalars override this."""
-        return tensorboard_writer(trainer) is not None or self.save_png
-
     def _writer(self, trainer: pl.Trainer) -> SummaryWriter | None:
         writer = tensorboard_writer(trainer)
-        if writer is None and not self._warned:
-            rank_zero_warn(
-                f"{type(self).__name__}: no TensorBoardLogger on the trainer, so its pictures are not "
-                "logged to TensorBoard (save_png=true writes images as PNG files)."
+        if writer is None:
+            self.warn_once(
+                "no-tensorboard",
+                "no TensorBoardLogger on the trainer, so its pictures are not logged to TensorBoard (save_png=true "
+                "writes images as PNG files)",
             )
-            self._warned = True
         return writer
 
-    def png_dir(self, trainer: pl.Trainer) -> Path | None:
-        return Path(trainer.log_dir or trainer.default_root_dir) / "images" if self.save_png else None
+    def png_dir(self) -> Path | None:
+        """``<run dir>/images`` when ``save_png`` (the run directory is resolved in ``setup``)."""
+        return (self._run_dir or Path(".")) / "images" if self.save_png else None
 
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if trainer.sanity_checking:
-            return
-        png_dir = self.png_dir(trainer)  # trainer.log_dir is a broadcast under DDP: every rank must ask
-        if self.rank_zero_render and not trainer.is_global_zero:
+        """Render on rank 0 and write everything at ``step`` (= epochs trained); no collective is involved."""
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         start = time.perf_counter()
         writer = self._writer(trainer)
-        if not self.should_render(trainer):
+        if not self.should_render(writer):
             return
         with inference(pl_module):
-            pictures = self.render(pl_module, trainer.datamodule, step)
-        on_epoch_end = step > 0
-        if on_epoch_end:  # through Lightning: any logger, callback_metrics, all ranks take part
-            for tag, value in pictures.scalars.items():
-                pl_module.log(
-                    tag,
-                    value,
-                    on_step=False,
-                    on_epoch=True,
-                    sync_dist=not self.rank_zero_render,
-                    rank_zero_only=self.rank_zero_render,
-                )
-        if trainer.is_global_zero:
-            # the untrained network has no Lightning step, so its scalars go to TensorBoard at step 0
-            pictures.write(writer, step, png_dir, scalars=not on_epoch_end)
+            pictures = self.render(pl_module, self.probe, step)
+        pictures.write(writer, step, self.png_dir(), scalars=False)
+        if pictures.scalars:
+            for lg in trainer.loggers:  # an explicit step, as LearningRateMonitor does
+                lg.log_metrics(dict(pictures.scalars), step=step)
+            if step > 0:  # also in trainer.callback_metrics (HParams, status.json); Lightning logs nothing here
+                for tag, value in pictures.scalars.items():
+                    pl_module.log(tag, value, on_step=False, on_epoch=True, logger=False, rank_zero_only=True)
         self.seconds.append(time.perf_counter() - start)

@@ -1,27 +1,32 @@
-"""Dying-ReLU accounting: which ReLU units never fire on a fixed probe set."""
+"""Dying-ReLU accounting: which units of each ReLU-family application never fire on a fixed probe set."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
+from torch import nn
 
-from cnnfeat import layers
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, probe_images
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import capture, relu_family_nodes, trace_graph, unknown_names
+from cnnfeat.probe import ProbeSet, batches
 
 
 class DeadReluCallback(VisualizationCallback):
-    """Logs, for every ReLU, the fraction of units that output 0 for every probe image.
+    """Logs, for every application of a ReLU-family activation, the fraction of units that never fire.
 
-    A unit is a channel for conv feature maps (dead = not positive at any position of any probe image)
-    and a neuron for fully connected layers. Scalars ``relu/dead_fraction/<layer>``, the overall
-    ``relu/dead_fraction/all`` and ``relu/zero_fraction/<layer>`` (share of all activations that are 0);
-    histograms ``relu/preact/<layer>`` of the ReLU inputs (a fixed sample of ``hist_samples`` values).
-    When training diverges, ``relu/nonfinite_fraction/<layer>`` reports the share of NaN/inf inputs and the
-    histograms keep the finite values. The probe set is the first ``probe_size`` images of ``split``;
-    pre-activations are read with forward pre-hooks on the ReLU modules, which see the input before an
-    inplace ReLU changes it.
+    Applications are the graph's ReLU/ReLU6 nodes (``cnnfeat.graph.relu_family_nodes``): ``nn.ReLU`` modules,
+    ``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.relu6``; a module applied twice per forward pass (ResNet's
+    ``BasicBlock.relu``) is two entries, ``layer1.0.relu`` and ``layer1.0.relu:1``. A unit is a channel of a conv
+    feature map (dead = not positive at any position of any probe image) or a neuron of a fully connected layer.
+    Scalars ``relu/dead_fraction/<node>``, ``relu/dead_fraction/all`` (every unit of every application counted
+    once) and ``relu/zero_fraction/<node>`` (share of all activations that are 0); histograms
+    ``relu/preact/<node>`` of the activation's inputs (a fixed sample of ``hist_samples`` values). When training
+    diverges, ``relu/nonfinite_fraction/<node>`` reports the share of NaN/inf inputs and the histograms keep the
+    finite values. The probe is the first ``probe_size`` images of the split; inputs are cloned when each
+    application is called, before an inplace ReLU changes them. A model without a ReLU-family activation gets
+    a warning and the callback does nothing.
     """
 
     def __init__(
@@ -33,34 +38,51 @@ class DeadReluCallback(VisualizationCallback):
         hist_samples: int = 20_000,
         every_n_epochs: int = 1,
         log_untrained: bool = True,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, log_untrained=log_untrained, save_png=False)
+        super().__init__(every_n_epochs, log_untrained, False, True, split, mean, std, class_names)
         if probe_size < 1 or batch_size < 1 or hist_samples < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"probe_size and batch_size must be >= 1 and hist_samples >= 0, got {probe_size}, "
                 f"{batch_size}, {hist_samples}"
             )
-        self.probe_size, self.split, self.batch_size = probe_size, split, batch_size
+        self.probe_size, self.batch_size = probe_size, batch_size
         self.layers = list(layers) if layers else None
         self.hist_samples = hist_samples
+        #: the applications counted (set in ``check``; empty: the model has none and nothing is logged)
+        self.names: list[str] = []
 
-    def relu_names(self, pl_module: pl.LightningModule) -> list[str]:
-        names = self.layers or list(layers.relu_layers(pl_module))
-        layers.resolve_layers(pl_module, names, layers.ACTIVATIONS, what="ReLU layer")
-        return names
+    def relu_names(self, pl_module: nn.Module, x: torch.Tensor) -> list[str]:
+        """The ReLU-family applications to count (all, or ``layers``); unknown names list the valid ones."""
+        found = relu_family_nodes(trace_graph(pl_module, x))
+        if self.layers is None:
+            return found
+        bad = [n for n in self.layers if n not in found]
+        if bad:
+            raise unknown_names(bad, found, type(pl_module).__name__, "ReLU layer")
+        return list(self.layers)
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.relu_names(pl_module):
-            raise ValueError(f"{type(pl_module).__name__} has no ReLU modules to watch")
-        self.check_probe_size(trainer, self.split, self.probe_size)
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        assert probe is not None
+        probe.check_size(self.probe_size)
+        self.names = self.relu_names(pl_module, probe.inputs[:1].to(device_of(pl_module)))
+        if not self.names:
+            self.warn_once(
+                "none",
+                f"{type(pl_module).__name__} applies no ReLU-family activation (nn.ReLU, nn.ReLU6, F.relu, "
+                "torch.relu, Tensor.relu, F.relu6), so there are no dead units to count; the callback does nothing",
+            )
 
-    def should_render(self, trainer: pl.Trainer) -> bool:
-        return True  # scalars go through pl_module.log to any logger
+    def should_render(self, writer: object) -> bool:
+        return bool(self.names)  # scalars go to every logger
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
-        names = self.relu_names(pl_module)
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        assert probe is not None
+        names, device = self.names, device_of(pl_module)
+        if not names:
+            return Pictures()
         unit_max: dict[str, torch.Tensor] = {}
         zeros = dict.fromkeys(names, 0)
         nonfinite = dict.fromkeys(names, 0)
@@ -68,11 +90,9 @@ class DeadReluCallback(VisualizationCallback):
         samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         gen = torch.Generator().manual_seed(0)
         per_batch = max(1, self.hist_samples * self.batch_size // self.probe_size)
-        with layers.capture(pl_module, names, inputs=True) as pre:
-            for start in range(0, self.probe_size, self.batch_size):
-                ids = torch.arange(start, min(start + self.batch_size, self.probe_size))
-                x, _ = probe_images(datamodule, self.split, ids)
-                pl_module(x.to(pl_module.device))
+        with capture(pl_module, names, inputs=True) as pre:
+            for ids in batches(torch.arange(self.probe_size), self.batch_size):
+                pl_module(probe.inputs[ids].to(device))
                 for n in names:
                     a = pre[n]
                     m = a.amax(dim=(0, *range(2, a.ndim)))  # per channel (conv) / per neuron (fc)

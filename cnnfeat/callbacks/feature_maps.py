@@ -1,39 +1,62 @@
-"""Feature maps of chosen images, before and after each conv layer's ReLU."""
+"""Feature maps of chosen images, before and after each chosen conv's activation, found on the graph."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cnnfeat import layers, viz
-from cnnfeat.callbacks.base import (
-    Pictures,
-    VisualizationCallback,
-    check_ids,
-    class_names,
-    probe_images,
-    split_size,
+from cnnfeat import viz
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import (
+    Graph,
+    Node,
+    activation_after,
+    capture,
+    conv_nodes,
+    is_relu_family,
+    split_call,
+    trace_graph,
+    unknown_names,
 )
+from cnnfeat.probe import ProbeSet
 
 #: The test images the lecture shows.
 LECTURE_IMAGE_IDS = (22, 193, 36, 312, 1087, 74)
 
 
-class FeatureMapCallback(VisualizationCallback):
-    """Logs, for each chosen image and conv layer, its channels before and after the ReLU.
+def activation_kind(node: Node) -> str:
+    """The activation's name as tags spell it: the functional name (``relu``, ``gelu``, ``leaky_relu``, ``silu``)."""
+    if node.kind == "module":
+        return {"LeakyReLU": "leaky_relu"}.get(node.op, node.op.lower())
+    return node.op
 
-    Tags: ``feature_maps/input/img<ID>`` (the image with its class name),
-    ``feature_maps/<layer>/conv/img<ID>``
-    (pre-ReLU, diverging colours, 0 = white) and ``feature_maps/<layer>/relu/img<ID>`` (post-ReLU, viridis
-    from 0). ``scale="channel"`` (default) scales each map on its own, so weak channels show their
-    structure; ``"image"`` shares one scale between the channels of a picture, so strengths compare.
-    ``channels`` picks some channels (in that order), e.g. the lecture's AlexNet conv1 filters 25, 22, 16, 11,
-    45, 28, 10. The ReLU of a layer is found by tracing a forward pass; a conv without one gets only the
-    ``conv`` tag.
-    Outputs are captured by cloning hooks, so inplace ReLUs do not overwrite the pre-ReLU maps.
+
+def check_channels(channels: Sequence[int] | None, name: str, available: int) -> None:
+    """Refuse channel indices outside ``[0, available)``, negative ones included."""
+    if channels is not None and any(not 0 <= c < available for c in channels):
+        raise ConfigError(
+            f"channels {list(channels)} out of range for {name} ({available} channels: valid 0..{available - 1})"
+        )
+
+
+class FeatureMapCallback(VisualizationCallback):
+    """Logs, for each chosen image and conv, its channels before and after the conv's activation.
+
+    Tags: ``feature_maps/input/img<ID>`` (the image as the probe shows it, with its class name),
+    ``feature_maps/<conv>/conv/img<ID>`` (the conv's output, diverging colours, 0 = white) and
+    ``feature_maps/<conv>/<act>/img<ID>`` (the output of the first activation applied to it, through BatchNorm,
+    bias, dropout and identity: ``relu`` for ReLU/ReLU6 (module or functional), drawn in viridis from 0;
+    ``gelu``, ``silu``, ``leaky_relu``, ``tanh``, ... in diverging colours, since they can be negative).
+    ``layers`` are conv node names of ``cnnfeat.graph`` (a conv applied twice: ``conv`` and ``conv:1``). A conv
+    without an activation of its own (pooling or a residual add comes first, or its output branches) gets a
+    one-time warning naming it and the reason, and only the ``conv`` tag.
+    ``scale="channel"`` (default) scales each map on its own, so weak channels show their structure; ``"image"``
+    shares one scale between the channels of a picture, so strengths compare. ``channels`` picks some channels
+    (in that order), e.g. the lecture's AlexNet conv1 filters 25, 22, 16, 11, 45, 28, 10. Outputs are cloned
+    when produced, so inplace activations do not overwrite the conv's maps.
     """
 
     def __init__(
@@ -49,60 +72,79 @@ class FeatureMapCallback(VisualizationCallback):
         log_untrained: bool = True,
         save_png: bool = False,
         during_training: bool = True,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(
-            every_n_epochs=every_n_epochs,
-            log_untrained=log_untrained,
-            save_png=save_png,
-            during_training=during_training,
-        )
+        super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
         if not image_ids or not layers:
-            raise ValueError("image_ids and layers must not be empty")
+            raise ConfigError("image_ids and layers must not be empty")
+        if scale not in ("channel", "image"):
+            raise ConfigError(f"scale must be 'channel' or 'image', got {scale!r}")
         self.image_ids, self.layers = [int(i) for i in image_ids], list(layers)
         self.channels = [int(c) for c in channels] if channels is not None else None
-        if scale not in ("channel", "image"):
-            raise ValueError(f"scale must be 'channel' or 'image', got {scale!r}")
-        self.split, self.scale, self.nrow, self.min_cell = split, scale, nrow, min_cell
+        self.scale, self.nrow, self.min_cell = scale, nrow, min_cell
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        convs = layers.resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
-        for name, conv in convs.items():
-            if self.channels is not None and (min(self.channels) < 0 or max(self.channels) >= conv.out_channels):
-                raise ValueError(f"channels {self.channels} out of range for {name} ({conv.out_channels} channels)")
-        datamodule = self.require_datamodule(trainer)
-        check_ids(self.image_ids, split_size(datamodule, self.split), what=f"{self.split} image_ids")
+    def _plan(self, pl_module: nn.Module, x: torch.Tensor) -> tuple[Graph, dict[str, str | None]]:
+        """The graph of a forward pass on ``x`` and, per chosen conv, its activation node (or ``None``)."""
+        graph = trace_graph(pl_module, x)
+        convs = conv_nodes(graph)
+        bad = [c for c in self.layers if c not in convs]
+        if bad:
+            raise unknown_names(bad, convs, type(pl_module).__name__, "conv layer")
+        return graph, {c: activation_after(graph, c)[0] for c in self.layers}
+
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        assert probe is not None
+        positions = probe.positions(self.image_ids)
+        graph, _ = self._plan(pl_module, probe.inputs[positions].to(device_of(pl_module)))
+        convs = conv_nodes(graph)
+        for conv in self.layers:
+            check_channels(self.channels, conv, graph[conv].output_shape[1])
+            base = split_call(conv)[0]
+            calls = [c for c in convs if split_call(c)[0] == base]
+            if len(calls) > 1 and conv == base:
+                self.warn_once(
+                    f"calls:{conv}",
+                    f"{conv!r} runs {len(calls)} times in one forward pass of {type(pl_module).__name__} "
+                    f"({', '.join(calls)}); the pictures show its first call {conv!r} (name another call to see it)",
+                )
+            after, why = activation_after(graph, conv)
+            if after is None:
+                self.warn_once(f"after:{conv}", f"no 'after' picture for {conv!r}: {why}")
 
     def _pick(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.channels is None else maps[self.channels]
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
-        x, y = probe_images(datamodule, self.split, self.image_ids)
-        x = x.to(pl_module.device)
-        relu_of = layers.activation_after(pl_module, x[:1])
-        names = self.layers + [r for c in self.layers if (r := relu_of.get(c))]
-        with layers.capture(pl_module, names) as out:
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        assert probe is not None
+        positions = probe.positions(self.image_ids)
+        x = probe.inputs[positions].to(device_of(pl_module))
+        graph, after = self._plan(pl_module, x)
+        names = self.layers + [a for a in after.values() if a]
+        with capture(pl_module, names) as out:
             pl_module(x)
-        classes = class_names(datamodule, int(y.max()) + 1)
         pictures = Pictures()
-        for k, (img_id, label) in enumerate(zip(self.image_ids, y.tolist(), strict=True)):
+        per_channel = self.scale == "channel"
+        for k, (img_id, label) in enumerate(zip(self.image_ids, probe.labels[positions].tolist(), strict=True)):
             pictures.images[f"feature_maps/input/img{img_id}"] = viz.caption(
-                viz.upscale(viz.grey(x[k : k + 1]), 112)[0], f"{self.split} {img_id}: {classes[label]}"
+                viz.upscale(viz.grey(probe.images[positions[k] : positions[k] + 1]), 112)[0],
+                f"{probe.split} {img_id}: {probe.class_name(label)}",
             )
             for conv in self.layers:
                 pictures.images[f"feature_maps/{conv}/conv/img{img_id}"] = viz.map_grid(
                     self._pick(out[conv][k]),
                     signed=True,
-                    per_channel=self.scale == "channel",
+                    per_channel=per_channel,
                     nrow=self.nrow,
                     min_cell=self.min_cell,
                 )
-                if relu := relu_of.get(conv):
-                    pictures.images[f"feature_maps/{conv}/relu/img{img_id}"] = viz.map_grid(
-                        self._pick(out[relu][k]),
-                        signed=False,
-                        per_channel=self.scale == "channel",
+                if (act := after[conv]) is not None:
+                    node = graph[act]
+                    pictures.images[f"feature_maps/{conv}/{activation_kind(node)}/img{img_id}"] = viz.map_grid(
+                        self._pick(out[act][k]),
+                        signed=not is_relu_family(node),
+                        per_channel=per_channel,
                         nrow=self.nrow,
                         min_cell=self.min_cell,
                     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 from torch import nn
 
 from cnnfeat import viz
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback
+from cnnfeat.errors import ConfigError
 from cnnfeat.layers import resolve_layers
+from cnnfeat.probe import ProbeSet
 
 
 class FilterCallback(VisualizationCallback):
@@ -22,8 +23,11 @@ class FilterCallback(VisualizationCallback):
     ``min_cell`` pixels so that 3x3 kernels are visible. For big layers, ``max_filters`` shows only the first
     output filters in the out x in grid (RGB pictures show all), and ``per_filter_grids=k`` adds
     ``filters/<layer>/out<i>``: the in-channel kernels of each of the first k filters as a square grid
-    (the lecture's "64x5x5 filters" of AlexNet's conv2).
+    (the lecture's "64x5x5 filters" of AlexNet's conv2). Layers are ``Conv2d`` modules by their
+    ``named_modules()`` path (a conv applied twice has one set of weights).
     """
+
+    needs_probe = False
 
     def __init__(
         self,
@@ -45,22 +49,20 @@ class FilterCallback(VisualizationCallback):
             during_training=during_training,
         )
         if scale not in ("layer", "filter"):
-            raise ValueError(f"scale must be 'layer' or 'filter', got {scale!r}")
+            raise ConfigError(f"scale must be 'layer' or 'filter', got {scale!r}")
         if not layers:
-            raise ValueError("layers must name at least one conv layer")
+            raise ConfigError("layers must name at least one conv layer")
         if (max_filters is not None and max_filters < 1) or per_filter_grids < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"max_filters must be >= 1 (or null) and per_filter_grids >= 0, got {max_filters}, {per_filter_grids}"
             )
         self.layers, self.scale, self.rgb, self.min_cell = list(layers), scale, rgb, min_cell
         self.max_filters, self.per_filter_grids = max_filters, per_filter_grids
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         pictures = Pictures()
         for name, conv in resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer").items():
             w = conv.weight

@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.errors import ConfigError
 from cnnfeat.layers import resolve_layers, trace
+from cnnfeat.probe import ProbeSet
 
 log = logging.getLogger("cnnfeat")
 
 
 def shape_table(module: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, str, tuple[int, ...]]]:
     """``(layer name, layer type, output shape)`` for every leaf layer a forward pass on zeros calls."""
-    x = torch.zeros(*input_shape, device=next(module.parameters()).device)
+    x = torch.zeros(*input_shape, device=device_of(module))
     return [(c.name, type(c.module).__name__, c.output_shape) for c in trace(module, x)]
 
 
@@ -30,29 +31,29 @@ class ShapeTableCallback(VisualizationCallback):
     (``Conv2d output shape: torch.Size([1, 64, 55, 55])``).
     """
 
+    needs_probe = False
+
     def __init__(self, module: str | None = None, input_shape: Sequence[int] | None = None) -> None:
         super().__init__(log_untrained=True, during_training=False)
         self.module, self.input_shape = module, list(input_shape) if input_shape is not None else None
 
-    def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, list[int]]:
+    def _target(self, pl_module: nn.Module) -> tuple[nn.Module, list[int]]:
         target = resolve_layers(pl_module, [self.module])[self.module] if self.module else pl_module
         shape = self.input_shape
         if shape is None:
             example = getattr(pl_module, "example_input_array", None)
             if not isinstance(example, torch.Tensor):
-                raise ValueError("ShapeTableCallback needs input_shape (the module has no example_input_array)")
+                raise ConfigError("ShapeTableCallback needs input_shape (the module has no example_input_array)")
             shape = list(example.shape)
         return target, shape
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         self._target(pl_module)
 
-    def should_render(self, trainer: pl.Trainer) -> bool:
+    def should_render(self, writer: object) -> bool:
         return True  # the console table needs no logger
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         target, shape = self._target(pl_module)
         rows = shape_table(target, shape)
         lines = [f"Input shape: {torch.Size(shape)}"] + [f"{t} output shape: {torch.Size(s)}" for _, t, s in rows]

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from cnnfeat import layers, viz
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, probe_images, split_size
-from cnnfeat.receptive_field import crop, receptive_fields
+from cnnfeat import viz
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.callbacks.feature_maps import check_channels
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import capture, trace_graph
+from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.receptive_field import ReceptiveField, crop, graph_receptive_fields
 
 
 @dataclass
@@ -45,29 +48,20 @@ class TopK:
         ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
         self.update(best.float(), ids, pos)
 
-    def gathered(self) -> TopK:
-        """The global top-k across processes (torch.distributed), or itself in a single process."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self
-        parts = []
-        for t in (self.values, self.ids, self.positions):
-            bufs = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-            dist.all_gather(bufs, t.contiguous())
-            parts.append(torch.cat(bufs))
-        merged = TopK.empty(len(self.values), self.values.shape[1], self.values.device)
-        merged.update(*parts)
-        return merged
-
 
 class TopPatchesCallback(VisualizationCallback):
-    """Logs, per layer, a grid of the image patches that activate each channel most (``top_patches/<layer>``).
+    """Logs, per node, a grid of the image patches that activate each channel most (``top_patches/<node>``).
 
-    Streams the probe set (default: the whole test split) in batches, keeping a running top-k per channel
-    of (activation, image, position) — one position per image, so the k patches come from k images. Under
-    DDP each process takes a shard and the top-k are gathered. Each winning unit's patch is its receptive
-    field, computed from the layer geometry (``cnnfeat.receptive_field``), cut from the image and
-    zero-padded where it reaches past the border. Rows: channels (the first ``max_channels``, or
-    ``channels``); columns: rank 1..k.
+    Streams the probe (default: all its images) in batches, keeping a running top-k per channel of
+    (activation, image, position) — one position per image, so the k patches come from k images. Each winning
+    unit's patch is its receptive field, derived from the graph (``cnnfeat.receptive_field``: convs, pooling
+    (module or functional), padding, residual adds, concatenation, adaptive pooling), cut from the probe's
+    display image and zero-padded where it reaches past the border. ``layers`` are any node names whose output
+    is a spatial map (``conv3``, ``layer2.0.relu:1``, ``inception3a.cat``, ``max_pool2d``); a node whose
+    geometry cannot be derived is refused in ``setup``, before training, by an error naming the node that
+    prevents it. Boxes in the frame of an input transform inside the model (a resize) are cut from that
+    transform's output. Rows: channels (the first ``max_channels``, or ``channels``); columns: rank 1..k.
+    ``last_boxes`` keeps the boxes of the last render: ``{node: [(channel, rank, image_id, (row, col), box)]}``.
     """
 
     def __init__(
@@ -85,75 +79,67 @@ class TopPatchesCallback(VisualizationCallback):
         log_untrained: bool = True,
         save_png: bool = False,
         during_training: bool = True,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(
-            every_n_epochs=every_n_epochs,
-            log_untrained=log_untrained,
-            save_png=save_png,
-            during_training=during_training,
-        )
+        super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
         if top_k < 1 or max_channels < 1 or batch_size < 1 or (probe_size is not None and probe_size < 1):
-            raise ValueError("top_k, max_channels, batch_size and probe_size must be >= 1")
+            raise ConfigError("top_k, max_channels, batch_size and probe_size must be >= 1")
         if not layers:
-            raise ValueError("layers must name at least one layer")
-        self.layers, self.top_k = list(layers), top_k
-        self.channels = list(channels) if channels is not None else None
-        self.max_channels, self.split, self.probe_size = max_channels, split, probe_size
+            raise ConfigError("layers must name at least one layer")
         if max_cell < min_cell:
-            raise ValueError(f"max_cell ({max_cell}) must be >= min_cell ({min_cell})")
+            raise ConfigError(f"max_cell ({max_cell}) must be >= min_cell ({min_cell})")
+        self.layers, self.top_k = list(layers), top_k
+        self.channels = [int(c) for c in channels] if channels is not None else None
+        self.max_channels, self.probe_size = max_channels, probe_size
         self.batch_size, self.min_cell, self.max_cell = batch_size, min_cell, max_cell
-
-    def _probe_count(self, datamodule: pl.LightningDataModule) -> int:
-        return self.probe_size or split_size(datamodule, self.split)
+        self.last_boxes: dict[str, list[tuple[int, int, int, tuple[int, int], tuple[int, int, int, int]]]] = {}
 
     def _channels(self, n: int) -> list[int]:
         return self.channels if self.channels is not None else list(range(min(n, self.max_channels)))
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        found = layers.resolve_layers(pl_module, self.layers)
-        self.check_probe_size(trainer, self.split, self.probe_size)
-        x, _ = probe_images(trainer.datamodule, self.split, [0])
-        receptive_fields(pl_module, x.to(pl_module.device), self.layers)  # raises for layers without one
-        for name, m in found.items():
-            c = getattr(m, "out_channels", None)
-            if self.channels is not None and c is not None and (min(self.channels) < 0 or max(self.channels) >= c):
-                raise ValueError(f"channels {self.channels} out of range for {name} ({c} channels)")
+    def fields(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, ReceptiveField]:
+        """Receptive field of each chosen node, from the graph of a forward pass on the first probe input."""
+        graph = trace_graph(pl_module, probe.inputs[:1].to(device_of(pl_module)))
+        return graph_receptive_fields(graph, self.layers)
 
-    def collect(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, TopK]:
-        """Stream this process's shard of the probe set and return the gathered top-k per layer."""
-        n = self._probe_count(datamodule)
-        rank, world = (
-            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        )
-        shard = torch.arange(rank, n, world)
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        assert probe is not None
+        probe.check_size(self.probe_size)
+        graph = trace_graph(pl_module, probe.inputs[:1].to(device_of(pl_module)))
+        graph_receptive_fields(graph, self.layers)  # unknown names, or no geometry: an error naming the node
+        for name in self.layers:
+            check_channels(self.channels, name, graph[name].output_shape[1])
+
+    def collect(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, TopK]:
+        """Stream the probe through the model and return the top-k per node (image IDs are the probe's)."""
+        n, device = probe.check_size(self.probe_size), device_of(pl_module)
         tops: dict[str, TopK] = {}
-        with layers.capture(pl_module, self.layers) as out:
-            for start in range(0, len(shard), self.batch_size):
-                ids = shard[start : start + self.batch_size]
-                x, _ = probe_images(datamodule, self.split, ids)
-                pl_module(x.to(pl_module.device))
+        with capture(pl_module, self.layers) as out:
+            for positions in batches(torch.arange(n), self.batch_size):
+                pl_module(probe.inputs[positions].to(device))
                 for name in self.layers:
                     maps = out[name]
                     if name not in tops:
                         tops[name] = TopK.empty(self.top_k, maps.shape[1], maps.device)
-                    tops[name].update_from_maps(maps, ids)
-        return {name: t.gathered() for name, t in tops.items()}
+                    tops[name].update_from_maps(maps, probe.ids[positions])
+        return tops
 
-    def _crop_sources(self, pl_module: pl.LightningModule, x: torch.Tensor, frame: str | None) -> torch.Tensor:
-        """The images the boxes refer to: the inputs, or the output of an input transform (e.g. a resize)."""
+    def _crop_sources(self, pl_module: nn.Module, probe: ProbeSet, positions: torch.Tensor, frame: str | None):
+        """The images the boxes refer to: the display images, or the output of an input transform (a resize)."""
         if frame is None:
-            return x
-        with layers.capture(pl_module, [frame]) as out:
-            pl_module(x.to(pl_module.device))
+            return probe.images[positions]
+        with capture(pl_module, [frame]) as out:
+            pl_module(probe.inputs[positions].to(device_of(pl_module)))
         return out[frame].cpu()
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
-        tops = self.collect(pl_module, datamodule)
-        x0, _ = probe_images(datamodule, self.split, [0])
-        fields = receptive_fields(pl_module, x0.to(pl_module.device), self.layers)
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        assert probe is not None
+        tops = self.collect(pl_module, probe)
+        fields = self.fields(pl_module, probe)
         pictures = Pictures()
+        self.last_boxes = {}
         for name, top in tops.items():
             rf = fields[name]
             chans = self._channels(top.values.shape[1])
@@ -161,18 +147,22 @@ class TopPatchesCallback(VisualizationCallback):
             uniq = ids[ids >= 0].unique()
             sources = {}
             if len(uniq):
-                x, _ = probe_images(datamodule, self.split, uniq)
-                sources = dict(zip(uniq.tolist(), self._crop_sources(pl_module, x, rf.frame), strict=True))
+                crops_from = self._crop_sources(pl_module, probe, probe.positions(uniq), rf.frame)
+                sources = dict(zip(uniq.tolist(), crops_from, strict=True))
             channels_in = next(iter(sources.values())).shape[0] if sources else 1
             width = rf.output_shape[1]
-            cells = []
+            cells, boxes = [], []
             for c_idx, c in enumerate(chans):
                 for r in range(len(top.values)):
                     img_id, pos = int(ids[r, c_idx]), int(top.positions[r, c])
                     if img_id < 0:  # fewer probe images than k
                         cells.append(torch.zeros(channels_in, *rf.size))
                         continue
-                    cells.append(crop(sources[img_id], rf.box(pos // width, pos % width)))
+                    unit = (pos // width, pos % width)
+                    box = rf.box(*unit)
+                    boxes.append((c, r, img_id, unit, box))
+                    cells.append(crop(sources[img_id], box))
+            self.last_boxes[name] = boxes
             patches = torch.stack(cells).float()
             if patches.shape[-1] > self.max_cell:  # big receptive fields (AlexNet conv5: 163 px) are shrunk
                 patches = torch.nn.functional.interpolate(patches, size=(self.max_cell, self.max_cell), mode="area")

@@ -1,37 +1,44 @@
-"""Per-epoch UMAP maps of the last-layer feature vectors, aligned across epochs, with cluster-quality numbers."""
+"""Per-epoch UMAP maps of feature vectors (``features()`` or any node), aligned across epochs, with cluster numbers."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from torch import nn
 from typing_extensions import override
 
 from cnnfeat import embedding, viz
-from cnnfeat.callbacks.base import (
-    Pictures,
-    VisualizationCallback,
-    class_names,
-    model_inputs,
-    probe_images,
-    split_size,
-    tensorboard_writer,
-)
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, tensorboard_writer
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import capture, graph_node_names, trace_graph
+from cnnfeat.probe import ProbeSet, batches
 
 log = logging.getLogger("cnnfeat")
 
 
+def _pixel_title(probe: ProbeSet) -> str:
+    return f"raw pixels ({probe.images[0].numel()}-d)"
+
+
 class EmbeddingCallback(VisualizationCallback):
-    """Maps ``pl_module.features(x)`` of a fixed, stratified probe set to 2-D with UMAP, every N epochs.
+    """Maps feature vectors of a fixed, stratified probe set to 2-D with UMAP, every N epochs.
+
+    The vectors are ``pl_module.features(x)`` by default (cnnfeat's models have it; for a DataModule whose
+    batches are cached frozen-backbone features, those are passed), or, with ``layer=``, the output of any graph
+    node (``fc1``, ``relu:2``, ``avgpool``), flattened to (N, D). A module with neither is refused before
+    training by an error listing the node names.
 
     * ``umap/features``: the map coloured by class (step 0 = untrained network, then epochs trained).
       Each map after the first starts from the previous one and is rotated onto it, and all frames share
       fixed axes, so consecutive frames are comparable (see ``cnnfeat.embedding``).
-    * ``umap/pixels``: the same probe images as raw pixels (784-d), once per run, as the baseline.
+    * ``umap/pixels``: the same probe images as raw pixels (e.g. 784-d), once per run, as the baseline.
     * Scalars ``umap/knn_acc`` (k-NN accuracy on the features), ``umap/knn_acc_2d`` (on the map),
       ``umap/trustworthiness`` and ``umap/silhouette``, and the same under ``umap/pixels/`` once.
     * At the end of fit: ``umap_embedding.gif`` in the run directory (pixels beside every epoch) and the
@@ -40,14 +47,14 @@ class EmbeddingCallback(VisualizationCallback):
     ``deterministic=True`` (default) gives the same maps for the same seed; it runs UMAP single-threaded,
     which on a 2-core CPU is ~1.3x slower than ``deterministic=False``. The probe set, the maps so far and
     the warm start are part of the callback's ``state_dict``, so a resumed run continues its trajectory.
+    The stratified probe is drawn from the probe's labels (the split's first ``cnnfeat.probe.MAX_IMAGES``).
     """
-
-    rank_zero_render = True  # UMAP needs no other process; under DDP only rank 0 fits the maps
 
     def __init__(
         self,
         probe_size: int = 2000,
         split: str = "test",
+        layer: str | None = None,
         n_neighbors: int = 15,
         min_dist: float = 0.1,
         warm_start: bool = True,
@@ -67,16 +74,19 @@ class EmbeddingCallback(VisualizationCallback):
         every_n_epochs: int = 1,
         log_untrained: bool = True,
         save_png: bool = False,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, log_untrained=log_untrained, save_png=save_png)
+        super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
         if probe_size < max(n_neighbors + 1, cv_folds * (knn_k + 1)):
-            raise ValueError(
+            raise ConfigError(
                 f"probe_size={probe_size} is too small for n_neighbors={n_neighbors} and "
                 f"{cv_folds}-fold {knn_k}-NN (need at least {max(n_neighbors + 1, cv_folds * (knn_k + 1))})"
             )
         if min(full_epochs, warm_epochs, batch_size, panel_size) < 1 or axis_limit <= 0:
-            raise ValueError("full_epochs, warm_epochs, batch_size, panel_size and axis_limit must be positive")
-        self.probe_size, self.split, self.seed = probe_size, split, seed
+            raise ConfigError("full_epochs, warm_epochs, batch_size, panel_size and axis_limit must be positive")
+        self.probe_size, self.layer, self.seed = probe_size, layer, seed
         self.n_neighbors, self.min_dist = n_neighbors, min_dist
         self.warm_start, self.full_epochs, self.warm_epochs = warm_start, full_epochs, warm_epochs
         self.deterministic, self.knn_k, self.cv_folds = deterministic, knn_k, cv_folds
@@ -88,30 +98,45 @@ class EmbeddingCallback(VisualizationCallback):
         self.quality: dict[int, embedding.ClusterQuality] = {}
         self._last_features: np.ndarray | None = None
 
-    # -- validation and probe set --------------------------------------------------------------------
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not callable(getattr(pl_module, "features", None)):
-            raise ValueError(
-                f"{type(self).__name__} needs {type(pl_module).__name__}.features(x) -> (N, D), the "
-                "last-layer feature vector; add that method to the module"
-            )
-        self.check_probe_size(trainer, self.split, self.probe_size)
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(split=self.split, layer=self.layer, probe_size=self.probe_size)
 
-    def should_render(self, trainer: pl.Trainer) -> bool:
+    # -- validation and probe set --------------------------------------------------------------------
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        assert probe is not None
+        probe.check_size(self.probe_size)
+        x = probe.inputs[:1].to(device_of(pl_module))
+        if self.layer is not None:
+            trace_graph(pl_module, x).resolve([self.layer])  # an unknown name lists the valid ones
+        elif not callable(getattr(pl_module, "features", None)):
+            raise ConfigError(
+                f"{type(self).__name__} needs {type(pl_module).__name__}.features(x) -> (N, D) or a node to embed: "
+                f"name one with layer=..., e.g. the penultimate layer; valid names: {graph_node_names(pl_module, x)}"
+            )
+
+    def should_render(self, writer: object) -> bool:
         return True  # scalars go to any logger, the GIF to the run directory
 
-    def _probe(self, datamodule: pl.LightningDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, probe: ProbeSet) -> torch.Tensor:
+        """Positions in ``probe`` of the stratified sample (drawn once, then kept: ``probe_ids`` are dataset IDs)."""
         if self.probe_ids is None:
-            _, labels = probe_images(datamodule, self.split, range(split_size(datamodule, self.split)))
-            self.probe_ids = embedding.stratified_ids(labels, self.probe_size, self.seed)
-        return probe_images(datamodule, self.split, self.probe_ids)
+            self.probe_ids = probe.ids[embedding.stratified_ids(probe.labels, self.probe_size, self.seed)]
+        return probe.positions(self.probe_ids)
 
-    def features(self, pl_module: pl.LightningModule, x: torch.Tensor) -> np.ndarray:
-        """``pl_module.features`` of the probe inputs, batched, as float32 numpy (N, D)."""
-        out = [
-            pl_module.features(x[i : i + self.batch_size].to(pl_module.device)).float().cpu()
-            for i in range(0, len(x), self.batch_size)
-        ]
+    def features(self, pl_module: nn.Module, probe: ProbeSet, positions: torch.Tensor) -> np.ndarray:
+        """The vectors to map for probe ``positions``, batched, as float32 numpy (N, D)."""
+        device, out = device_of(pl_module), []
+        if self.layer is None:
+            source = probe.batch_inputs if probe.batch_inputs is not None else probe.inputs
+            for b in batches(positions, self.batch_size):
+                out.append(pl_module.features(source[b].to(device)).float().cpu())
+        else:
+            with capture(pl_module, [self.layer]) as captured:
+                for b in batches(positions, self.batch_size):
+                    pl_module(probe.inputs[b].to(device))
+                    out.append(captured[self.layer].float().cpu())
         return torch.cat(out).flatten(1).numpy()
 
     # -- maps ----------------------------------------------------------------------------------------
@@ -136,20 +161,19 @@ class EmbeddingCallback(VisualizationCallback):
     def _title(step: int) -> str:
         return "features, untrained network" if step == 0 else f"features after epoch {step}"
 
-    def render(
-        self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None, step: int = 0
-    ) -> Pictures:
-        x, y = self._probe(datamodule)
-        labels = y.numpy()
-        names = class_names(datamodule, int(labels.max()) + 1)
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        assert probe is not None
+        positions = self.positions(probe)
+        labels = probe.labels[positions].numpy()
+        names = list(probe.class_names)
         pictures = Pictures()
         if self.pixels and self.pixel_embedding is None:
-            raw = x.flatten(1).numpy()
+            raw = probe.images[positions].flatten(1).numpy()
             self.pixel_embedding = self._fit(raw, None)
             q = embedding.cluster_quality(raw, self.pixel_embedding, labels, self.knn_k, self.cv_folds)
             pictures.scalars.update(q.as_dict("umap/pixels/"))
-            pictures.images["umap/pixels"] = self._panel(self.pixel_embedding, labels, names, "raw pixels (784-d)")
-        feats = self.features(pl_module, model_inputs(datamodule, self.split, self.probe_ids))
+            pictures.images["umap/pixels"] = self._panel(self.pixel_embedding, labels, names, _pixel_title(probe))
+        feats = self.features(pl_module, probe, positions)
         previous = self.embeddings[max(self.embeddings)] if self.embeddings else None
         emb = self._fit(feats, previous)
         self.embeddings[step], self._last_features = emb, feats
@@ -162,23 +186,23 @@ class EmbeddingCallback(VisualizationCallback):
         return pictures
 
     # -- end of fit: animation and projector ---------------------------------------------------------
-    def animation_frames(self, datamodule: pl.LightningDataModule) -> list[torch.Tensor]:
+    def animation_frames(self, probe: ProbeSet) -> list[torch.Tensor]:
         """One image per stored map: the raw-pixel map (if any) beside the feature map of that step."""
-        _, y = self._probe(datamodule)
-        labels = y.numpy()
-        names = class_names(datamodule, int(labels.max()) + 1)
+        labels = probe.labels[self.positions(probe)].numpy()
+        names = list(probe.class_names)
         left = (
             []
             if self.pixel_embedding is None
-            else [self._panel(self.pixel_embedding, labels, names, "raw pixels (784-d)", legend=False)]
+            else [self._panel(self.pixel_embedding, labels, names, _pixel_title(probe), legend=False)]
         )
         return [
             viz.hstack([*left, self._panel(self.embeddings[s], labels, names, self._title(s))])
             for s in sorted(self.embeddings)
         ]
 
-    def write_gif(self, datamodule: pl.LightningDataModule, path: Path) -> Path | None:
-        frames = self.animation_frames(datamodule)
+    def write_gif(self, probe: ProbeSet, path: Path) -> Path | None:
+        """The animation of every stored map as a GIF at ``path`` (``None`` when there is none yet)."""
+        frames = self.animation_frames(probe)
         if not frames:
             return None
         images = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for f in frames]
@@ -188,20 +212,18 @@ class EmbeddingCallback(VisualizationCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP: all ranks ask
-        if not trainer.is_global_zero or not self.embeddings:
+        if not trainer.is_global_zero or not self.embeddings or self.probe is None:
             return
         if self.gif:
-            path = self.write_gif(trainer.datamodule, run_dir / "umap_embedding.gif")
+            path = self.write_gif(self.probe, (self._run_dir or Path(".")) / "umap_embedding.gif")
             log.info("UMAP animation: %s", path)
         writer = tensorboard_writer(trainer)
         if self.projector and writer is not None and self._last_features is not None:
-            x, y = self._probe(trainer.datamodule)
-            names = class_names(trainer.datamodule, int(y.max()) + 1)
+            positions = self.positions(self.probe)
             writer.add_embedding(
                 torch.from_numpy(self._last_features),
-                metadata=[names[i] for i in y.tolist()],
-                label_img=x,
+                metadata=[self.probe.class_name(i) for i in self.probe.labels[positions].tolist()],
+                label_img=self.probe.images[positions],
                 global_step=max(self.embeddings),
                 tag="umap/features",
             )
@@ -217,11 +239,16 @@ class EmbeddingCallback(VisualizationCallback):
         }
 
     @override
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.probe_ids = state_dict.get("probe_ids")
-        self.embeddings = {
-            int(s): e.numpy()
-            for s, e in zip(state_dict.get("steps", []), state_dict.get("embeddings", []), strict=True)
-        }
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the probe and the maps so far; a state from another probe size is ignored with a warning."""
+        ids = state_dict.get("probe_ids")
+        steps, maps = list(state_dict.get("steps", [])), list(state_dict.get("embeddings", []))
+        if ids is not None and (len(ids) != self.probe_size or len(steps) != len(maps)):
+            self.warn_once(
+                "state", f"the saved state holds {len(ids)} probe images, not probe_size={self.probe_size}: ignored"
+            )
+            return
+        self.probe_ids = ids
+        self.embeddings = {int(s): e.numpy() for s, e in zip(steps, maps, strict=True)}
         pix = state_dict.get("pixel_embedding")
         self.pixel_embedding = None if pix is None else pix.numpy()

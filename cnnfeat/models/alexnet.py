@@ -1,4 +1,10 @@
-"""Transfer learning: torchvision's AlexNet convolutional part, frozen, with an MLP head for Fashion-MNIST."""
+"""Transfer learning: torchvision's AlexNet convolutional part, frozen, with an MLP head for Fashion-MNIST.
+
+``FrozenAlexNet`` is the frozen part as one object (resize, ImageNet normalisation, the conv layers, average
+pooling: images -> (N, 9216)) with the hash that keys cached features. ``TransferClassifier`` builds its
+frozen layers as a ``FrozenAlexNet`` and the feature cache (``cnnfeat.feature_cache``) extracts with one, both
+from the same three values (weights, seed, input size), so the data code knows no model class.
+"""
 
 from __future__ import annotations
 
@@ -140,6 +146,59 @@ class GreyToImageNet(nn.Module):
         return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
 
 
+def preprocessing(input_size: int) -> str:
+    """What happens to an image before the backbone, as it enters cache keys."""
+    return f"alexnet|resize{input_size}|imagenet-norm"
+
+
+def _frozen_features(m: FrozenAlexNet | TransferClassifier, x: torch.Tensor) -> torch.Tensor:
+    """Images (N,1,H,W) in [0,1] -> resize -> ImageNet-like -> AlexNet conv layers -> avg-pool -> (N, 9216)."""
+    x = m.to_imagenet(m.resize(x))
+    if m.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return torch.flatten(m.avgpool(m.backbone(x)), 1)
+
+
+class FrozenAlexNet(nn.Module):
+    """AlexNet's frozen part: images (N,1,H,W) in [0,1] -> (N, 9216); no gradients, always in eval mode.
+
+    ``weights`` as in ``build_backbone``; ``seed`` initialises random weights; ``input_size`` is the side the
+    images are resized to. ``fingerprint()`` hashes the weights and the preprocessing (the cache key).
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = "imagenet",
+        seed: int = 0,
+        input_size: int = 224,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if input_size < 63:
+            raise ConfigError(f"input_size must be >= 63 for AlexNet's layers, got {input_size}")
+        self.input_size, self.channels_last = input_size, channels_last
+        self.resize = Resize(input_size)
+        self.to_imagenet = GreyToImageNet()
+        self.backbone = build_backbone(weights, seed)
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.requires_grad_(False)
+        if channels_last:  # ~1.7x faster AlexNet convolutions on CPU
+            self.backbone.to(memory_format=torch.channels_last)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenAlexNet:
+        """Stays in eval mode: the frozen part never trains."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _frozen_features(self, x)
+
+    def fingerprint(self) -> str:
+        """Hash of the backbone's tensors and the preprocessing: the cache key of its features."""
+        return backbone_fingerprint(self.backbone, preprocessing(self.input_size))
+
+
 class TransferClassifier(ImageClassifier):
     """Frozen AlexNet ``features`` + ``avgpool`` and a trainable MLP head (AlexNet's classifier shape by default).
 
@@ -165,18 +224,16 @@ class TransferClassifier(ImageClassifier):
         super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
-        if input_size < 63:
-            raise ConfigError(f"input_size must be >= 63 for AlexNet's layers, got {input_size}")
+        frozen = FrozenAlexNet(weights, backbone_seed, input_size, channels_last)
         self.save_hyperparameters()
-        self.resize = Resize(input_size)
-        self.to_imagenet = GreyToImageNet()
-        self.backbone = build_backbone(weights, backbone_seed)
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        # the frozen part's layers under the names checkpoints and layer names use (backbone.conv1, resize, ...)
+        self.resize, self.to_imagenet, self.backbone, self.avgpool = (
+            frozen.resize,
+            frozen.to_imagenet,
+            frozen.backbone,
+            frozen.avgpool,
+        )
         self.channels_last = channels_last
-        if channels_last:  # ~1.7x faster AlexNet convolutions on CPU
-            self.backbone.to(memory_format=torch.channels_last)
         layers: list[nn.Module] = []
         width = 256 * 6 * 6
         for h in hidden:
@@ -193,23 +250,17 @@ class TransferClassifier(ImageClassifier):
         self.backbone.eval()
         return self
 
-    def setup(self, stage: str) -> None:
-        """Refuse a datamodule whose cached features came from another backbone (cnnfeat's feature cache)."""
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "check_model"):
-            dm.check_model(self)
-
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N,1,H,W) in [0,1] -> the backbone's input (N,3,input_size,input_size), ImageNet-normalised."""
         return self.to_imagenet(self.resize(x))
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen part: images -> (N, 9216), what the feature cache stores."""
-        x = self.preprocess(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            return torch.flatten(self.avgpool(self.backbone(x)), 1)
+        """The frozen part: images -> (N, 9216), what the feature cache stores (``FrozenAlexNet.forward``)."""
+        return _frozen_features(self, x)
+
+    def fingerprint(self) -> str:
+        """Hash of the frozen part (weights and preprocessing), equal to a ``FrozenAlexNet``'s with the same values."""
+        return backbone_fingerprint(self.backbone, preprocessing(self.hparams.input_size))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The head's last hidden layer for images (N,1,H,W) or cached backbone features (N, 9216)."""

@@ -1,8 +1,9 @@
 """Shared LightningModule for image classifiers: loss, accuracy, optimizer/scheduler from config.
 
-Subclasses define ``features(x)`` (the last hidden layer, what the UMAP callback embeds) and ``forward``.
-The public layer API (``conv_layers``, ``relu_layers``, ``layer``, ``activation_after``) is what cnnfeat's
-callbacks use, so they work on any subclass.
+Subclasses define ``features(x)`` (the last hidden layer, what the UMAP callback embeds by default) and
+``forward``. The layer API (``graph``, ``node_names``, ``relu_nodes``, ``activation_after``, ``conv_layers``,
+``layer``) is a convenience over ``cnnfeat.graph``, which cnnfeat's callbacks use directly, so they work on any
+``nn.Module``, not only on subclasses of this one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cnnfeat import graph as cgraph
 from cnnfeat import layers
 from cnnfeat.errors import ConfigError
 from cnnfeat.rng import rng_states, set_rng_states
@@ -79,8 +81,20 @@ class ImageClassifier(pl.LightningModule):
         """The last hidden layer's output (N, D) for images ``x`` (N,C,H,W) in [0, 1]."""
         raise NotImplementedError
 
+    def graph(self, x: torch.Tensor | None = None) -> cgraph.Graph:
+        """The nodes of one forward pass on ``x`` (default: ``example_input_array``), see ``cnnfeat.graph``."""
+        return cgraph.trace_graph(self, (self.example_input_array if x is None else x).to(self.device))
+
+    def node_names(self) -> list[str]:
+        """Every node name the callbacks accept (module calls, functional ops, ``name:k`` for repeated calls)."""
+        return self.graph().names
+
+    def relu_nodes(self) -> list[str]:
+        """Every application of a ReLU-family activation, in execution order (what dead-unit counts cover)."""
+        return cgraph.relu_family_nodes(self.graph())
+
     def conv_layers(self) -> dict[str, nn.Conv2d]:
-        """Conv layers by name (names as in ``named_modules()``)."""
+        """Conv modules by name (names as in ``named_modules()``)."""
         return layers.conv_layers(self)
 
     def relu_layers(self) -> dict[str, nn.Module]:
@@ -88,12 +102,13 @@ class ImageClassifier(pl.LightningModule):
         return layers.relu_layers(self)
 
     def layer(self, name: str) -> nn.Module:
-        """Resolve one layer by name; an unknown name raises an error listing the valid ones."""
+        """Resolve one module by name; an unknown name raises a ``LayerError`` listing the valid ones."""
         return layers.resolve_layers(self, [name])[name]
 
     def activation_after(self) -> dict[str, str | None]:
-        """Each conv layer -> the ReLU applied directly to its output (traced on ``example_input_array``)."""
-        return layers.activation_after(self, self.example_input_array.to(self.device))
+        """Each conv call -> the node of the first activation applied to its output (or ``None``), on the graph."""
+        g = self.graph()
+        return {conv: cgraph.activation_after(g, conv)[0] for conv in cgraph.conv_nodes(g)}
 
     # -- training ------------------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
