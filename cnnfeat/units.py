@@ -1,0 +1,154 @@
+"""Unit history: which ReLU units fire on the probe set at each epoch, when each first died, whether it revived.
+
+A unit is a channel of a conv activation (N, C, H, W) or a neuron of a fully connected one (N, F). It is
+*alive* at an epoch when its activation (ReLU input or output: the same sign test) is positive somewhere on
+some probe image, and *dead* otherwise (NaN counts as not firing). ``FiringAccumulator`` reduces one pass
+over the probe set to one alive/dead vector per layer; ``UnitHistory`` keeps those vectors as a units x
+epochs raster per layer (1 bit per unit and epoch held as bool: SmallCNN's 6+6+16+120+100 units x 16
+epochs is 4 KB) and answers when each unit died and revived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+#: ``tensor -> (world_size, *tensor.shape)``, e.g. ``trainer.strategy.all_gather``.
+AllGather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def unit_max(acts: torch.Tensor) -> torch.Tensor:
+    """Largest activation of each unit (dim 1) over the batch and all positions; NaN becomes -inf."""
+    a = acts.detach()
+    m = a.nan_to_num(nan=float("-inf")).amax(dim=(0, *range(2, a.ndim)))
+    return m.float().cpu()
+
+
+class FiringAccumulator:
+    """Whether each unit fired during one pass over the probe set, fed minibatch by minibatch.
+
+    ``update(acts)`` per minibatch, ``finish()`` at the end. Under DDP (each rank a shard of the probe set)
+    pass ``all_gather`` to ``finish``: it is one collective, and every rank gets the same answer.
+    """
+
+    def __init__(self) -> None:
+        self._max: dict[str, torch.Tensor] = {}
+
+    def update(self, acts: Mapping[str, torch.Tensor]) -> None:
+        """Add one minibatch of activations (B, C, ...) per layer."""
+        for name, a in acts.items():
+            m = unit_max(a)
+            old = self._max.get(name)
+            if old is not None and old.shape != m.shape:
+                raise ValueError(f"layer {name!r}: {m.numel()} units, earlier {old.numel()}")
+            self._max[name] = m if old is None else torch.maximum(old, m)
+
+    def finish(self, all_gather: AllGather | None = None) -> dict[str, torch.Tensor]:
+        """``{layer: alive (units,) bool}`` over everything fed since the last ``finish``."""
+        out = {}
+        for name, m in self._max.items():
+            if all_gather is not None:
+                m = all_gather(m).amax(dim=0).cpu()
+            out[name] = m > 0
+        self._max = {}
+        return out
+
+
+@dataclass(frozen=True)
+class EpochChange:
+    """Units of one layer that changed between two recorded epochs."""
+
+    epoch: int
+    layer: str
+    died: int  # alive before (or, at the first record, ever), dead now
+    revived: int  # dead before, alive now
+    dead: int  # dead now
+    units: int
+
+
+class UnitHistory:
+    """Alive/dead status of every unit of every layer, per recorded epoch (epoch 0 = untrained).
+
+    State is plain tensors and lists (``torch.load(weights_only=True)`` reads it back).
+    """
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self._alive: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, epoch: int, alive: Mapping[str, torch.Tensor]) -> list[EpochChange]:
+        """Record one epoch's ``{layer: alive (units,) bool}``; returns what changed since the previous record.
+
+        Every record must name the same layers with the same unit counts; epochs must increase.
+        """
+        if self.epochs and epoch <= self.epochs[-1]:
+            raise ValueError(f"epoch {epoch} is not after the last recorded epoch {self.epochs[-1]}")
+        if self._alive and set(alive) != set(self._alive):
+            raise ValueError(f"layers {sorted(alive)} differ from the recorded {sorted(self._alive)}")
+        for name, a in alive.items():
+            if self._alive and self._alive[name][0].shape != a.shape:
+                raise ValueError(f"layer {name!r}: {a.numel()} units, recorded {self._alive[name][0].numel()}")
+        for name, a in alive.items():
+            self._alive.setdefault(name, []).append(torch.as_tensor(a).bool().cpu().flatten().clone())
+        self.epochs.append(epoch)
+        return self._changes(len(self.epochs) - 1)
+
+    @property
+    def layers(self) -> list[str]:
+        """Recorded layer names, in the order first given."""
+        return list(self._alive)
+
+    def raster(self, layer: str) -> torch.Tensor:
+        """(units, epochs) bool: True where the unit fired at that recorded epoch."""
+        return torch.stack(self._alive[layer], dim=1)
+
+    def _epoch_of(self, cols: torch.Tensor) -> torch.Tensor:
+        """Recorded epoch of the first True column per row, -1 where none."""
+        ep = torch.tensor(self.epochs)
+        first = cols.int().argmax(dim=1)
+        return torch.where(cols.any(dim=1), ep[first], torch.tensor(-1))
+
+    def first_death(self, layer: str) -> torch.Tensor:
+        """(units,) epoch each unit was first recorded dead (0 = dead from the start), -1 if it never was."""
+        return self._epoch_of(~self.raster(layer))
+
+    def first_revival(self, layer: str) -> torch.Tensor:
+        """(units,) first recorded epoch a unit fired again after having been dead, -1 if it never did."""
+        r = self.raster(layer)
+        was_dead = torch.cummax((~r).int(), dim=1).values.bool()
+        revived = torch.zeros_like(r)
+        revived[:, 1:] = r[:, 1:] & was_dead[:, :-1]
+        return self._epoch_of(revived)
+
+    def _changes(self, i: int) -> list[EpochChange]:
+        out = []
+        for name, cols in self._alive.items():
+            a = cols[i]
+            before = cols[i - 1] if i else torch.ones_like(a)
+            died, revived = int((before & ~a).sum()), int((~before & a).sum())
+            out.append(EpochChange(self.epochs[i], name, died, revived, int((~a).sum()), a.numel()))
+        return out
+
+    def changes(self) -> list[EpochChange]:
+        """Deaths and revivals of every layer at every recorded epoch (the first record counts dead units as died)."""
+        return [c for i in range(len(self.epochs)) for c in self._changes(i)]
+
+    def table(self) -> str:
+        """Markdown table of deaths / revivals / dead units per epoch and layer (for a TensorBoard Text tab)."""
+        lines = ["| epoch | layer | died | revived | dead / units |", "|---:|:---|---:|---:|---:|"]
+        lines += [f"| {c.epoch} | {c.layer} | {c.died} | {c.revived} | {c.dead} / {c.units} |" for c in self.changes()]
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict:
+        """Recorded epochs and ``{layer: (epochs, units) bool}``."""
+        return {"epochs": list(self.epochs), "alive": {k: torch.stack(v) for k, v in self._alive.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore from ``state_dict``."""
+        epochs = [int(e) for e in state["epochs"]]
+        alive = {k: [row.bool() for row in v] for k, v in state["alive"].items()}
+        if any(len(v) != len(epochs) for v in alive.values()):
+            raise ValueError("inconsistent UnitHistory state: one alive vector per layer and epoch is needed")
+        self.epochs, self._alive = epochs, alive
