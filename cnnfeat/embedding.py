@@ -22,8 +22,6 @@ from functools import cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.linalg import orthogonal_procrustes
-from sklearn.model_selection import StratifiedKFold
 
 
 def stratified_ids(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
@@ -117,6 +115,8 @@ def normalize(embedding: np.ndarray, reference: np.ndarray | None = None) -> np.
     e = embedding - embedding.mean(axis=0)
     e = e / max(float(np.sqrt((e**2).sum(axis=1).mean())), 1e-12)
     if reference is not None:
+        from scipy.linalg import orthogonal_procrustes  # imported on use: SciPy costs start-up time
+
         rotation, _ = orthogonal_procrustes(e, reference)
         e = e @ rotation
     return e.astype(np.float32)
@@ -149,6 +149,8 @@ def knn_cv_accuracy(x: torch.Tensor, labels: torch.Tensor, k: int = 5, folds: in
     d = torch.cdist(x, x)
     n_classes = int(labels.max()) + 1
     correct = 0
+    from sklearn.model_selection import StratifiedKFold  # imported on use: scikit-learn costs start-up time
+
     for train, test in StratifiedKFold(folds).split(np.zeros(len(labels)), labels.numpy()):
         train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
         nbrs = d[test_t][:, train_t].topk(k, dim=1, largest=False).indices

@@ -14,7 +14,6 @@ import math
 from functools import cache
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,8 @@ GRID_PAD_VALUE = 0.35  # dark grey gaps, visible against white (zero) cells
 
 @cache
 def _lut(name: str) -> torch.Tensor:
+    import matplotlib  # imported on first use: it costs start-up time when no picture is drawn
+
     return torch.tensor(matplotlib.colormaps[name](torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
 
 
@@ -147,6 +148,8 @@ def save_png(image: torch.Tensor, path: Path | str) -> Path:
 
 def class_colors(n: int) -> np.ndarray:
     """``n`` distinct RGB colours in [0, 1] (matplotlib's tab10, then tab20)."""
+    import matplotlib
+
     base = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
     return np.array([base[i % len(base)] for i in range(n)], dtype=np.float32)
 
