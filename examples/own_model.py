@@ -1,7 +1,11 @@
 """cnnfeat's DataModule and picture callbacks on a LightningModule of your own (not a cnnfeat model).
 
-All the callbacks need is layer names (as ``named_modules()`` spells them), ReLU *modules* after the
-convs you want to see before/after ReLU, and a ``features(x)`` method for the UMAP embedding.
+The callbacks name layers as nodes of one forward pass (``cnnfeat.graph.graph_node_names(model, x)`` lists
+them: module paths, functional ops such as ``relu`` or ``max_pool2d``, ``name:1`` for a module's second
+call); they find each conv's activation (module or functional, any kind) on the graph, and embed
+``features(x)`` when the module has it, or any node given as ``EmbeddingCallback(layer=...)``. Probe
+images come from the DataModule's test split (or validation, when the test set only exists for testing),
+shown un-normalised when its transform has a torchvision ``Normalize``.
 
     python examples/own_model.py --epochs 2 --out outputs/examples/own_model
     tensorboard --logdir outputs/examples/own_model

@@ -59,8 +59,11 @@ class TopPatchesCallback(VisualizationCallback):
     display image and zero-padded where it reaches past the border. ``layers`` are any node names whose output
     is a spatial map (``conv3``, ``layer2.0.relu:1``, ``inception3a.cat``, ``max_pool2d``); a node whose
     geometry cannot be derived is refused in ``setup``, before training, by an error naming the node that
-    prevents it. Boxes in the frame of an input transform inside the model (a resize) are cut from that
-    transform's output. Rows: channels (the first ``max_channels``, or ``channels``); columns: rank 1..k.
+    prevents it. Each winner's box comes from the graph of the very forward pass that produced its activation
+    (recorded in the same pass), so a network whose path depends on the data (a branch on the batch's
+    brightness) gets each batch's geometry. Boxes in the frame of an input transform inside the model (a resize)
+    are cut from that transform's output. Rows: channels (the first ``max_channels``, or ``channels``);
+    columns: rank 1..k.
     ``last_boxes`` keeps the boxes of the last render: ``{node: [(channel, rank, image_id, (row, col), box)]}``.
     """
 
@@ -95,14 +98,10 @@ class TopPatchesCallback(VisualizationCallback):
         self.max_channels, self.probe_size = max_channels, probe_size
         self.batch_size, self.min_cell, self.max_cell = batch_size, min_cell, max_cell
         self.last_boxes: dict[str, list[tuple[int, int, int, tuple[int, int], tuple[int, int, int, int]]]] = {}
+        self._fields: dict[int, dict[str, ReceptiveField]] = {}  # image ID -> fields of the pass that saw it
 
     def _channels(self, n: int) -> list[int]:
         return self.channels if self.channels is not None else list(range(min(n, self.max_channels)))
-
-    def fields(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, ReceptiveField]:
-        """Receptive field of each chosen node, from the graph of a forward pass on the first probe input."""
-        graph = trace_graph(pl_module, probe.inputs[:1].to(device_of(pl_module)))
-        return graph_receptive_fields(graph, self.layers)
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
@@ -113,12 +112,19 @@ class TopPatchesCallback(VisualizationCallback):
             check_channels(self.channels, name, graph[name].output_shape[1])
 
     def collect(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, TopK]:
-        """Stream the probe through the model and return the top-k per node (image IDs are the probe's)."""
+        """Stream the probe through the model and return the top-k per node (image IDs are the probe's).
+
+        Each batch's forward pass is traced while the maps are captured (one pass), and every image's receptive
+        fields are those of its batch's graph (``field``).
+        """
         n, device = probe.check_size(self.probe_size), device_of(pl_module)
         tops: dict[str, TopK] = {}
+        self._fields = {}
         with capture(pl_module, self.layers) as out:
             for positions in batches(torch.arange(n), self.batch_size):
-                pl_module(probe.inputs[positions].to(device))
+                graph = trace_graph(pl_module, probe.inputs[positions].to(device))  # the maps land in `out` too
+                fields = graph_receptive_fields(graph, self.layers)
+                self._fields.update(dict.fromkeys(probe.ids[positions].tolist(), fields))
                 for name in self.layers:
                     maps = out[name]
                     if name not in tops:
@@ -134,35 +140,42 @@ class TopPatchesCallback(VisualizationCallback):
             pl_module(probe.inputs[positions].to(device_of(pl_module)))
         return out[frame].cpu()
 
+    def field(self, image_id: int, name: str) -> ReceptiveField:
+        """The receptive field of ``name``'s units in the pass that saw image ``image_id`` (after ``collect``)."""
+        return self._fields[image_id][name]
+
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         assert probe is not None
         tops = self.collect(pl_module, probe)
-        fields = self.fields(pl_module, probe)
         pictures = Pictures()
         self.last_boxes = {}
         for name, top in tops.items():
-            rf = fields[name]
             chans = self._channels(top.values.shape[1])
             ids = top.ids[:, chans].cpu()
-            uniq = ids[ids >= 0].unique()
-            sources = {}
-            if len(uniq):
-                crops_from = self._crop_sources(pl_module, probe, probe.positions(uniq), rf.frame)
-                sources = dict(zip(uniq.tolist(), crops_from, strict=True))
+            by_frame: dict[str | None, list[int]] = {}
+            for i in ids[ids >= 0].unique().tolist():
+                by_frame.setdefault(self.field(i, name).frame, []).append(i)
+            sources: dict[int, torch.Tensor] = {}
+            for frame, frame_ids in by_frame.items():
+                crops_from = self._crop_sources(pl_module, probe, probe.positions(frame_ids), frame)
+                sources.update(zip(frame_ids, crops_from, strict=True))
             channels_in = next(iter(sources.values())).shape[0] if sources else 1
-            width = rf.output_shape[1]
             cells, boxes = [], []
             for c_idx, c in enumerate(chans):
                 for r in range(len(top.values)):
                     img_id, pos = int(ids[r, c_idx]), int(top.positions[r, c])
                     if img_id < 0:  # fewer probe images than k
-                        cells.append(torch.zeros(channels_in, *rf.size))
+                        cells.append(torch.zeros(channels_in, *next(iter(self._fields.values()))[name].size))
                         continue
-                    unit = (pos // width, pos % width)
+                    rf = self.field(img_id, name)
+                    unit = (pos // rf.output_shape[1], pos % rf.output_shape[1])
                     box = rf.box(*unit)
                     boxes.append((c, r, img_id, unit, box))
                     cells.append(crop(sources[img_id], box))
             self.last_boxes[name] = boxes
+            side = max(cell.shape[-1] for cell in cells)
+            if any(cell.shape[-2:] != (side, side) for cell in cells):  # fields differ between batches
+                cells = [torch.nn.functional.interpolate(cell[None], size=(side, side))[0] for cell in cells]
             patches = torch.stack(cells).float()
             if patches.shape[-1] > self.max_cell:  # big receptive fields (AlexNet conv5: 163 px) are shrunk
                 patches = torch.nn.functional.interpolate(patches, size=(self.max_cell, self.max_cell), mode="area")
