@@ -13,6 +13,7 @@ from torchvision.models import alexnet
 
 from cnnfeat import feature_cache, layers
 from cnnfeat.callbacks.shape_table import shape_table
+from cnnfeat.checkpoints import load_model
 from cnnfeat.data import FashionMNISTDataModule
 from cnnfeat.errors import ConfigError
 from cnnfeat.feature_cache import FrozenFeatureDataModule
@@ -199,3 +200,6 @@ def test_transfer_experiment_end_to_end(make_cfg: MakeCfg, tmp_path: Path) -> No
         assert [e.step for e in images[f"top_patches/{conv}"]] == [0], "frozen layers are drawn once"
     assert [e.step for e in images["umap/features"]] == [0, 1]
     assert "model/shapes/text_summary" in ev["tensors"]
+    reloaded, _ = load_model(tmp_path / "checkpoints" / "last.ckpt")  # hparams as before: weights -> "none"
+    assert isinstance(reloaded, TransferClassifier) and reloaded.hparams.input_size == 224
+    assert torch.equal(reloaded.backbone.conv5.weight, TransferClassifier(weights="none").backbone.conv5.weight)

@@ -61,6 +61,7 @@ def test_tutorial_datamodule_drives_every_callback(root: Path, tmp_path: Path) -
         EmbeddingCallback(probe_size=40, n_neighbors=5, full_epochs=20, warm_epochs=5, cv_folds=2, gif=False),
     ]
     trainer = pl.Trainer(
+        accelerator="cpu",  # the ground truth is computed on the CPU: the same kernels, the same pixels
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=1,

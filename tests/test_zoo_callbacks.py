@@ -270,6 +270,7 @@ def test_zoo_network_pictures_equal_ground_truth(name: str, small_dm: FashionMNI
         umap,
     ]
     trainer = pl.Trainer(
+        accelerator="cpu",  # the ground truth is computed on the CPU: the same kernels, the same pixels
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=0,
