@@ -110,7 +110,10 @@ def shared_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = Non
     """
     if datamodule is None:
         raise ConfigError("the picture callbacks read their probe images from a DataModule: pass one to the Trainer")
-    probes = _PROBES.setdefault(datamodule, {})
+    try:
+        probes = _PROBES.setdefault(datamodule, {})
+    except TypeError:  # a DataModule that is not hashable or weakly referable: built per caller
+        probes = {}
     if spec not in probes:
         probe = probe_from_datamodule(datamodule, spec)
         if probe.note:
