@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cnnfeat.errors import ConfigError
 from cnnfeat.similarity import LayerData
 
 
@@ -56,7 +57,7 @@ class ProbeResult:
 def probe_split(labels: torch.Tensor, train_fraction: float = 0.5, seed: int = 0) -> ProbeSplit:
     """A fixed stratified split of the probe positions 0..n-1: per class a seeded shuffle, the first part trains."""
     if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+        raise ConfigError(f"train_fraction must be in (0, 1), got {train_fraction}")
     labels = torch.as_tensor(labels).long()
     gen = torch.Generator().manual_seed(seed)
     train = []
@@ -67,7 +68,9 @@ def probe_split(labels: torch.Tensor, train_fraction: float = 0.5, seed: int = 0
     is_train = torch.zeros(len(labels), dtype=torch.bool)
     is_train[torch.cat(train)] = True
     if is_train.all() or not is_train.any():
-        raise ValueError(f"train_fraction={train_fraction} leaves no test or no training rows for {len(labels)} labels")
+        raise ConfigError(
+            f"train_fraction={train_fraction} leaves no test or no training rows for {len(labels)} labels"
+        )
     return ProbeSplit(torch.nonzero(is_train).flatten(), torch.nonzero(~is_train).flatten())
 
 
@@ -128,7 +131,7 @@ def linear_probe(
     ``labels`` (n,); ``tol``: stop when every gradient entry is below it.
     """
     if l2 <= 0:
-        raise ValueError(f"l2 must be > 0, got {l2}")
+        raise ConfigError(f"l2 must be > 0, got {l2}")
     if isinstance(data, torch.Tensor):
         data = LayerData(features=data)
     labels = torch.as_tensor(labels).long().cpu()

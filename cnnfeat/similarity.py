@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cnnfeat.errors import ConfigError
+
 #: ``tensor -> (world_size, *tensor.shape)``, e.g. ``trainer.strategy.all_gather``.
 AllGather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,7 +80,7 @@ def u_centre(k: torch.Tensor) -> torch.Tensor:
     """U-centred Gram (zero diagonal): <u_centre(K), u_centre(L)> / (n(n-3)) is the unbiased HSIC."""
     n = len(k)
     if n < 4:
-        raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {n}")
+        raise ConfigError(f"the unbiased HSIC needs at least 4 samples, got {n}")
     k = k.double()
     r = k.sum(dim=1) - k.diagonal()  # row sums of K with its diagonal zeroed
     u = k - (r[:, None] + r[None, :]) / (n - 2) + r.sum() / ((n - 1) * (n - 2))
@@ -104,7 +106,7 @@ def block_starts(n: int, block_size: int | None) -> list[int]:
     """Start positions of the probe blocks, plus n: ``n // block_size`` blocks whose sizes differ by at most 1."""
     min_size = 4 if block_size is not None else 1
     if block_size is not None and block_size < min_size:
-        raise ValueError(f"block_size must be >= 4 (or None for one block), got {block_size}")
+        raise ConfigError(f"block_size must be >= 4 (or None for one block), got {block_size}")
     count = 1 if block_size is None else max(1, n // block_size)
     q, r = divmod(n, count)
     return [i * q + min(i, r) for i in range(count + 1)]
@@ -162,7 +164,7 @@ def block_vector(g: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     n = len(g)
     if unbiased:
         if n < 4:
-            raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {n}")
+            raise ConfigError(f"the unbiased HSIC needs at least 4 samples, got {n}")
         r = (g.sum(dim=1) - g.diagonal()).double()  # row sums with the diagonal zeroed
         a = (r / (n - 2) - r.sum() / (2 * (n - 1) * (n - 2))).to(g.dtype)
         return _pack(g, a).mul_((2 / (n * (n - 3))) ** 0.5)
@@ -190,7 +192,7 @@ def signature(
     """
     starts = block_starts(len(x), block_size)
     if len(x) < 4 and unbiased:
-        raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {len(x)}")
+        raise ConfigError(f"the unbiased HSIC needs at least 4 samples, got {len(x)}")
     parts = [block_vector(centred_gram(x[a:b]), unbiased) for a, b in itertools.pairwise(starts)]
     return _finish(parts, dtype)
 
@@ -268,9 +270,9 @@ class SignatureAccumulator:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if n < 4:
-            raise ValueError(f"the probe set needs at least 4 images, got n={n}")
+            raise ConfigError(f"the probe set needs at least 4 images, got n={n}")
         if pool < 1:
-            raise ValueError(f"pool must be an integer >= 1, got {pool}")
+            raise ConfigError(f"pool must be an integer >= 1, got {pool}")
         self.n, self.unbiased, self.pool, self.keep, self.dtype = n, unbiased, pool, keep, dtype
         self.block_size, self.all_gather = block_size, all_gather
         self.starts = torch.tensor(block_starts(n, block_size))

@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from cnnfeat import plots
 from cnnfeat import probes as pr
 from cnnfeat import similarity as sim
+from cnnfeat.errors import ConfigError
 
 
 def scaled(x: torch.Tensor, train: torch.Tensor) -> np.ndarray:
@@ -43,7 +44,7 @@ def test_split_is_stratified_disjoint_and_fixed() -> None:
     again = pr.probe_split(y)
     assert torch.equal(again.train, split.train)
     assert not torch.equal(pr.probe_split(y, seed=1).train, split.train)
-    with pytest.raises(ValueError, match=r"train_fraction must be in \(0, 1\), got 1.0"):
+    with pytest.raises(ConfigError, match=r"train_fraction must be in \(0, 1\), got 1.0"):
         pr.probe_split(y, 1.0)
 
 
@@ -122,7 +123,7 @@ def test_diverged_activations_give_nan_and_bad_l2_fails() -> None:
     x[3, 1] = float("nan")
     res = pr.linear_probe(x, y, pr.probe_split(y))
     assert np.isnan(res.test_acc) and res.route == "nonfinite"
-    with pytest.raises(ValueError, match="l2 must be > 0, got 0"):
+    with pytest.raises(ConfigError, match="l2 must be > 0, got 0"):
         pr.linear_probe(torch.randn(100, 5), y, pr.probe_split(y), l2=0)
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cnnfeat import plots, units
 from cnnfeat import similarity as sim
+from cnnfeat.errors import ConfigError
 
 # ---- the published formulas, written out plainly in float64 ---------------------------------------------------
 
@@ -173,8 +174,12 @@ def test_accumulator_and_similarity_errors_name_the_problem() -> None:
         sim.SignatureAccumulator(10).update({"a": torch.rand(2, 3)}, torch.tensor([3, 12]))
     with pytest.raises(ValueError, match="with all_gather, update\\(\\) needs the probe ids"):
         sim.SignatureAccumulator(10, all_gather=lambda t: t[None]).update({"a": torch.rand(2, 3)})
-    with pytest.raises(ValueError, match="block_size must be >= 4"):
+    with pytest.raises(ConfigError, match="block_size must be >= 4"):
         sim.SignatureAccumulator(10, block_size=2)
+    with pytest.raises(ConfigError, match="pool must be an integer >= 1, got 0"):
+        sim.SignatureAccumulator(10, pool=0)
+    with pytest.raises(ConfigError, match="the probe set needs at least 4 images, got n=3"):
+        sim.SignatureAccumulator(3)
     with pytest.raises(ValueError, match="same probe size, block_size and estimator"):
         sim.similarity(sim.signature(torch.rand(20, 3)), sim.signature(torch.rand(21, 3)))
 

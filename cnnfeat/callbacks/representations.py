@@ -1,0 +1,663 @@
+"""How the layers learn, measured per epoch: CKA across epochs and layers, linear probes per layer, unit deaths.
+
+``RepresentationCallback`` runs one forward pass over a fixed stratified probe per epoch (the UMAP callback's
+2,000 test images), captures the chosen layers with ``cnnfeat.graph.capture`` and feeds that one pass to all three
+analyses (``cnnfeat.similarity``, ``cnnfeat.probes``, ``cnnfeat.units``). ``CrossModelCKACallback`` compares the
+model's layers with another network's (a checkpoint) on the same images, once: the transfer experiment's frozen
+AlexNet against a trained SmallCNN.
+
+Every number is a scalar at step = epochs trained (0 = untrained): ``cka/to_previous/<layer>``,
+``cka/to_untrained/<layer>``, ``probe/acc/<layer>``, ``units/dead/<layer>``, ``units/died/<layer>``,
+``units/revived/<layer>`` every epoch; ``cka/layers/<a>/<b>`` at 0 and at the end; at the end of fit
+``cka/to_final/<layer>`` at every recorded step. Pictures (labelled heatmaps with a colour bar): ``cka/epochs/<layer>``,
+``cka/layers``, ``cka/to_final``, ``probe/acc_vs_depth``, ``units/raster/<layer>`` and the Text table
+``units/deaths``; ``representations.json`` in the run directory holds every matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from cnnfeat import plots
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, tensorboard_writer
+from cnnfeat.checkpoints import load_model
+from cnnfeat.embedding import stratified_ids
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import (
+    Graph,
+    activation_after,
+    capture,
+    conv_nodes,
+    relu_family_nodes,
+    trace_graph,
+    unknown_names,
+)
+from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probes import linear_probe, probe_split
+from cnnfeat.similarity import CKAHistory, SignatureAccumulator, cka_matrix
+from cnnfeat.units import FiringAccumulator, UnitHistory
+
+log = logging.getLogger("cnnfeat")
+
+#: The model's input as it receives it, flattened: a layer name accepted beside the graph's node names.
+PIXELS = "pixels"
+_STATE_VERSION = 1
+
+
+def default_layers(graph: Graph) -> list[str]:
+    """The layers measured by default, in execution order: each conv's activation (the conv itself when none
+    follows it), every other ReLU-family application (fully connected layers), and the output node.
+
+    For SmallCNN: ``relu1 relu2 relu3 relu4 relu5 fc3``.
+    """
+    chosen = set(relu_family_nodes(graph))
+    for conv in conv_nodes(graph):
+        act, _ = activation_after(graph, conv)
+        chosen.add(act or conv)
+    produced = [n for n in graph if n.kind != "input" and not n.alias and n.depends_on_input]
+    if produced:
+        chosen.add(produced[-1].name)
+    return [n for n in graph.names if n in chosen]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _resolve_layers(
+    model: nn.Module, graph: Graph, layers: Sequence[str] | None, pixels: bool
+) -> tuple[list[str], list[str]]:
+    """(all layer names in order with ``pixels`` first if wanted, the graph nodes among them); unknown names list
+    the valid ones."""
+    if layers is None:
+        nodes = default_layers(graph)
+        return ([PIXELS] if pixels else []) + nodes, nodes
+    names = list(dict.fromkeys(layers))
+    if not names:
+        raise ConfigError("layers is empty: give node names, or null for the default layers")
+    nodes = [n for n in names if n != PIXELS]
+    bad = [n for n in nodes if n not in graph or graph.nodes[n].kind == "input"]
+    if bad:
+        raise unknown_names(bad, [PIXELS, *graph.names], type(model).__name__)
+    if not nodes:
+        raise ConfigError(f"layers={names} names no layer of {type(model).__name__}; valid names: {graph.names}")
+    return names, nodes
+
+
+def _slug(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+class RepresentationCallback(VisualizationCallback):
+    """CKA across epochs and layers, linear probes and unit history from one probe pass per epoch.
+
+    Args:
+        layers: node names (``cnnfeat.graph``) and/or ``"pixels"`` (the model's input); ``None``: ``pixels`` plus
+            ``default_layers`` (SmallCNN: every conv and FC activation and the logits).
+        probe_size: stratified images from the probe split (the UMAP callback's sample for the same size and seed).
+        seed: draws the stratified sample and the probes' train/test split.
+        cka, linear_probes, unit_history: which analyses run (all share the one forward pass).
+        exact: the issue's measurement untouched: full-probe unbiased CKA and linear probes on unpooled activations
+            every epoch (``block_size``, ``pool`` and ``probe_every_n_epochs`` are then ignored); ~4x the cost.
+        block_size: Nguyen et al.'s minibatch CKA over fixed blocks of this many probe images (``None``: one block).
+        pool: conv maps are average-pooled ``pool x pool`` before CKA and probes (1 = as they are).
+        unbiased: Song et al.'s unbiased HSIC (else the biased one).
+        probe_l2, probe_train_fraction: the probes' L2 penalty and the share of the probe they are fitted on.
+        probe_every_n_epochs: during training, fit the probes at step 0, every N epochs and after the last epoch
+            (``cnnfeat-explore`` fits them for every checkpoint).
+        images_every_n_epochs: also draw the growing pictures every N epochs during training (0: at the end of fit
+            only; the untrained layer x layer heatmap is always drawn at step 0).
+        spill: write CKA signatures under ``<run dir>/representations/`` (memory-mapped back when compared), so
+            that memory and checkpoints do not grow with layers x epochs; ``False`` keeps them in memory.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        probe_size: int = 2000,
+        seed: int = 0,
+        cka: bool = True,
+        linear_probes: bool = True,
+        unit_history: bool = True,
+        exact: bool = False,
+        block_size: int | None = 250,
+        pool: int = 4,
+        unbiased: bool = True,
+        probe_l2: float = 1e-3,
+        probe_train_fraction: float = 0.5,
+        probe_every_n_epochs: int = 4,
+        images_every_n_epochs: int = 0,
+        spill: bool = True,
+        batch_size: int = 250,
+        every_n_epochs: int = 1,
+        log_untrained: bool = True,
+        save_png: bool = False,
+        split: str = "test",
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
+        _check_int("probe_size", probe_size, 4)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("images_every_n_epochs", images_every_n_epochs, 0)
+        _check_int("probe_every_n_epochs", probe_every_n_epochs, 1)
+        if not exact:
+            _check_int("pool", pool, 1)
+            if block_size is not None:
+                _check_int("block_size", block_size, 4)
+                if block_size > probe_size:
+                    raise ConfigError(f"block_size={block_size} is larger than probe_size={probe_size}")
+        if not (isinstance(probe_l2, int | float) and math.isfinite(probe_l2) and probe_l2 > 0):
+            raise ConfigError(f"probe_l2 must be a positive number, got {probe_l2!r}")
+        if not 0 < probe_train_fraction < 1:
+            raise ConfigError(f"probe_train_fraction must be in (0, 1), got {probe_train_fraction!r}")
+        if not (cka or linear_probes or unit_history):
+            raise ConfigError("cka, linear_probes and unit_history are all false: nothing to measure")
+        self.layers = list(layers) if layers is not None else None
+        self.probe_size, self.seed, self.batch_size = probe_size, seed, batch_size
+        self.cka, self.linear_probes, self.unit_history = cka, linear_probes, unit_history
+        self.exact, self.unbiased = exact, unbiased
+        self.block_size = None if exact else block_size
+        self.pool = 1 if exact else pool
+        self.probe_l2, self.probe_train_fraction = probe_l2, probe_train_fraction
+        self.probe_every_n_epochs = 1 if exact else probe_every_n_epochs
+        self.images_every_n_epochs, self.spill = images_every_n_epochs, spill
+        #: set in ``check``: every layer in order, the graph nodes among them, the ReLU-family ones (unit history)
+        self.names: list[str] = []
+        self.nodes: list[str] = []
+        self.unit_layers: list[str] = []
+        self.probe_ids: torch.Tensor | None = None
+        self.history = CKAHistory()
+        self.units = UnitHistory()
+        self.probe_acc: dict[int, dict[str, float]] = {}  # step -> layer -> test accuracy
+        self.layer_cka: dict[int, torch.Tensor] = {}  # step -> layer x layer CKA (step 0 and the end)
+        self._pixels: dict[str, Any] | None = None  # the pixels' signature and probe accuracy (constant)
+        self._split: Any = None
+        self._images_at: set[int] = set()
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._fitting = False  # inside Trainer.fit: probes follow probe_every_n_epochs (explore probes every step)
+        self._last_epoch = False
+        #: seconds of each render by part (pass = forward, capture and signatures), for benchmarks
+        self.timings: list[dict[str, float]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(split=self.split, layers=self.layers, probe_size=self.probe_size)
+
+    def _settings(self) -> dict[str, Any]:
+        """What the recorded numbers depend on; a saved history from other settings is not continued."""
+        return {
+            "block_size": self.block_size,
+            "pool": self.pool,
+            "unbiased": self.unbiased,
+            "probe_l2": self.probe_l2,
+            "probe_train_fraction": self.probe_train_fraction,
+            "seed": self.seed,
+        }
+
+    # -- setup -----------------------------------------------------------------------------------------
+    @override
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        assert probe is not None
+        probe.check_size(self.probe_size)
+        graph = trace_graph(pl_module, probe.inputs[:1].to(device_of(pl_module)))
+        self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=True)
+        relu = set(relu_family_nodes(graph))
+        self.unit_layers = [n for n in self.nodes if n in relu] if self.unit_history else []
+        if self.unit_history and not self.unit_layers:
+            self.warn_once(
+                "no-relu", f"none of the layers {self.nodes} is a ReLU-family activation: no unit history is recorded"
+            )
+        if self.history.spill_dir is None and self.spill:
+            self.history.spill_dir = self._spill_dir()
+
+    def _spill_dir(self) -> Path:
+        if self._run_dir is not None:
+            return (self._run_dir / "representations" / _slug(self.state_key)).absolute()
+        self._tmp = tempfile.TemporaryDirectory(prefix="cnnfeat-cka-")  # explore: no run directory of ours
+        return Path(self._tmp.name)
+
+    @override
+    def should_render(self, writer: object) -> bool:
+        return True  # scalars go to every logger
+
+    def positions(self, probe: ProbeSet) -> torch.Tensor:
+        """Probe positions of the stratified sample (drawn once and kept as dataset IDs, as the UMAP callback does)."""
+        if self.probe_ids is None:
+            self.probe_ids = probe.ids[stratified_ids(probe.labels, self.probe_size, self.seed)]
+        return probe.positions(self.probe_ids)
+
+    # -- one pass ----------------------------------------------------------------------------------------
+    def measure(
+        self, pl_module: nn.Module, probe: ProbeSet, keep: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """One forward pass over the probe: (CKA signatures, data for the probes if ``keep``, alive units) per layer."""
+        pos, device = self.positions(probe), device_of(pl_module)
+        n = len(pos)
+        acc = None
+        keep = keep and self.linear_probes
+        if self.cka or keep:
+            acc = SignatureAccumulator(n, self.unbiased, self.block_size, self.pool, keep=keep)
+        fire = FiringAccumulator() if self.unit_layers else None
+        if self._pixels is None and acc is not None:  # the input does not change: measured once per run
+            self._pixels = self._measure_pixels(probe, pos)
+        start = 0
+        with capture(pl_module, self.nodes) as out:
+            for b in batches(pos, self.batch_size):
+                pl_module(probe.inputs[b].to(device))
+                ids = torch.arange(start, start + len(b))
+                start += len(b)
+                if acc is not None:
+                    acc.update({name: out[name] for name in self.nodes}, ids)
+                if fire is not None:
+                    fire.update({name: out[name] for name in self.unit_layers})
+        sigs = acc.finish() if acc is not None else {}
+        kept = acc.kept if acc is not None else {}
+        return sigs, kept, fire.finish() if fire is not None else {}
+
+    def _measure_pixels(self, probe: ProbeSet, pos: torch.Tensor) -> dict[str, Any]:
+        if PIXELS not in self.names:
+            return {}
+        x = probe.inputs[pos].flatten(1)  # never pooled: measured once, so the full input costs nothing per epoch
+        acc = SignatureAccumulator(len(x), self.unbiased, self.block_size, self.pool, keep=self.linear_probes)
+        acc.update({PIXELS: x})
+        sig = acc.finish()[PIXELS]
+        result: dict[str, Any] = {"signature": sig}
+        if self.linear_probes:
+            result["acc"] = linear_probe(acc.kept[PIXELS], self._labels(probe), self._probe_split(probe), self.probe_l2)
+        return result
+
+    def _labels(self, probe: ProbeSet) -> torch.Tensor:
+        return probe.labels[self.positions(probe)]
+
+    def _probe_split(self, probe: ProbeSet) -> Any:
+        if self._split is None:
+            self._split = probe_split(self._labels(probe), self.probe_train_fraction, self.seed)
+        return self._split
+
+    # -- render: the numbers of one step ------------------------------------------------------------------
+    @override
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        assert probe is not None
+        pictures = Pictures()
+        clock = [time.perf_counter()]
+        timing: dict[str, float] = {"step": float(step)}
+
+        def lap(what: str) -> None:
+            clock.append(time.perf_counter())
+            timing[what] = clock[-1] - clock[-2]
+
+        probes_now = self.linear_probes and (
+            not self._fitting or step % self.probe_every_n_epochs == 0 or self._last_epoch
+        )
+        sigs, kept, alive = self.measure(pl_module, probe, keep=probes_now)
+        lap("pass")
+        if self.cka and sigs:
+            layer_sigs = {k: v for k, v in sigs.items() if k != PIXELS}
+            if self.history.epochs and step <= max(max(e) for e in self.history.epochs.values()):
+                self.warn_once("order", f"step {step} is not after the recorded steps: CKA history restarted")
+                self.history = CKAHistory(self.history.spill_dir)
+            self.history.add(step, layer_sigs)
+            for layer in layer_sigs:
+                m, epochs = self.history.cka[layer], self.history.epochs[layer]
+                if len(epochs) > 1:
+                    pictures.scalars[f"cka/to_previous/{layer}"] = float(m[-1, -2])
+                    pictures.scalars[f"cka/to_untrained/{layer}"] = float(m[-1, 0])
+            if step == 0:
+                pictures.scalars.update(self._layer_cka(0))
+        lap("cka")
+        if probes_now and kept:
+            labels, split = self._labels(probe), self._probe_split(probe)
+            accs = {}
+            for layer in self.names:
+                if layer == PIXELS:
+                    accs[layer] = self._pixels["acc"].test_acc
+                elif layer in kept:
+                    accs[layer] = linear_probe(kept[layer], labels, split, self.probe_l2).test_acc
+            self.probe_acc[step] = accs
+            pictures.scalars.update({f"probe/acc/{k}": v for k, v in accs.items()})
+        lap("probes")
+        if alive:
+            if self.units.epochs and step <= self.units.epochs[-1]:
+                self.warn_once("order-units", f"step {step} is not after the recorded steps: unit history restarted")
+                self.units = UnitHistory()
+            for c in self.units.add(step, alive):
+                pictures.scalars[f"units/dead/{c.layer}"] = float(c.dead)
+                pictures.scalars[f"units/died/{c.layer}"] = float(c.died)
+                pictures.scalars[f"units/revived/{c.layer}"] = float(c.revived)
+        if step == 0 and 0 in self.layer_cka:
+            pictures.images["cka/layers"] = self._layer_heatmap(0)
+            self._images_at.add(0)
+        if self.images_every_n_epochs and step > 0 and step % self.images_every_n_epochs == 0:
+            pictures = self._merge(pictures, self.pictures(step))
+        lap("units+images")
+        self.timings.append(timing)
+        return pictures
+
+    def _layer_cka(self, step: int) -> dict[str, float]:
+        """Layer x layer CKA of the latest recorded signatures (stored for ``step``); their scalars."""
+        layers = [n for n in self.names if n == PIXELS or n in self.history.epochs]
+        sigs = {}
+        for n in layers:
+            sigs[n] = self._pixels["signature"] if n == PIXELS else self.history.signature(n)
+        m = cka_matrix(sigs)
+        self.layer_cka[step] = m
+        return {
+            f"cka/layers/{a}/{b}": float(m[i, j]) for i, a in enumerate(layers) for j, b in enumerate(layers) if j > i
+        }
+
+    def _layer_heatmap(self, step: int) -> torch.Tensor:
+        layers = [n for n in self.names if n == PIXELS or n in self.history.epochs]
+        when = "the untrained network" if step == 0 else f"after {step} epoch{'s' * (step != 1)}"
+        return plots.heatmap(
+            self.layer_cka[step],
+            layers,
+            layers,
+            title=f"CKA between layers, {when}",
+            xlabel="layer",
+            ylabel="layer",
+        )
+
+    @staticmethod
+    def _merge(a: Pictures, b: Pictures) -> Pictures:
+        for field in ("images", "scalars", "histograms", "texts"):
+            getattr(a, field).update(getattr(b, field))
+        return a
+
+    # -- pictures of the history so far -------------------------------------------------------------------
+    def pictures(self, step: int) -> Pictures:
+        """The growing pictures at ``step``: epoch x epoch CKA per layer, accuracy by depth, unit rasters, deaths."""
+        out = Pictures()
+        self._images_at.add(step)
+        for layer, epochs in self.history.epochs.items():
+            out.images[f"cka/epochs/{layer}"] = plots.heatmap(
+                self.history.matrix(layer),
+                epochs,
+                epochs,
+                title=f"{layer}: CKA between epochs",
+                xlabel="epoch (0 = untrained)",
+                ylabel="epoch (0 = untrained)",
+            )
+        if self.probe_acc:
+            chance = 1.0 / len(self.probe.class_names) if self.probe is not None and self.probe.class_names else None
+            accs = {s: [a.get(n, math.nan) for n in self.names] for s, a in sorted(self.probe_acc.items())}
+            out.images["probe/acc_vs_depth"] = plots.accuracy_vs_depth(accs, self.names, chance)
+        for layer in self.units.layers:
+            out.images[f"units/raster/{layer}"] = plots.unit_raster(self.units.raster(layer), self.units.epochs, layer)
+        if self.units.epochs:
+            out.texts["units/deaths"] = self.units.table()
+        return out
+
+    def summary(self) -> dict[int, Pictures]:
+        """What the end of fit (or of ``cnnfeat-explore``) adds, by step: ``cka/to_final/<layer>`` at every recorded
+        step, and at the last step the layer x layer CKA and every picture of the whole history."""
+        out: dict[int, Pictures] = {}
+        last = max(
+            [*self.units.epochs, *self.probe_acc, *(e for v in self.history.epochs.values() for e in v)], default=None
+        )
+        if last is None:
+            return out
+        for layer in self.history.epochs:
+            for e, value in self.history.to_final(layer):
+                out.setdefault(e, Pictures()).scalars[f"cka/to_final/{layer}"] = value
+        final = out.setdefault(last, Pictures())
+        if self.history.epochs:
+            final.scalars.update(self._layer_cka(last))
+            final.images["cka/layers"] = self._layer_heatmap(last)
+            curves = {layer: [v for _, v in self.history.to_final(layer)] for layer in self.history.epochs}
+            steps = next(iter(self.history.epochs.values()))
+            if all(self.history.epochs[k] == steps for k in curves):
+                final.images["cka/to_final"] = plots.line_chart(
+                    steps,
+                    curves,
+                    title="CKA of each epoch with the final representation",
+                    xlabel="epoch (0 = untrained)",
+                    ylabel="CKA with the final epoch",
+                    ylim=(0.0, 1.02),
+                    legend_title="layer",
+                )
+        if last not in self._images_at:
+            self._merge(final, self.pictures(last))
+        return dict(sorted(out.items()))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every recorded number, JSON-ready (``representations.json``)."""
+        return {
+            "layers": self.names,
+            "settings": self._settings(),
+            "probe_size": self.probe_size,
+            "cka_epochs": {
+                k: {"epochs": self.history.epochs[k], "cka": self.history.matrix(k).tolist()}
+                for k in self.history.epochs
+            },
+            "cka_layers": {str(s): m.tolist() for s, m in self.layer_cka.items()},
+            "probe_acc": {str(s): a for s, a in self.probe_acc.items()},
+            "units": {
+                layer: {
+                    "epochs": self.units.epochs,
+                    "first_death": self.units.first_death(layer).tolist(),
+                    "first_revival": self.units.first_revival(layer).tolist(),
+                }
+                for layer in self.units.layers
+            },
+        }
+
+    def save_json(self, path: Path) -> Path:
+        """Write ``as_dict`` to ``path`` (NaN as null)."""
+        text = json.dumps(self.as_dict(), indent=1, default=float)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.replace("NaN", "null"))
+        return path
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = True
+        # Lightning restores the epoch and step counters only after on_fit_start: a resumed fit (ckpt_path) would
+        # look untrained here and record its restored weights as step 0
+        if trainer.ckpt_path is None:
+            super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        self._last_epoch = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = False
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        start = time.perf_counter()
+        summary = self.summary()
+        writer, png = tensorboard_writer(trainer), self.png_dir()
+        for step, pictures in summary.items():
+            pictures.write(writer, step, png, scalars=False)
+            if pictures.scalars:
+                for lg in trainer.loggers:
+                    lg.log_metrics(dict(pictures.scalars), step=step)
+        if summary and self._run_dir is not None:
+            self.save_json(self._run_dir / "representations.json")
+        self.seconds.append(time.perf_counter() - start)
+
+    # -- checkpointing --------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "settings": self._settings(),
+            "probe_ids": self.probe_ids,
+            "names": list(self.names),
+            "cka": self.history.state_dict(),
+            "units": self.units.state_dict(),
+            "probe_acc": {int(s): dict(a) for s, a in self.probe_acc.items()},
+            "layer_cka": {int(s): m for s, m in self.layer_cka.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved history; a state from other settings, another probe or missing files is ignored
+        (all of it, or only the CKA part) with a warning instead of mixing incomparable numbers."""
+        ids = state_dict.get("probe_ids")
+        if state_dict.get("version") != _STATE_VERSION or state_dict.get("settings") != self._settings():
+            self.warn_once("state", "the saved state was recorded with other settings: the history starts afresh")
+            return
+        if ids is not None and len(ids) != self.probe_size:
+            self.warn_once("state", f"the saved state holds {len(ids)} probe images, not {self.probe_size}: ignored")
+            return
+        try:
+            units = UnitHistory()
+            units.load_state_dict(state_dict["units"])
+            cka = CKAHistory(self.history.spill_dir)
+            cka.load_state_dict(state_dict["cka"])
+        except (KeyError, ValueError, TypeError) as e:
+            self.warn_once("state", f"the saved state is inconsistent ({e}): the history starts afresh")
+            return
+        missing = [s for sigs in cka._sigs.values() for s in sigs if isinstance(s, str) and not Path(s).is_file()]
+        if missing:
+            self.warn_once(
+                "state",
+                f"{len(missing)} saved CKA signature file(s) are gone (e.g. {missing[0]}): the CKA history starts "
+                "afresh; probe accuracies and unit history continue",
+            )
+            cka = CKAHistory(self.history.spill_dir)
+        self.probe_ids, self.units, self.history = ids, units, cka
+        self.probe_acc = {int(s): dict(a) for s, a in state_dict.get("probe_acc", {}).items()}
+        self.layer_cka = {int(s): m for s, m in state_dict.get("layer_cka", {}).items()}
+
+
+class CrossModelCKACallback(VisualizationCallback):
+    """CKA between another network's layers (a checkpoint, e.g. a trained SmallCNN) and the model's layers.
+
+    Both networks see the same stratified probe images (each as its own input; the transfer model resizes them
+    itself). Drawn once before training by default (``during_training=False``: the transfer experiment's AlexNet
+    part is frozen): the heatmap ``cka/cross/<reference class>`` (rows: the reference's layers, columns: the
+    model's) and the scalars ``cka/cross/<reference layer>/<layer>``. ``reference_ckpt=None`` disables it.
+    """
+
+    def __init__(
+        self,
+        reference_ckpt: str | None = None,
+        layers: Sequence[str] | None = None,
+        reference_layers: Sequence[str] | None = None,
+        probe_size: int = 2000,
+        seed: int = 0,
+        exact: bool = False,
+        block_size: int | None = 250,
+        pool: int = 4,
+        unbiased: bool = True,
+        batch_size: int = 100,
+        during_training: bool = False,
+        every_n_epochs: int = 1,
+        log_untrained: bool = True,
+        save_png: bool = False,
+        split: str = "test",
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
+        _check_int("probe_size", probe_size, 4)
+        _check_int("batch_size", batch_size, 1)
+        if not exact:
+            _check_int("pool", pool, 1)
+            if block_size is not None:
+                _check_int("block_size", block_size, 4)
+                if block_size > probe_size:
+                    raise ConfigError(f"block_size={block_size} is larger than probe_size={probe_size}")
+        self.reference_ckpt = None if reference_ckpt in (None, "", "null") else str(reference_ckpt)
+        self.layers = list(layers) if layers is not None else None
+        self.reference_layers = list(reference_layers) if reference_layers is not None else None
+        self.probe_size, self.seed, self.batch_size, self.unbiased = probe_size, seed, batch_size, unbiased
+        self.block_size = None if exact else block_size
+        self.pool = 1 if exact else pool
+        self.reference: nn.Module | None = None
+        self.names: list[str] = []
+        self.nodes: list[str] = []
+        self.ref_names: list[str] = []
+        self.ref_nodes: list[str] = []
+        self.matrix: torch.Tensor | None = None
+
+    @override
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        if self.reference_ckpt is None:
+            if "off" not in self._warned:
+                self._warned.add("off")
+                log.info("%s: no reference_ckpt given, so there is nothing to compare with", type(self).__name__)
+            return
+        assert probe is not None
+        probe.check_size(self.probe_size)
+        self.reference, _ = load_model(self.reference_ckpt)
+        x = probe.inputs[:1]
+        graph = trace_graph(pl_module, x.to(device_of(pl_module)))
+        self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=False)
+        ref_graph = trace_graph(self.reference, x)
+        self.ref_names, self.ref_nodes = _resolve_layers(self.reference, ref_graph, self.reference_layers, pixels=True)
+
+    @override
+    def should_render(self, writer: object) -> bool:
+        return self.reference_ckpt is not None
+
+    def _signatures(self, model: nn.Module, nodes: list[str], probe: ProbeSet, pos: torch.Tensor) -> dict:
+        device = device_of(model)
+        acc = SignatureAccumulator(len(pos), self.unbiased, self.block_size, self.pool)
+        start = 0
+        with capture(model, nodes) as out:
+            for b in batches(pos, self.batch_size):
+                model(probe.inputs[b].to(device))
+                acc.update({n: out[n] for n in nodes}, torch.arange(start, start + len(b)))
+                start += len(b)
+        return acc.finish()
+
+    @override
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        pictures = Pictures()
+        if self.reference is None or probe is None:
+            return pictures
+        pos = probe.positions(probe.ids[stratified_ids(probe.labels, self.probe_size, self.seed)])
+        mine = self._signatures(pl_module, self.nodes, probe, pos)
+        ref_module = self.reference.to(device_of(pl_module)).eval()
+        with torch.no_grad():
+            theirs = self._signatures(ref_module, self.ref_nodes, probe, pos)
+        self.reference.to("cpu")
+        if PIXELS in self.ref_names:
+            acc = SignatureAccumulator(len(pos), self.unbiased, self.block_size, self.pool)
+            acc.update({PIXELS: probe.inputs[pos].flatten(1)})
+            theirs[PIXELS] = acc.finish()[PIXELS]
+        rows = {n: theirs[n] for n in self.ref_names}
+        cols = {n: mine[n] for n in self.names}
+        self.matrix = cka_matrix(rows, cols)
+        ref, model = type(self.reference).__name__, type(pl_module).__name__
+        pictures.images[f"cka/cross/{ref}"] = plots.heatmap(
+            self.matrix,
+            self.ref_names,
+            self.names,
+            title=f"CKA: {ref} ({Path(self.reference_ckpt or '').name}) vs {model}",
+            xlabel=f"{model} layer",
+            ylabel=f"{ref} layer",
+        )
+        for i, a in enumerate(self.ref_names):
+            for j, b in enumerate(self.names):
+                pictures.scalars[f"cka/cross/{a}/{b}"] = float(self.matrix[i, j])
+        return pictures
+
+
+__all__ = ["PIXELS", "CrossModelCKACallback", "RepresentationCallback", "default_layers"]
