@@ -1,0 +1,483 @@
+"""The run atlas during training: per-unit data of every conv channel and last-hidden neuron, for the HTML report.
+
+A thin adapter around ``cnnfeat.atlas`` (the storage format and the feature-visualisation input) and the streaming
+top-k of ``TopPatchesCallback``. Files go to ``<run dir>/atlas/``; ``cnnfeat-report RUN_DIR`` draws them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from cnnfeat import atlas
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, inference
+from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback
+from cnnfeat.errors import ConfigError
+from cnnfeat.graph import Graph, activation_after, capture, trace_graph
+from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.receptive_field import crop, graph_receptive_fields
+from cnnfeat.units import unit_max
+
+if TYPE_CHECKING:  # Lightning names for the hooks' types only: cnnfeat picks the package (pytorch_lightning)
+    import pytorch_lightning as pl
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1{' or null' if allow_none else ''}, got {value!r}")
+
+
+class AtlasCallback(VisualizationCallback):
+    """Records, per unit, what the report's unit cards show (format: ``cnnfeat.atlas``).
+
+    Every epoch (and for the untrained network, step 0): each unit's incoming weights and its largest activation on
+    the first ``alive_probe_size`` probe images (alive = fired somewhere; the dead-ReLU callback's default probe).
+    Every ``patches_every_n_epochs`` epochs: the ``top_k`` probe patches that excite each unit most, cropped by its
+    receptive field (whole images for fully connected units), shrunk to at most ``max_cell`` pixels. At the end of
+    fit (``finish``): the final patches, the classes of each unit's ``class_top`` strongest probe images, and its
+    optimised input with fidelity (``cnnfeat.featviz``; reference: the unit's best probe activation, objective read
+    at the centre and at that patch's position, the better kept). Layers without trainable weights (a frozen
+    backbone) are recorded once.
+
+    Args:
+        layers: node names (``cnnfeat.graph``); ``None``: every conv node and the last hidden Linear layer.
+        max_units: record only the first N units of each layer (``None``: all; AlexNet's 1,152 channels need a cap).
+        probe_size: probe images searched for top patches and classes (``None``: the whole probe split).
+        atlas_dir: where the files go (``None``: ``<run dir>/atlas``, the folder ``cnnfeat-report`` reads).
+        featviz: optimise inputs at the end; ``featviz_max_units`` caps the units per layer (``None``: all recorded),
+            ``featviz_settings`` are ``cnnfeat.featviz.FeatVizSettings`` fields, ``featviz_at_real_best`` also starts
+            each conv unit's neuron objective at its best real patch. ``featviz_input``: a module whose output the
+            optimised image replaces as ``(x - featviz_mean) / featviz_std`` (``None``: the model's
+            input, through the affine map the probe's images and inputs define).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        max_units: int | None = None,
+        top_k: int = 8,
+        class_top: int = 100,
+        patches_every_n_epochs: int = 5,
+        probe_size: int | None = None,
+        alive_probe_size: int = 2000,
+        max_cell: int = 64,
+        batch_size: int = 256,
+        atlas_dir: str | None = None,
+        featviz: bool = True,
+        featviz_max_units: int | None = None,
+        featviz_settings: Mapping[str, Any] | None = None,
+        featviz_at_real_best: bool = True,
+        featviz_input: str | None = None,
+        featviz_mean: Sequence[float] | float | None = None,
+        featviz_std: Sequence[float] | float | None = None,
+        every_n_epochs: int = 1,
+        log_untrained: bool = True,
+        split: str = "test",
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(every_n_epochs, log_untrained, False, True, split, mean, std, class_names)
+        for name, value, none_ok in (
+            ("max_units", max_units, True),
+            ("top_k", top_k, False),
+            ("class_top", class_top, False),
+            ("patches_every_n_epochs", patches_every_n_epochs, False),
+            ("probe_size", probe_size, True),
+            ("alive_probe_size", alive_probe_size, False),
+            ("max_cell", max_cell, False),
+            ("batch_size", batch_size, False),
+            ("featviz_max_units", featviz_max_units, True),
+        ):
+            _positive_int(name, value, none_ok)
+        if (featviz_mean is None or featviz_std is None) != (featviz_input is None):
+            raise ConfigError(
+                "featviz_input needs featviz_mean and featviz_std (and they need featviz_input), got "
+                f"{featviz_input!r}, {featviz_mean!r}, {featviz_std!r}"
+            )
+        self.layers = list(layers) if layers is not None else None
+        self.max_units, self.top_k, self.class_top = max_units, top_k, class_top
+        self.patches_every_n_epochs, self.probe_size = patches_every_n_epochs, probe_size
+        self.alive_probe_size, self.max_cell, self.batch_size = alive_probe_size, max_cell, batch_size
+        self.featviz, self.featviz_max_units = featviz, featviz_max_units
+        self.settings = atlas.featviz_settings(featviz_settings)
+        self.featviz_at_real_best = featviz_at_real_best
+        self.featviz_input = featviz_input
+        self.featviz_mean = self._floats(featviz_mean)
+        self.featviz_std = self._floats(featviz_std)
+        #: set in ``check``
+        self.infos: list[atlas.LayerInfo] = []
+        self.space: atlas.InputSpace | None = None
+        #: where the atlas goes: ``atlas_dir``, else ``<run dir>/atlas`` (set in ``setup``)
+        self.atlas_dir: Path | None = Path(atlas_dir) if atlas_dir is not None else None
+        self._max_epochs: int | None = None
+        self._tops: dict[int, TopPatchesCallback] = {}
+        self._timings: dict[str, float] = {}
+        self._finished: dict[str, Any] = {}
+
+    @staticmethod
+    def _floats(v: Sequence[float] | float | None) -> list[float] | None:
+        if v is None:
+            return None
+        return [float(x) for x in v] if isinstance(v, Sequence) else [float(v)]
+
+    # -- checks --------------------------------------------------------------------------------------
+    def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        assert probe is not None
+        probe.check_size(self.probe_size)
+        self.alive_size = min(self.alive_probe_size, len(probe))
+        example = probe.inputs[:1].to(device_of(pl_module))
+        graph = trace_graph(pl_module, example)
+        names = atlas.resolve_layers(graph, self.layers)
+        convs = [n for n in names if atlas.layer_kind(graph, n) == "conv"]
+        fields = graph_receptive_fields(graph, convs)  # a node without geometry: an error naming what prevents it
+        self.infos = [self._info(pl_module, graph, n, fields.get(n)) for n in names]
+        self._tops = {}
+        for k in sorted({self.top_k, max(self.top_k, self.class_top)}) if convs else ():
+            tp = TopPatchesCallback(
+                layers=convs,
+                top_k=k,
+                max_channels=10**9,
+                split=self.split,
+                probe_size=self.probe_size,
+                batch_size=self.batch_size,
+            )
+            tp.prepare(pl_module, probe)
+            self._tops[k] = tp
+        self.space = None
+        if self.featviz:
+            if self.featviz_input is not None:
+                assert self.featviz_mean is not None and self.featviz_std is not None
+                self.space = atlas.module_space(
+                    pl_module, self.featviz_input, example, self.featviz_mean, self.featviz_std
+                )
+            else:
+                self.space = atlas.fitted_space(probe.images[:256], probe.inputs[:256])
+            for info in self.infos:  # refuse functional nodes now, not after training
+                if info.featviz_units:
+                    atlas.layer_fn(pl_module, info.name, self.space)
+
+    def _info(self, model: nn.Module, graph: Graph, name: str, rf: Any) -> atlas.LayerInfo:
+        kind = atlas.layer_kind(graph, name)
+        units = graph[name].output_shape[1]
+        shown = list(range(min(units, self.max_units or units)))
+        module = atlas.layer_module(graph, name)
+        act, _ = activation_after(graph, name)
+        frozen = module is not None and not any(p.requires_grad for p in module.parameters())
+        if module is None:  # a functional op: frozen unless the model has anything trainable
+            frozen = not any(p.requires_grad for p in model.parameters())
+        fv = shown[: self.featviz_max_units or len(shown)] if self.featviz else []
+        return atlas.LayerInfo(
+            name=name,
+            kind=kind,
+            units=units,
+            shown=shown,
+            activation=act,
+            weights=module is not None,
+            frozen=frozen,
+            rf_size=list(rf.size) if rf is not None else None,
+            rf_jump=[float(v) for v in rf.jump] if rf is not None else None,
+            rf_start=[float(v) for v in rf.start] if rf is not None else None,
+            frame=rf.frame if rf is not None else None,
+            output_shape=list(graph[name].output_shape[1:]),
+            featviz_units=fv,
+        )
+
+    # -- Lightning -----------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.atlas_dir is None:
+            self.atlas_dir = (self._run_dir or Path(".")) / atlas.ATLAS_DIR
+            self._max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+
+    @override
+    def should_render(self, writer: object) -> bool:
+        return True  # writes files, not pictures
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.probe is None:
+            return
+        with inference(pl_module):
+            self.finish(pl_module, self.probe, trainer.current_epoch)
+
+    # -- recording -----------------------------------------------------------------------------------
+    def _atlas(self) -> atlas.AtlasWriter:
+        if self.atlas_dir is None:
+            raise ConfigError(
+                "AtlasCallback has no output folder: it is <run dir>/atlas under a Trainer; elsewhere "
+                "(cnnfeat-explore) give atlas_dir=..."
+            )
+        return atlas.AtlasWriter(self.atlas_dir)
+
+    def write_manifest(self, probe: ProbeSet) -> None:
+        """The atlas's static description plus what was measured so far."""
+        n = probe.check_size(self.probe_size)
+        self._atlas().manifest(
+            {
+                "layers": [vars(i) for i in self.infos],
+                "class_names": list(probe.class_names),
+                "probe": {
+                    "split": probe.split,
+                    "describe": probe.describe() if n == len(probe) else f"the first {n} images of {probe.describe()}",
+                    "patch_images": n,
+                    "alive_images": self.alive_size,
+                },
+                "settings": {
+                    "top_k": self.top_k,
+                    "class_top": self.class_top,
+                    "patches_every_n_epochs": self.patches_every_n_epochs,
+                    "max_units": self.max_units,
+                    "max_cell": self.max_cell,
+                    "featviz": self.featviz,
+                    "featviz_max_units": self.featviz_max_units,
+                    "featviz_at_real_best": self.featviz_at_real_best,
+                    "featviz_settings": self.settings.to_dict(),
+                    "input_space": self.space.to_dict() if self.space is not None else None,
+                },
+                "seconds": self._timings,
+                "finished": self._finished,
+            }
+        )
+
+    def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
+        """Record step ``step``: weights and alive/dead of every layer, and the top patches at kept steps."""
+        assert probe is not None
+        start = time.perf_counter()
+        writer = self._atlas()
+        todo = [i for i in self.infos if not (i.frozen and self._recorded(i))]
+        maxima = self._unit_max(pl_module, probe, todo)
+        modules = dict(pl_module.named_modules())
+        for info in todo:
+            weights = None
+            if info.weights:
+                weights = modules[info.name.rsplit(":", 1)[0]].weight.detach()[info.shown]
+            writer.step(info.name, step, maxima[info.name][info.shown], weights)
+        last = self._max_epochs is not None and step >= self._max_epochs
+        if step % self.patches_every_n_epochs == 0 and not last:
+            todo = [i for i in self.infos if not (i.frozen and self._patched(i))]
+            self._record_patches(pl_module, probe, step, todo, self.top_k)
+        self._timings[f"step_{step:03d}"] = round(time.perf_counter() - start, 4)
+        self.write_manifest(probe)
+        return Pictures()
+
+    def _recorded(self, info: atlas.LayerInfo) -> bool:
+        return any((self._atlas().dir / info.slug).glob("step_*.npz"))
+
+    def _patched(self, info: atlas.LayerInfo) -> bool:
+        return any((self._atlas().dir / info.slug).glob("patches_*.npz"))
+
+    def _unit_max(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo]) -> dict[str, torch.Tensor]:
+        """Each unit's largest activation (after its activation function) on the alive probe."""
+        if not infos:
+            return {}
+        nodes = {i.name: i.activation or i.name for i in infos}
+        device, out = device_of(model), {}
+        with capture(model, set(nodes.values())) as acts:
+            for ids in batches(torch.arange(self.alive_size), self.batch_size):
+                model(probe.inputs[ids].to(device))
+                for name, node in nodes.items():
+                    m = unit_max(acts[node])
+                    out[name] = m if name not in out else torch.maximum(out[name], m)
+        return out
+
+    def _top(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], k: int) -> dict[str, Any]:
+        """Top-k per unit: ``{layer: (TopK, TopPatchesCallback or None)}`` (fc layers: one whole image each)."""
+        result: dict[str, Any] = {}
+        convs = [i.name for i in infos if i.kind == "conv"]
+        if convs:
+            tp = self._tops[k]
+            tops = tp.collect(model, probe)
+            result.update({n: (tops[n], tp) for n in convs})
+        fcs = [i.name for i in infos if i.kind == "fc"]
+        if fcs:
+            n, device = probe.check_size(self.probe_size), device_of(model)
+            found: dict[str, TopK] = {}
+            with capture(model, fcs) as acts:
+                for ids in batches(torch.arange(n), self.batch_size):
+                    model(probe.inputs[ids].to(device))
+                    for name in fcs:
+                        a = acts[name].float()
+                        if name not in found:
+                            found[name] = TopK.empty(k, a.shape[1], a.device)
+                        found[name].update(
+                            a,
+                            probe.ids[ids].to(a.device).unsqueeze(1).expand_as(a),
+                            a.new_zeros(a.shape, dtype=torch.long),
+                        )
+            result.update({name: (top, None) for name, top in found.items()})
+        return result
+
+    def _record_patches(
+        self,
+        model: nn.Module,
+        probe: ProbeSet,
+        step: int,
+        infos: list[atlas.LayerInfo],
+        k: int,
+        write: set[str] | None = None,
+    ) -> dict[str, TopK]:
+        """Top-k search, then crops of the first ``top_k`` per unit written as ``patches_<step>`` (for the layers in
+        ``write``, default all)."""
+        if not infos:
+            return {}
+        writer, tops = self._atlas(), self._top(model, probe, infos, k)
+        for info in infos:
+            if write is not None and info.name not in write:
+                continue
+            top, tp = tops[info.name]
+            shown = info.shown
+            values = top.values[: self.top_k, shown].T.cpu()  # (U, k)
+            ids = top.ids[: self.top_k, shown].T.cpu()
+            pos = top.positions[: self.top_k, shown].T.cpu()
+            rows, cols = torch.zeros_like(pos), torch.zeros_like(pos)
+            boxes = torch.zeros(*pos.shape, 4, dtype=torch.long)
+            cells: list[torch.Tensor] = []
+            sources = self._sources(model, probe, tp, info, ids)
+            for u in range(len(shown)):
+                for r in range(ids.shape[1]):
+                    i = int(ids[u, r])
+                    if i < 0:  # fewer probe images than k
+                        cells.append(torch.zeros_like(next(iter(sources.values()))))
+                        continue
+                    if tp is None:
+                        src = sources[i]
+                        boxes[u, r] = torch.tensor([0, 0, src.shape[-2] - 1, src.shape[-1] - 1])
+                        cells.append(src)
+                        continue
+                    rf = tp.field(i, info.name)
+                    rows[u, r], cols[u, r] = divmod(int(pos[u, r]), rf.output_shape[1])
+                    box = rf.box(int(rows[u, r]), int(cols[u, r]))
+                    boxes[u, r] = torch.tensor(box)
+                    cells.append(crop(sources[i], box))
+            side = max(c.shape[-1] for c in cells)
+            crops = atlas.squares(cells, side, self.max_cell).reshape(
+                len(shown), ids.shape[1], -1, *(2 * [min(side, self.max_cell)])
+            )
+            writer.patches(
+                info.name,
+                step,
+                values=values.float().numpy(),
+                ids=ids.numpy(),
+                labels=torch.where(ids >= 0, probe.labels[self._positions(probe, ids).clamp(min=0)], -1).numpy(),
+                rows=rows.numpy(),
+                cols=cols.numpy(),
+                boxes=boxes.numpy(),
+                crops=atlas.to_uint8(crops),
+            )
+        return {name: t for name, (t, _) in tops.items()}
+
+    def _sources(
+        self, model: nn.Module, probe: ProbeSet, tp: TopPatchesCallback | None, info: atlas.LayerInfo, ids: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """The images the boxes refer to, by probe ID: display images, or the output of an input transform."""
+        wanted = sorted({int(i) for i in ids.flatten().tolist() if i >= 0})
+        by_frame: dict[str | None, list[int]] = {}
+        for i in wanted:
+            by_frame.setdefault(tp.field(i, info.name).frame if tp is not None else None, []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        for frame, frame_ids in by_frame.items():
+            positions = probe.positions(frame_ids)
+            if frame is None:
+                imgs = probe.images[positions]
+            else:
+                with capture(model, [frame]) as cap:
+                    model(probe.inputs[positions].to(device_of(model)))
+                imgs = cap[frame].cpu()
+            out.update(zip(frame_ids, imgs.float(), strict=True))
+        return out
+
+    # -- the end of fit ------------------------------------------------------------------------------
+    def finish(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> None:
+        """Final patches, classes of the top activations and optimised inputs (call under ``inference``)."""
+        start = time.perf_counter()
+        writer = self._atlas()
+        if any(step not in self._steps(i) for i in self.infos if not i.frozen):
+            self.render(pl_module, probe, step)  # the last epoch was not recorded (e.g. stopped early)
+        k = max(self.top_k, self.class_top)
+        write = {i.name for i in self.infos if not (i.frozen and self._patched(i))}  # frozen: patches once
+        tops = self._record_patches(pl_module, probe, step, self.infos, k, write)
+        for info in self.infos:
+            top = tops[info.name]
+            ids = top.ids[: self.class_top, info.shown].T.cpu()
+            counts = atlas.class_counts(probe.labels, self._positions(probe, ids), len(probe.class_names))
+            writer.classes(
+                info.name, step, counts, top.values[: self.class_top, info.shown].T.float().cpu().numpy(), ids.numpy()
+            )
+        self._timings["final_patches_classes"] = round(time.perf_counter() - start, 4)
+        if self.featviz and self.space is not None:
+            t0 = time.perf_counter()
+            share = self._featviz(pl_module, probe, step, tops)
+            self._timings["featviz"] = round(time.perf_counter() - t0, 4)
+            self._finished["fidelity_share"] = share
+        self._finished["step"] = step
+        self.write_manifest(probe)
+
+    def _steps(self, info: atlas.LayerInfo) -> list[int]:
+        return sorted(int(p.stem.rsplit("_", 1)[1]) for p in (self._atlas().dir / info.slug).glob("step_*.npz"))
+
+    @staticmethod
+    def _positions(probe: ProbeSet, ids: torch.Tensor) -> torch.Tensor:
+        """Probe IDs -> positions in the probe (IDs < 0 stay -1)."""
+        out = torch.full_like(ids, -1)
+        ok = ids >= 0
+        if ok.any():
+            out[ok] = probe.positions(ids[ok])
+        return out
+
+    def _featviz(self, model: nn.Module, probe: ProbeSet, step: int, tops: dict[str, TopK]) -> dict[str, float]:
+        assert self.space is not None
+        device = device_of(model)
+        writer, share = self._atlas(), {}
+        for info in self.infos:
+            if not info.featviz_units:
+                continue
+            top = tops[info.name]
+            reference = top.values[0].float().cpu()  # (units,) best probe activation
+            positions = None
+            if info.kind == "conv":
+                flat = top.positions[0].cpu()
+                width = info.output_shape[-1]
+                positions = torch.stack([flat // width, flat % width], dim=1)
+            fn = atlas.layer_fn(model, info.name, self.space)
+            result = atlas.optimise_units(
+                fn,
+                info.featviz_units,
+                self.space,
+                self.settings,
+                reference,
+                positions,
+                info.name,
+                device,
+                self.featviz_at_real_best,
+            )
+            writer.featviz(info.name, step, result)
+            share[info.name] = result.share_reaching_real
+        return share
+
+    # -- checkpoints: the atlas files are the state ---------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, split=self.split)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"timings": json.dumps(self._timings)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            self._timings = dict(json.loads(state_dict.get("timings", "{}")))
+        except (TypeError, ValueError):
+            self._timings = {}

@@ -1,0 +1,331 @@
+"""The run atlas and its HTML report: a short real `cnnfeat-train experiment=seed` run, pages that parse, files that
+exist, a card per unit with a stable anchor, a multirun index, a real headless browser, other models, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from cnnfeat import atlas, viz
+from cnnfeat.callbacks.atlas import AtlasCallback
+from cnnfeat.callbacks.base import inference
+from cnnfeat.errors import ConfigError, DataError
+from cnnfeat.probe import ProbeSpec, probe_from_datamodule
+from cnnfeat.report import LECTURE, main, write_report
+from tests.conftest import REPO
+from tests.helpers.browser import CHROMIUM, Chromium
+from tests.helpers.zoo import zoo
+
+SMALL_LAYERS = {"conv1": ("c", 6), "conv2": ("c", 6), "conv3": ("c", 16), "fc2": ("n", 100)}
+
+
+class Page(HTMLParser):
+    """Every id, src and href of a page (html.parser: a page that does not parse raises)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.links: list[str] = []
+        self.sources: list[str] = []
+        self.card_ids: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.append(str(a["id"]))
+            if tag == "section" and "card" in (a.get("class") or ""):
+                self.card_ids.append(str(a["id"]))
+        if tag == "a" and a.get("href"):
+            self.links.append(str(a["href"]))
+        if tag in ("img", "script", "link", "source", "iframe") and (a.get("src") or a.get("href")):
+            self.sources.append(str(a.get("src") or a.get("href")))
+
+
+def check_pages(report: Path) -> dict[str, Page]:
+    """Parse every page; every referenced file exists, every in-report anchor exists, nothing is fetched remotely."""
+    pages = {p.name: Page(p.read_text(encoding="utf-8")) for p in sorted(report.glob("*.html"))}
+    for name, page in pages.items():
+        for src in page.sources:
+            assert not urlsplit(src).scheme, f"{name}: {src} is not a local file"
+            assert (report / unquote(src)).is_file(), f"{name}: {src} does not exist"
+        for href in page.links:
+            parts = urlsplit(href)
+            assert parts.scheme in ("", "file"), f"{name}: link {href} leaves the report"
+            target = (report / unquote(parts.path)).resolve() if parts.path else report / name
+            assert target.is_file(), f"{name}: link {href} points at a missing file"
+            if parts.fragment and target.parent == report.resolve():
+                assert parts.fragment in pages[target.name].ids, f"{name}: #{parts.fragment} not in {target.name}"
+    return pages
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """`cnnfeat-train experiment=seed` for 2 short epochs with the atlas, dead-ReLU and UMAP callbacks."""
+    run = tmp_path_factory.mktemp("seed") / "run"
+    cache = tmp_path_factory.mktemp("cache")
+    cmd = [
+        sys.executable,
+        "-m",
+        "cnnfeat.train",
+        "experiment=seed",
+        "callbacks=[none,atlas,dead_relu,umap]",
+        "callbacks.rich_progress_bar=null",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_model_summary=false",
+        f"data.data_dir={data_dir}",
+        f"data.cache_dir={cache}",
+        "data.download=false",
+        "callbacks.atlas.probe_size=300",
+        "callbacks.atlas.alive_probe_size=300",
+        "callbacks.atlas.patches_every_n_epochs=1",
+        "callbacks.atlas.featviz_settings.steps=8",
+        "callbacks.dead_relu.probe_size=300",
+        "callbacks.umap.probe_size=100",
+        "callbacks.umap.full_epochs=20",
+        "callbacks.umap.warm_epochs=5",
+        "callbacks.umap.projector=false",
+        "callbacks.umap.panel_size=120",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # what the representation callbacks log, found by tag prefix (the report does not import them)
+    with SummaryWriter(str(run)) as w:
+        w.add_image("cka/layers", viz.diverging(torch.linspace(-1, 1, 64).view(8, 8)), 2, dataformats="CHW")
+        for step in (0, 1, 2):
+            w.add_scalar("probe/acc/relu3", 0.5 + 0.1 * step, step)
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(seed_run: Path) -> Path:
+    return write_report(seed_run).parent
+
+
+def test_every_page_parses_and_every_referenced_file_exists(report: Path) -> None:
+    pages = check_pages(report)
+    assert set(pages) == {"index.html", *(f"{n}.html" for n in SMALL_LAYERS)}
+    text = (report / "index.html").read_text()
+    for needle in ("Training curves", "<svg", "Dying ReLU", "UMAP", "umap_embedding.gif", "cka/layers", "relu3"):
+        assert needle in text, needle
+    assert "<script" not in "".join(p.read_text() for p in report.glob("*.html")), "no script is needed"
+
+
+def test_every_unit_has_a_card_with_its_pictures_and_flags(report: Path, seed_run: Path) -> None:
+    a = atlas.Atlas.load(seed_run)
+    assert a is not None and [i.name for i in a.layers] == list(SMALL_LAYERS)
+    for name, (prefix, units) in SMALL_LAYERS.items():
+        text = (report / f"{name}.html").read_text()
+        page = Page(text)
+        assert page.card_ids == [f"{prefix}{u}" for u in range(units)], name
+        for u in (0, units - 1):
+            for kind in ("featviz", "filters", "patches"):
+                assert f"assets/{name}/{prefix}{u}_{kind}.png" in page.sources
+        fv = np.load(seed_run / "atlas" / name / "featviz.npz")
+        assert fv["units"].tolist() == list(range(units))
+        assert text.count("badge flag") == int(fv["flagged"].sum()), "every flagged unit is marked on its card"
+        assert text.count("class='bars'") == units and text.count("class='tl'") == units
+        steps = a.steps(a.layers[list(SMALL_LAYERS).index(name)])
+        assert steps == [0, 1, 2], "weights and alive/dead at every step, 0 = untrained"
+    classes = np.load(seed_run / "atlas" / "conv3" / "classes.npz")
+    assert int(classes["step"]) == 2 and classes["counts"].shape == (16, 10)
+    assert (classes["counts"].sum(axis=1) == 100).all(), "classes of each unit's top 100 activations"
+    patches = np.load(seed_run / "atlas" / "conv3" / "patches_002.npz")
+    assert patches["crops"].shape == (16, 8, 1, 10, 10), "conv3's 10x10 receptive field"
+    conv3 = a.layers[2]
+    for u, r in ((0, 0), (7, 3), (15, 7)):  # the stored geometry gives the boxes the patches were cut with
+        assert conv3.box(int(patches["rows"][u, r]), int(patches["cols"][u, r])) == tuple(patches["boxes"][u, r])
+    assert "assets/conv3/c0_featviz_field.png" in Page((report / "conv3.html").read_text()).sources
+    with Image.open(report / "assets" / "conv3" / "c0_featviz.png") as img:
+        pixels = np.asarray(img.convert("L"), dtype=np.float32)
+    assert pixels.std() > 5, "the optimised input is a picture, not a flat image"
+
+
+def test_lecture_table_beside_the_seed_run(report: Path, seed_run: Path) -> None:
+    text = (report / "index.html").read_text()
+    assert "The lecture's table beside this run" in text
+    assert f"{LECTURE[0][0]:.2f}%" in text and f"{LECTURE[14][2]:.2f}%" in text
+    status = json.loads((seed_run / "status.json").read_text())
+    assert f"{100 * status['metrics']['val/acc']:.2f}%" in text, "our final epoch's valid (=test) accuracy"
+
+
+def test_anchors_and_files_survive_regeneration(report: Path, seed_run: Path) -> None:
+    before = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    write_report(seed_run)
+    after = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    assert before.keys() == after.keys()
+    assert before == after, "the same run gives the same report, byte for byte"
+    assert "c3" in Page((report / "conv2.html").read_text()).card_ids
+
+
+def test_multirun_index_links_its_jobs_side_by_side(seed_run: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        shutil.copytree(seed_run, sweep / job, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    main([str(sweep)])
+    index = sweep / "report" / "index.html"
+    page = Page(index.read_text())
+    assert "../0/report/index.html" in page.links and "../1/report/index.html" in page.links
+    check_pages(sweep / "report")
+    for job in ("0", "1"):
+        check_pages(sweep / job / "report")
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium (apt-get install -y chromium)")
+def test_pages_load_in_headless_chromium_without_errors_or_broken_images(report: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.html"
+    broken.write_text('<!DOCTYPE html><html><body><img src="missing.png" alt="x"></body></html>')
+    with Chromium() as browser:
+        canary = browser.check(broken.as_uri())
+        assert canary.broken_images and canary.errors, "the check notices a missing image"
+        for page in sorted(report.glob("*.html")):
+            result = browser.check(page.as_uri())
+            assert result.ok, (page.name, result.errors, result.broken_images, result.foreign_requests)
+            assert result.images > 0, page.name
+        shot = browser.screenshot((report / "conv2.html").as_uri(), tmp_path / "conv2.png", max_height=900)
+    with Image.open(shot) as img:
+        arr = np.asarray(img.convert("L"), dtype=np.float32)
+    assert arr.shape == (900, 1280) and arr.std() > 10, "a screenshot with content"
+
+
+def _atlas_for(model: torch.nn.Module, datamodule, tmp: Path, **kwargs) -> Path:
+    """The atlas of ``model`` without a Trainer (as cnnfeat-explore draws pictures): step 0, step 1, finish."""
+    probe = probe_from_datamodule(datamodule, ProbeSpec(max_images=kwargs.pop("probe_images", 64)))
+    cb = AtlasCallback(**kwargs)
+    cb.prepare(model, probe)
+    cb.atlas_dir = tmp / "atlas"
+    with inference(model):
+        cb.render(model, probe, 0)
+        cb.render(model, probe, 1)
+        cb.finish(model, probe, 1)
+    return write_report(tmp).parent
+
+
+def test_foreign_model_functional_relus_get_unit_pages(datamodule, tmp_path: Path) -> None:
+    model = zoo()["mnist_net"].model()
+    report = _atlas_for(
+        model,
+        datamodule,
+        tmp_path,
+        max_units=8,
+        probe_size=64,
+        alive_probe_size=64,
+        batch_size=32,
+        featviz_max_units=2,
+        featviz_settings={"steps": 4},
+    )
+    pages = check_pages(report)
+    assert set(pages) == {"index.html", "conv1.html", "conv2.html", "fc1.html"}, "convs and the last hidden layer"
+    assert pages["fc1.html"].card_ids == [f"n{u}" for u in range(8)]
+    a = atlas.Atlas.load(tmp_path)
+    assert a is not None and a.layers[-1].activation == "relu:2", "F.relu after fc1 says alive/dead"
+
+
+def test_transfer_model_alexnet_conv1_to_conv5_with_rgb_224_optimised_inputs(datamodule, tmp_path: Path) -> None:
+    from cnnfeat.models import TransferClassifier
+    from cnnfeat.models.alexnet import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    model = TransferClassifier(weights="none")
+    layers = [f"backbone.conv{i}" for i in range(1, 6)]
+    report = _atlas_for(
+        model,
+        datamodule,
+        tmp_path,
+        probe_images=12,
+        layers=layers,
+        max_units=2,
+        top_k=2,
+        class_top=4,
+        probe_size=12,
+        alive_probe_size=12,
+        batch_size=12,
+        featviz_max_units=1,
+        featviz_at_real_best=False,
+        featviz_settings={"steps": 2},
+        featviz_input="backbone",
+        featviz_mean=list(IMAGENET_MEAN),
+        featviz_std=list(IMAGENET_STD),
+    )
+    pages = check_pages(report)
+    assert set(pages) == {"index.html", *(f"{n}.html" for n in layers)}
+    a = atlas.Atlas.load(tmp_path)
+    assert a is not None and all(i.frozen for i in a.layers) and a.steps(a.layers[0]) == [0], "frozen: once"
+    assert [i.rf_size for i in a.layers] == [[11, 11], [51, 51], [99, 99], [131, 131], [163, 163]]
+    fv = a.featviz(a.layers[4])
+    assert fv is not None and fv["images"].shape == (1, 3, 224, 224), "RGB 224 inputs of the frozen AlexNet"
+    assert a.patch_steps(a.layers[0]) == [0], "a frozen layer's patches are recorded once"
+    assert pages["backbone.conv5.html"].card_ids == ["c0", "c1"]
+
+
+def test_bad_input_is_refused_with_the_reason(tmp_path: Path, datamodule, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="nothing to report"):
+        write_report(tmp_path / "empty")
+    (tmp_path / "bad" / "atlas").mkdir(parents=True)
+    (tmp_path / "bad" / "atlas" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        write_report(tmp_path / "bad")
+    (tmp_path / "bad" / "atlas" / "manifest.json").write_text('{"format": 99}')
+    with pytest.raises(DataError, match="atlas format 99; this cnnfeat reads format 1"):
+        write_report(tmp_path / "bad")
+    for kwargs, message in (
+        ({"max_units": 0}, "max_units must be an integer >= 1 or null, got 0"),
+        ({"featviz_input": "backbone"}, "featviz_input needs featviz_mean and featviz_std"),
+        ({"featviz_settings": {"stepz": 3}}, r"unknown feature-visualisation setting\(s\) \['stepz'\]"),
+        ({"featviz_settings": {"steps": 0}}, "steps must be >= 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            AtlasCallback(**kwargs)
+    from cnnfeat.models import SmallCNN
+
+    probe = probe_from_datamodule(datamodule, ProbeSpec(max_images=32))
+    with pytest.raises(
+        ConfigError, match=r"Unknown layer name\(s\) \['conv9'\] for SmallCNN; valid names: \[.*'conv1'"
+    ):
+        AtlasCallback(layers=["conv9"]).prepare(SmallCNN(), probe)
+    with pytest.raises(ConfigError, match=r"outputs shape \(1, 2, 6\): the atlas needs \(N, C, H, W\) or \(N, F\)"):
+        atlas.layer_kind(_graph_with_3d_node(), "x")
+    with pytest.raises(ConfigError, match="probe_size=20000 is larger than"):
+        AtlasCallback(probe_size=20000).prepare(SmallCNN(), probe)
+    cb = AtlasCallback(featviz=False, probe_size=32, alive_probe_size=32)
+    cb.prepare(SmallCNN(), probe)
+    with pytest.raises(ConfigError, match=r"AtlasCallback has no output folder.*give atlas_dir="):
+        cb.render(SmallCNN(), probe, 0)
+
+
+def _graph_with_3d_node():
+    from cnnfeat.graph import trace_graph
+
+    class Seq(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.x = torch.nn.Conv1d(1, 2, 3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.x(t)
+
+    return trace_graph(Seq(), torch.zeros(1, 1, 8))
