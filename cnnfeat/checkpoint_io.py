@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 from cnnfeat.atomic import atomic_write, is_disk_full
 from cnnfeat.errors import CheckpointWriteError, TrainingDiverged
+from cnnfeat.lightning_api import TorchCheckpointIO
 
 
 def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:

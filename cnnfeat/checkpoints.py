@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.errors import CheckpointError
 from cnnfeat.models.classifier import ImageClassifier
 

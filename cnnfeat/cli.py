@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cnnfeat.errors import CnnfeatError, ConfigError
+from cnnfeat.lightning_api import target
 from cnnfeat.status import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 
 log = logging.getLogger("cnnfeat")
@@ -54,10 +55,10 @@ _TRAINER_CHANGED = {"enable_autolog_hparams": False}  # cnnfeat logs config + fi
 
 
 def trainer_arguments() -> dict[str, Any]:
-    """Every argument of the installed ``pytorch_lightning.Trainer`` with its default (plain values only)."""
+    """Every argument of the installed Lightning ``Trainer`` with its default (plain values only)."""
     import inspect
 
-    import pytorch_lightning as pl
+    from cnnfeat import lightning_api as pl
 
     args: dict[str, Any] = {}
     for name, p in inspect.signature(pl.Trainer.__init__).parameters.items():
@@ -80,6 +81,8 @@ def register_trainer_schema() -> None:
 
 register_trainer_schema()
 
+# ${pl:callbacks.ModelCheckpoint}: Lightning classes in configs follow cnnfeat's choice of package
+OmegaConf.register_new_resolver("pl", target, replace=True)
 # ${pid:} in run directories: two runs started in the same second still get directories of their own
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 # ${record_subdir:${resume}}: a resumed run records its config beside the original, never over it

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import FashionMNIST
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.atomic import atomic_write, is_disk_full, remove_orphans
 from cnnfeat.errors import ConfigError, DataError
 

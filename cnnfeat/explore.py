@@ -19,12 +19,12 @@ import re
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.callbacks import EmbeddingCallback, VisualizationCallback
 from cnnfeat.callbacks.base import inference, shared_probe
 from cnnfeat.checkpoints import load_model, read_checkpoint

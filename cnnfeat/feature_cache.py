@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cache
 from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.models.alexnet import FrozenAlexNet

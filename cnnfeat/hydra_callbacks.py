@@ -12,10 +12,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from cnnfeat.atomic import atomic_write
 from cnnfeat.errors import RunDirectoryBusy
+from cnnfeat.lightning_api import rank_zero_only
 from cnnfeat.status import EXIT_USER_ERROR, RunLock, json_safe, read_status, write_status
 
 log = logging.getLogger("cnnfeat")

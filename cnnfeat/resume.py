@@ -16,10 +16,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.errors import CheckpointError
 
 log = logging.getLogger("cnnfeat")

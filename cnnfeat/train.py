@@ -12,18 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.plugins.io import CheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.checkpoint_io import AtomicCheckpointIO
 from cnnfeat.checkpoints import check_compatible, read_checkpoint
 from cnnfeat.cli import CONFIG_DIR, instantiate_group, instantiate_node, is_multirun, run_cli, sigterm_raises
 from cnnfeat.errors import CheckpointError, ConfigError, TrainingDiverged
+from cnnfeat.lightning_api import (
+    CheckpointIO,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    TensorBoardLogger,
+    rank_zero_only,
+)
 from cnnfeat.resume import CONFIG_KEY, ApplyOverrides, RecordConfig, check_resume, training_config
 from cnnfeat.status import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, RunLock, read_status, write_status
 

@@ -13,6 +13,7 @@ import pytest
 import tomllib
 import torch
 
+from tests.conftest import read_events
 from tests.helpers.procs import strict_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +57,10 @@ USER_EXPERIMENT = """
 # @package _global_
 defaults:
   - override /model: tiny_net
-  - override /callbacks: none
-trainer:
-  max_epochs: 1
-  limit_train_batches: 3
-  limit_val_batches: 2
-  limit_test_batches: 2
+callbacks:
+  filters: {layers: [conv]}
+  feature_maps: {layers: [conv]}
+  top_patches: {layers: [conv]}
 """
 
 
@@ -142,6 +141,13 @@ def test_a_user_config_folder_adds_a_model_and_an_experiment(
         "hydra.searchpath=[file://./my_conf]",
         "experiment=tiny",
         "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "callbacks.dead_relu.probe_size=200",
+        "callbacks.top_patches.probe_size=200",
+        "callbacks.umap.probe_size=200",
         "hydra.run.dir=outputs/tiny",
         f"data.data_dir={data_dir}",
         f"data.cache_dir={cache_dir}",
@@ -149,3 +155,6 @@ def test_a_user_config_folder_adds_a_model_and_an_experiment(
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["cnnfeat_model"] == "my_models.TinyNet" and ckpt["hyper_parameters"]["width"] == 8
+    images = read_events(tmp_path / "outputs" / "tiny")["images"]
+    for tag in ("filters/conv", "feature_maps/conv/relu/img22", "top_patches/conv", "umap/features"):
+        assert [e.step for e in images[tag]] == [0, 1], tag

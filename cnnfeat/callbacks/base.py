@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
+from cnnfeat import lightning_api as pl
 from cnnfeat import viz
 from cnnfeat.errors import ConfigError
+from cnnfeat.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 
 log = logging.getLogger("cnnfeat")

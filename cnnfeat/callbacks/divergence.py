@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.errors import ConfigError, TrainingDiverged
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import pytorch_lightning as pl
 from typing_extensions import override
+
+from cnnfeat import lightning_api as pl
 
 log = logging.getLogger("cnnfeat")
 

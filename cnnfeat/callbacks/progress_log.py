@@ -7,9 +7,9 @@ import sys
 import time
 from typing import Any
 
-import pytorch_lightning as pl
 from typing_extensions import override
 
+from cnnfeat import lightning_api as pl
 from cnnfeat.errors import ConfigError
 
 log = logging.getLogger("cnnfeat")

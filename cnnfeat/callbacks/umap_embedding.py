@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch import nn
 from typing_extensions import override
 
 from cnnfeat import embedding, viz
+from cnnfeat import lightning_api as pl
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, tensorboard_writer
 from cnnfeat.errors import ConfigError
 from cnnfeat.graph import capture, graph_node_names, trace_graph

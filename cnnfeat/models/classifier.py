@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -23,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cnnfeat import graph as cgraph
 from cnnfeat import layers
+from cnnfeat import lightning_api as pl
 from cnnfeat.errors import ConfigError
 from cnnfeat.rng import rng_states, set_rng_states
 
