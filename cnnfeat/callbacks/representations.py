@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from typing_extensions import override
 
+from cnnfeat import lightning_api as pl
 from cnnfeat import plots
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, tensorboard_writer
 from cnnfeat.checkpoints import load_model
