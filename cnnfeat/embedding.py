@@ -10,12 +10,19 @@ Why the pieces are as they are (measured on a 2-core CPU, 2,000 x 100 points):
     (orthogonal Procrustes), so frames can share fixed axes;
   * ``umap`` is imported on first use (importing it costs seconds), with numba's on-disk cache switched on
     for the functions a fit compiles: umap-learn compiles them anew in every process (~4 s here); with
-    the cache only the first run on a machine pays that.
+    the cache only the first run on a machine pays that. pynndescent, which umap imports but a fit on a
+    precomputed k-NN graph never uses, is replaced by stand-ins that import it on first use: in a fresh
+    environment its import alone compiled for ~20 s.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+import types
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -64,11 +71,85 @@ _UMAP_JIT = {  # module -> numba functions a UMAP fit compiles (umap-learn 0.5)
 }
 
 
+class _LazyMapping(Mapping):
+    """A dict of pynndescent's that is read only when consulted (umap consults it for metrics of its own: never)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module, self._name = module, name
+
+    def _real(self) -> Mapping:
+        return getattr(_real_pynndescent(self._module), self._name)
+
+    def __contains__(self, key: object) -> bool:
+        if key in _EUCLIDEAN and _stubbed():  # what umap asks for a Euclidean fit: answered without importing
+            return True
+        return key in self._real()
+
+    def __getitem__(self, key: str) -> object:
+        return self._real()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._real())
+
+    def __len__(self) -> int:
+        return len(self._real())
+
+
+class _LazyClassMeta(type):
+    def __instancecheck__(cls, obj: object) -> bool:
+        if _stubbed():  # no NNDescent can exist before the real package is imported
+            return False
+        return isinstance(obj, _real_pynndescent("pynndescent").NNDescent)
+
+
+class _LazyNNDescent(metaclass=_LazyClassMeta):
+    """Stands in for ``pynndescent.NNDescent``; constructing one imports the real class."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> object:
+        return _real_pynndescent("pynndescent").NNDescent(*args, **kwargs)
+
+
+_STUBS = ("pynndescent", "pynndescent.distances", "pynndescent.sparse")
+_EUCLIDEAN = ("euclidean", "l2", "sqeuclidean")
+
+
+def _stubbed() -> bool:
+    """Whether the stand-ins (not the real pynndescent) are what ``import pynndescent`` gives now."""
+    return bool(getattr(sys.modules.get("pynndescent"), "_cnnfeat_stub", False))
+
+
+def _real_pynndescent(module: str) -> types.ModuleType:
+    """Import the real pynndescent (module), replacing the stand-ins installed by :func:`_umap`."""
+    for name in _STUBS:
+        if getattr(sys.modules.get(name), "_cnnfeat_stub", False):
+            del sys.modules[name]
+    return importlib.import_module(module)
+
+
+def _install_pynndescent_stubs() -> None:
+    """Stand-ins for the three pynndescent names umap-learn imports at import time.
+
+    Importing pynndescent compiles dozens of numba functions (about 20 s in a fresh environment, 2 s with a warm
+    numba cache) that a fit with ``precomputed_knn`` and a Euclidean metric never calls. The stand-ins import the
+    real package the moment anything actually uses it; ``CNNFEAT_LAZY_PYNNDESCENT=0`` turns this off.
+    """
+    if os.environ.get("CNNFEAT_LAZY_PYNNDESCENT") == "0" or "pynndescent" in sys.modules:
+        return
+    attrs = {
+        "pynndescent": {"NNDescent": _LazyNNDescent, "__path__": []},
+        "pynndescent.distances": {"named_distances": _LazyMapping("pynndescent.distances", "named_distances")},
+        "pynndescent.sparse": {"sparse_named_distances": _LazyMapping("pynndescent.sparse", "sparse_named_distances")},
+    }
+    for name, values in attrs.items():
+        stub = types.ModuleType(name, "cnnfeat's stand-in: the real module is imported on first use")
+        stub.__dict__.update(values, _cnnfeat_stub=True)
+        sys.modules[name] = stub
+
+
 @cache
 def _umap():
     """Import umap-learn once, with numba's on-disk cache enabled for the functions its fits compile."""
-    import importlib
-
+    _install_pynndescent_stubs()
     import umap
 
     for module, names in _UMAP_JIT.items():

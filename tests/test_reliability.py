@@ -94,6 +94,8 @@ def test_callback_state_survives_resume(make_cfg: MakeCfg, tmp_path: Path) -> No
     from PIL import Image
 
     assert Image.open(tmp_path / "umap_embedding.gif").n_frames == 3, "untrained + epoch 1 (restored) + epoch 2"
+    steps = [e.step for e in read_events(tmp_path)["images"]["umap/features"]]
+    assert sorted(steps) == [0, 1, 2], "the resumed fit does not redraw step 0 from trained weights"
 
 
 def test_same_seed_same_metrics_and_pictures(make_cfg: MakeCfg, tmp_path: Path) -> None:

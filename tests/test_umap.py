@@ -207,3 +207,39 @@ def test_torch_metrics_equal_scikit_learn() -> None:
         assert embedding.knn_cv_accuracy(t, yt, 5, 5) == pytest.approx(ref, abs=1e-9)
     assert embedding.trustworthiness_score(xt, et, 5) == pytest.approx(trustworthiness(x, e, n_neighbors=5), abs=1e-6)
     assert embedding.silhouette(et, yt) == pytest.approx(silhouette_score(e, labels), abs=1e-5)
+
+
+LAZY_CHECK = """
+import sys
+import numpy as np
+from cnnfeat.embedding import fit_umap
+x = np.random.RandomState(0).randn(300, 20).astype("float32")
+e = fit_umap(x, n_neighbors=10, n_epochs=20, random_state=0)
+np.save(sys.argv[1], e)
+print("stand-in kept:", getattr(sys.modules["pynndescent"], "_cnnfeat_stub", False))
+import umap.umap_ as u
+print("real on use:", type(u.NNDescent(x, n_neighbors=5, random_state=0)).__module__)
+"""
+
+
+def test_pynndescent_is_imported_only_when_used(tmp_path: Path) -> None:
+    """Its import compiles for ~20 s in a fresh environment; a fit on a precomputed k-NN graph never needs it."""
+    import os
+    import subprocess
+    import sys
+
+    maps = {}
+    for lazy in ("1", "0"):
+        out = tmp_path / f"map{lazy}.npy"
+        r = subprocess.run(
+            [sys.executable, "-c", LAZY_CHECK, str(out)],
+            env={**os.environ, "CNNFEAT_LAZY_PYNNDESCENT": lazy},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"stand-in kept: {lazy == '1'}" in r.stdout, r.stdout
+        assert "real on use: pynndescent.pynndescent_" in r.stdout, "anything that needs it gets the real class"
+        maps[lazy] = np.load(out)
+    assert np.array_equal(maps["1"], maps["0"]), "the same map with and without the stand-ins"

@@ -211,7 +211,8 @@ class VisualizationCallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.log_untrained and trainer.current_epoch == 0 and trainer.global_step == 0:
+        # a resumed fit restores its epoch counter only after this hook: the checkpoint path tells it apart
+        if self.log_untrained and trainer.ckpt_path is None and trainer.current_epoch == 0 and trainer.global_step == 0:
             self._emit(trainer, pl_module, step=0)
 
     @override
