@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnfeat import lightning_api as pl
-from cnnfeat.callbacks import EmbeddingCallback, VisualizationCallback
+from cnnfeat.callbacks import VisualizationCallback
 from cnnfeat.callbacks.base import inference, shared_probe
 from cnnfeat.checkpoints import load_model, read_checkpoint
 from cnnfeat.cli import CONFIG_DIR, instantiate_group, run_cli
@@ -105,9 +105,9 @@ def explore(cfg: DictConfig) -> Path:
                 pictures.write(writer, step, png_dir)  # images and scalars at step = epochs trained
             log.info("Pictures for step %d (%s)", step, type(model).__name__)
             model.to("cpu")
-        for cb in callbacks:
-            if isinstance(cb, EmbeddingCallback) and cb.embeddings and cb.gif and cb.probe is not None:
-                log.info("UMAP animation: %s", cb.write_gif(cb.probe, out / "umap_embedding.gif"))
+        for cb in callbacks:  # what the end of fit adds: the UMAP animation, CKA summaries, ...
+            for step, pictures in cb.finish(out).items():
+                pictures.write(writer, step, png_dir)
     finally:
         writer.close()
     log.info("Explored %d checkpoint(s) of %s: tensorboard --logdir %s", len(files), cfg.ckpt, out)

@@ -7,12 +7,14 @@ from cnnfeat.callbacks.epoch_summary import EpochSummary
 from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
 from cnnfeat.callbacks.filters import FilterCallback
 from cnnfeat.callbacks.progress_log import ProgressLog
+from cnnfeat.callbacks.representations import CrossModelCKACallback, RepresentationCallback
 from cnnfeat.callbacks.shape_table import ShapeTableCallback
 from cnnfeat.callbacks.top_patches import TopPatchesCallback
 from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
 
 __all__ = [
     "LECTURE_IMAGE_IDS",
+    "CrossModelCKACallback",
     "DeadReluCallback",
     "DivergenceGuard",
     "EmbeddingCallback",
@@ -21,6 +23,7 @@ __all__ = [
     "FilterCallback",
     "Pictures",
     "ProgressLog",
+    "RepresentationCallback",
     "ShapeTableCallback",
     "TopPatchesCallback",
     "VisualizationCallback",

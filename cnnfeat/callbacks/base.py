@@ -239,6 +239,27 @@ class VisualizationCallback(pl.Callback):
         """``<run dir>/images`` when ``save_png`` (the run directory is resolved in ``setup``)."""
         return (self._run_dir or Path(".")) / "images" if self.save_png else None
 
+    def finish(self, out_dir: Path | None) -> dict[int, Pictures]:
+        """End-of-run outputs built from what ``render`` accumulated: files under ``out_dir`` (``None``: write no
+        files) and pictures by step. Called once at the end of fit (rank 0) and by ``cnnfeat-explore`` after its
+        last checkpoint, so both produce the same outputs. Default: nothing."""
+        return {}
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        start = time.perf_counter()
+        results = self.finish(self._run_dir)
+        writer = tensorboard_writer(trainer)
+        for step, pictures in results.items():
+            pictures.write(writer, step, self.png_dir(), scalars=False)
+            if pictures.scalars:
+                for lg in trainer.loggers:  # an explicit step, as everywhere else
+                    lg.log_metrics(dict(pictures.scalars), step=step)
+        if results:
+            self.seconds.append(time.perf_counter() - start)
+
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Render on rank 0 and write everything at ``step`` (= epochs trained); no collective is involved."""
         if trainer.sanity_checking or not trainer.is_global_zero:

@@ -32,7 +32,7 @@ from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
 from cnnfeat import plots
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, tensorboard_writer
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
 from cnnfeat.checkpoints import load_model
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import ConfigError
@@ -482,21 +482,17 @@ class RepresentationCallback(VisualizationCallback):
         super().on_train_epoch_end(trainer, pl_module)
 
     @override
+    def finish(self, out_dir: Path | None) -> dict[int, Pictures]:
+        """The end-of-run summary (see ``summary``); ``representations.json`` goes to ``out_dir``."""
+        summary = self.summary()
+        if summary and out_dir is not None:
+            self.save_json(out_dir / "representations.json")
+        return summary
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fitting = False
-        if not trainer.is_global_zero or trainer.sanity_checking:
-            return
-        start = time.perf_counter()
-        summary = self.summary()
-        writer, png = tensorboard_writer(trainer), self.png_dir()
-        for step, pictures in summary.items():
-            pictures.write(writer, step, png, scalars=False)
-            if pictures.scalars:
-                for lg in trainer.loggers:
-                    lg.log_metrics(dict(pictures.scalars), step=step)
-        if summary and self._run_dir is not None:
-            self.save_json(self._run_dir / "representations.json")
-        self.seconds.append(time.perf_counter() - start)
+        super().on_fit_end(trainer, pl_module)
 
     # -- checkpointing --------------------------------------------------------------------------------------
     @override

@@ -211,12 +211,17 @@ class EmbeddingCallback(VisualizationCallback):
         return path
 
     @override
+    def finish(self, out_dir: Path | None) -> dict[int, Pictures]:
+        """``umap_embedding.gif`` in ``out_dir``: the raw-pixel map beside every stored feature map."""
+        if self.gif and out_dir is not None and self.embeddings and self.probe is not None:
+            log.info("UMAP animation: %s", self.write_gif(self.probe, out_dir / "umap_embedding.gif"))
+        return {}
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)  # the GIF
         if not trainer.is_global_zero or not self.embeddings or self.probe is None:
             return
-        if self.gif:
-            path = self.write_gif(self.probe, (self._run_dir or Path(".")) / "umap_embedding.gif")
-            log.info("UMAP animation: %s", path)
         writer = tensorboard_writer(trainer)
         if self.projector and writer is not None and self._last_features is not None:
             positions = self.positions(self.probe)
