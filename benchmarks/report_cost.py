@@ -155,8 +155,8 @@ def markdown(r: dict, m: dict, note: str) -> str:
         "fidelity": r["fidelity_share_conv"] >= LIMITS["fidelity_share"],
     }
     steps = r["atlas_step_seconds"]
-    mean = statistics.mean
-    epoch = f"{mean(r['epoch_seconds']):.1f} s" if r["epoch_seconds"] else "n/a"
+    median = statistics.median
+    epoch = f"{median(r['epoch_seconds']):.1f} s" if r["epoch_seconds"] else "n/a"
     flagged = ", ".join(
         f"{f['layer']} c{f['unit']} ({f['fidelity']:.2f}, best real {f['best_real']:.3g})" for f in r["flagged_conv"]
     )
@@ -171,11 +171,12 @@ def markdown(r: dict, m: dict, note: str) -> str:
         f"| report on disk | {r['report_mb']:.1f} MB in {r['report_files']} files | 25 MB | "
         f"{'ok' if ok['report_mb'] else 'OVER'} |",
         f"| atlas on disk | {r['atlas_mb']:.1f} MB in {r['atlas_files']} files | | |",
-        f"| AtlasCallback per epoch (weights + alive/dead) | {mean(steps['plain']):.2f} s "
-        f"(max {max(steps['plain']):.2f}) | | epoch: {epoch} |"
+        f"| AtlasCallback per epoch (weights + alive/dead), median | {median(steps['plain']):.2f} s "
+        f"(min {min(steps['plain']):.2f}, max {max(steps['plain']):.2f}) | | epoch (median): {epoch} |"
         if steps["plain"]
         else "| AtlasCallback per epoch | n/a | | |",
-        f"| AtlasCallback at kept epochs (+ top patches) | {mean(steps['with_patches']):.2f} s | | |"
+        f"| AtlasCallback at kept epochs (+ top patches on 10k images), median | "
+        f"{median(steps['with_patches']):.2f} s | | |"
         if steps["with_patches"]
         else "| AtlasCallback at kept epochs | n/a | | |",
         f"| end of fit: final patches + top-100 classes | {r['atlas_final_patches_classes_seconds']:.2f} s | | |",

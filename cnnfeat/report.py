@@ -677,11 +677,17 @@ class _Writer:
                 ]
             )
         fv = (a.manifest.get("settings") or {}).get("featviz_settings") or {}
+        fc = (a.manifest.get("settings") or {}).get("featviz_fc_settings") or {}
+        diff = {k: v for k, v in fc.items() if fv.get(k) != v}
+        fc_note = ""
+        if diff and any(i.kind == "fc" for i in a.layers):
+            fc_note = "; fully connected units: " + ", ".join(f"{esc(k)} {esc(v)}" for k, v in diff.items())
         note = (
             f"<p class='muted'>Optimised inputs: objective <b>{esc(fv.get('objective', '?'))}</b>, "
             f"{esc(fv.get('steps', '?'))} steps, {esc(fv.get('parametrization', '?'))} parametrisation, seed "
-            f"{esc(fv.get('seed', '?'))}. Fidelity = the unit's activation on its optimised input / on its best real "
-            f"patch ({esc((a.manifest.get('probe') or {}).get('describe', ''))}); below 1.0 is flagged on the card.</p>"
+            f"{esc(fv.get('seed', '?'))}{fc_note}. Fidelity = the unit's activation on its optimised input / on its "
+            f"best real patch ({esc((a.manifest.get('probe') or {}).get('describe', ''))}); below 1.0 is flagged on "
+            "the card.</p>"
         )
         head = ["layer", "kind", "units", "receptive field", "dead at the end", "fidelity ≥ 1"]
         head += [""] if any(i.frozen for i in a.layers) else []

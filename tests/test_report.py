@@ -213,11 +213,18 @@ def _atlas_for(model: torch.nn.Module, datamodule, tmp: Path, **kwargs) -> Path:
     probe = probe_from_datamodule(datamodule, ProbeSpec(max_images=kwargs.pop("probe_images", 64)))
     cb = AtlasCallback(**kwargs)
     cb.prepare(model, probe)
-    cb.atlas_dir = tmp / "atlas"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
     with inference(model):
         cb.render(model, probe, 0)
         cb.render(model, probe, 1)
-        cb.finish(model, probe, 1)
+    assert not (tmp / "atlas").exists(), "kept until the output folder is named, as cnnfeat-explore does at the end"
+    shares = cb.finish(tmp)
+    assert list(shares) == [1] and all(k.startswith("atlas/fidelity_share/") for k in shares[1].scalars)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "recording and optimising change no weight"
+    assert all(p.grad is None for p in model.parameters()), "feature visualisation leaves .grad alone"
+    assert model.training, "the module's mode is restored"
     return write_report(tmp).parent
 
 
@@ -239,6 +246,45 @@ def test_foreign_model_functional_relus_get_unit_pages(datamodule, tmp_path: Pat
     assert pages["fc1.html"].card_ids == [f"n{u}" for u in range(8)]
     a = atlas.Atlas.load(tmp_path)
     assert a is not None and a.layers[-1].activation == "relu:2", "F.relu after fc1 says alive/dead"
+
+
+def test_foreign_model_and_tutorial_datamodule_through_a_trainer(data_dir: Path, tmp_path: Path) -> None:
+    """LeNet (functional ReLUs and pooling, padded 28 -> 32) in a plain LightningModule, fed by a DataModule written
+    as Lightning's docs write one (torchvision Normalize, no test split during fit)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from tests.helpers.lightning_zoo import TutorialFashionMNIST, ZooModule, torchvision_root
+
+    dm = TutorialFashionMNIST(torchvision_root(data_dir, tmp_path / "tv"))
+    model = ZooModule(zoo()["lenet"].model(), input_size=32)
+    cb = AtlasCallback(
+        probe_size=64, alive_probe_size=64, batch_size=32, featviz_max_units=3, featviz_settings={"steps": 4}
+    )
+    run = tmp_path / "run"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=TensorBoardLogger(run, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(model, datamodule=dm)
+    a = atlas.Atlas.load(run)
+    assert a is not None and [i.name for i in a.layers] == ["net.conv1", "net.conv2", "net.fc2"]
+    space = a.manifest["settings"]["input_space"]
+    assert space["scale"][0] == pytest.approx(1 / 0.3530, rel=1e-4), "the Normalize found from images vs inputs"
+    assert space["shift"][0] == pytest.approx(-0.2860 / 0.3530, rel=1e-4)
+    assert a.manifest["probe"]["split"] == "val", "the tutorial DataModule has no test split during fit"
+    pages = check_pages(write_report(run).parent)
+    assert pages["net.conv2.html"].card_ids == [f"c{u}" for u in range(16)]
+    assert pages["net.fc2.html"].card_ids == [f"n{u}" for u in range(84)]
+    assert a.steps(a.layers[0]) == [0, 1] and a.featviz(a.layers[1])["images"].shape == (3, 1, 28, 28)
 
 
 def test_transfer_model_alexnet_conv1_to_conv5_with_rgb_224_optimised_inputs(datamodule, tmp_path: Path) -> None:
@@ -311,10 +357,11 @@ def test_bad_input_is_refused_with_the_reason(tmp_path: Path, datamodule, capsys
         atlas.layer_kind(_graph_with_3d_node(), "x")
     with pytest.raises(ConfigError, match="probe_size=20000 is larger than"):
         AtlasCallback(probe_size=20000).prepare(SmallCNN(), probe)
-    cb = AtlasCallback(featviz=False, probe_size=32, alive_probe_size=32)
-    cb.prepare(SmallCNN(), probe)
-    with pytest.raises(ConfigError, match=r"AtlasCallback has no output folder.*give atlas_dir="):
-        cb.render(SmallCNN(), probe, 0)
+    cb, model = AtlasCallback(featviz=False, probe_size=32, alive_probe_size=32), SmallCNN()
+    cb.prepare(model, probe)
+    with inference(model):
+        cb.render(model, probe, 0)
+    assert cb.finish(None) == {} and cb.atlas_dir is None, "no output folder: nothing is written anywhere"
 
 
 def _graph_with_3d_node():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,23 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{name} must be an integer >= 1{' or null' if allow_none else ''}, got {value!r}")
 
 
+class _Queue:
+    """``AtlasWriter`` calls kept until the output folder is known, then replayed in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("_") or not callable(getattr(atlas.AtlasWriter, name, None)):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    def flush(self, writer: atlas.AtlasWriter) -> None:
+        for name, args, kwargs in self.calls:
+            getattr(writer, name)(*args, **kwargs)
+        self.calls.clear()
+
+
 class AtlasCallback(VisualizationCallback):
     """Records, per unit, what the report's unit cards show (format: ``cnnfeat.atlas``).
 
@@ -54,7 +72,8 @@ class AtlasCallback(VisualizationCallback):
         probe_size: probe images searched for top patches and classes (``None``: the whole probe split).
         atlas_dir: where the files go (``None``: ``<run dir>/atlas``, the folder ``cnnfeat-report`` reads).
         featviz: optimise inputs at the end; ``featviz_max_units`` caps the units per layer (``None``: all recorded),
-            ``featviz_settings`` are ``cnnfeat.featviz.FeatVizSettings`` fields, ``featviz_at_real_best`` also starts
+            ``featviz_settings`` are ``cnnfeat.featviz.FeatVizSettings`` fields (``featviz_fc_settings`` override them
+            for fully connected layers, whose inputs are whole images), ``featviz_at_real_best`` also starts
             each conv unit's neuron objective at its best real patch. ``featviz_input``: a module whose output the
             optimised image replaces as ``(x - featviz_mean) / featviz_std`` (``None``: the model's
             input, through the affine map the probe's images and inputs define).
@@ -75,6 +94,7 @@ class AtlasCallback(VisualizationCallback):
         featviz: bool = True,
         featviz_max_units: int | None = None,
         featviz_settings: Mapping[str, Any] | None = None,
+        featviz_fc_settings: Mapping[str, Any] | None = None,
         featviz_at_real_best: bool = True,
         featviz_input: str | None = None,
         featviz_mean: Sequence[float] | float | None = None,
@@ -108,8 +128,10 @@ class AtlasCallback(VisualizationCallback):
         self.max_units, self.top_k, self.class_top = max_units, top_k, class_top
         self.patches_every_n_epochs, self.probe_size = patches_every_n_epochs, probe_size
         self.alive_probe_size, self.max_cell, self.batch_size = alive_probe_size, max_cell, batch_size
+        self.alive_size = alive_probe_size  #: images the alive test reads (the probe may be smaller; see check)
         self.featviz, self.featviz_max_units = featviz, featviz_max_units
         self.settings = atlas.featviz_settings(featviz_settings)
+        self.fc_settings = atlas.featviz_settings({**self.settings.to_dict(), **dict(featviz_fc_settings or {})})
         self.featviz_at_real_best = featviz_at_real_best
         self.featviz_input = featviz_input
         self.featviz_mean = self._floats(featviz_mean)
@@ -122,6 +144,10 @@ class AtlasCallback(VisualizationCallback):
         self._max_epochs: int | None = None
         self._tops: dict[int, TopPatchesCallback] = {}
         self._timings: dict[str, float] = {}
+        self._recorded: set[tuple[str, str, int]] = set()  # (layer, "step" or "patches", step) written or queued
+        self._queue = _Queue()
+        self._model: weakref.ref[nn.Module] | None = None  # the last rendered network, for ``finish``
+        self._last_step: int | None = None
         self._finished: dict[str, Any] = {}
 
     @staticmethod
@@ -196,29 +222,28 @@ class AtlasCallback(VisualizationCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.atlas_dir is None:
+        if stage != "fit":
+            return
+        if self.atlas_dir is None:
             self.atlas_dir = (self._run_dir or Path(".")) / atlas.ATLAS_DIR
-            self._max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self._max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
 
     @override
     def should_render(self, writer: object) -> bool:
         return True  # writes files, not pictures
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.probe is None:
-            return
-        with inference(pl_module):
-            self.finish(pl_module, self.probe, trainer.current_epoch)
-
     # -- recording -----------------------------------------------------------------------------------
-    def _atlas(self) -> atlas.AtlasWriter:
-        if self.atlas_dir is None:
-            raise ConfigError(
-                "AtlasCallback has no output folder: it is <run dir>/atlas under a Trainer; elsewhere "
-                "(cnnfeat-explore) give atlas_dir=..."
-            )
-        return atlas.AtlasWriter(self.atlas_dir)
+    def _atlas(self) -> atlas.AtlasWriter | _Queue:
+        """The writer; until the output folder is known (``cnnfeat-explore`` names it in ``finish``) a queue."""
+        return atlas.AtlasWriter(self.atlas_dir) if self.atlas_dir is not None else self._queue
+
+    def _has(self, info: atlas.LayerInfo, kind: str, step: int | None = None) -> bool:
+        """Whether ``kind`` ("step" or "patches") was recorded for the layer (at ``step``; any step if None): in this
+        process, or on disk from before a resume."""
+        mine = {s for name, k, s in self._recorded if name == info.name and k == kind}
+        if self.atlas_dir is not None:
+            mine |= {int(p.stem.rsplit("_", 1)[1]) for p in (self.atlas_dir / info.slug).glob(f"{kind}_*.npz")}
+        return bool(mine) if step is None else step in mine
 
     def write_manifest(self, probe: ProbeSet) -> None:
         """The atlas's static description plus what was measured so far."""
@@ -243,6 +268,7 @@ class AtlasCallback(VisualizationCallback):
                     "featviz_max_units": self.featviz_max_units,
                     "featviz_at_real_best": self.featviz_at_real_best,
                     "featviz_settings": self.settings.to_dict(),
+                    "featviz_fc_settings": self.fc_settings.to_dict(),
                     "input_space": self.space.to_dict() if self.space is not None else None,
                 },
                 "seconds": self._timings,
@@ -255,7 +281,8 @@ class AtlasCallback(VisualizationCallback):
         assert probe is not None
         start = time.perf_counter()
         writer = self._atlas()
-        todo = [i for i in self.infos if not (i.frozen and self._recorded(i))]
+        self._model, self._last_step = weakref.ref(pl_module), step
+        todo = [i for i in self.infos if not (i.frozen and self._has(i, "step"))]
         maxima = self._unit_max(pl_module, probe, todo)
         modules = dict(pl_module.named_modules())
         for info in todo:
@@ -263,19 +290,14 @@ class AtlasCallback(VisualizationCallback):
             if info.weights:
                 weights = modules[info.name.rsplit(":", 1)[0]].weight.detach()[info.shown]
             writer.step(info.name, step, maxima[info.name][info.shown], weights)
+            self._recorded.add((info.name, "step", step))
         last = self._max_epochs is not None and step >= self._max_epochs
         if step % self.patches_every_n_epochs == 0 and not last:
-            todo = [i for i in self.infos if not (i.frozen and self._patched(i))]
+            todo = [i for i in self.infos if not (i.frozen and self._has(i, "patches"))]
             self._record_patches(pl_module, probe, step, todo, self.top_k)
         self._timings[f"step_{step:03d}"] = round(time.perf_counter() - start, 4)
         self.write_manifest(probe)
         return Pictures()
-
-    def _recorded(self, info: atlas.LayerInfo) -> bool:
-        return any((self._atlas().dir / info.slug).glob("step_*.npz"))
-
-    def _patched(self, info: atlas.LayerInfo) -> bool:
-        return any((self._atlas().dir / info.slug).glob("patches_*.npz"))
 
     def _unit_max(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo]) -> dict[str, torch.Tensor]:
         """Each unit's largest activation (after its activation function) on the alive probe."""
@@ -375,6 +397,7 @@ class AtlasCallback(VisualizationCallback):
                 boxes=boxes.numpy(),
                 crops=atlas.to_uint8(crops),
             )
+            self._recorded.add((info.name, "patches", step))
         return {name: t for name, (t, _) in tops.items()}
 
     def _sources(
@@ -398,14 +421,32 @@ class AtlasCallback(VisualizationCallback):
         return out
 
     # -- the end of fit ------------------------------------------------------------------------------
-    def finish(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> None:
-        """Final patches, classes of the top activations and optimised inputs (call under ``inference``)."""
+    @override
+    def finish(self, out_dir: Path | None) -> dict[int, Pictures]:
+        """The end of fit (rank 0) or of ``cnnfeat-explore``: ``final`` on the last rendered network; files go to
+        ``<out_dir>/atlas`` unless the folder was known before (``None`` and none known: nothing is written)."""
+        model = self._model() if self._model is not None else None
+        if model is None or self.probe is None or self._last_step is None:
+            return {}
+        if self.atlas_dir is None:
+            if out_dir is None:
+                self._queue.calls.clear()
+                return {}
+            self.atlas_dir = Path(out_dir) / atlas.ATLAS_DIR
+        self._queue.flush(atlas.AtlasWriter(self.atlas_dir))
+        with inference(model):
+            share = self.final(model, self.probe, self._last_step)
+        return {self._last_step: Pictures(scalars={f"atlas/fidelity_share/{k}": v for k, v in share.items()})}
+
+    def final(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> dict[str, float]:
+        """Final patches, classes of the top activations and optimised inputs of ``pl_module`` at ``step`` (call
+        under ``inference``); returns each layer's share of units whose optimised input reaches fidelity 1."""
         start = time.perf_counter()
         writer = self._atlas()
-        if any(step not in self._steps(i) for i in self.infos if not i.frozen):
+        if any(not self._has(i, "step", step) for i in self.infos if not i.frozen):
             self.render(pl_module, probe, step)  # the last epoch was not recorded (e.g. stopped early)
         k = max(self.top_k, self.class_top)
-        write = {i.name for i in self.infos if not (i.frozen and self._patched(i))}  # frozen: patches once
+        write = {i.name for i in self.infos if not (i.frozen and self._has(i, "patches"))}  # frozen: once
         tops = self._record_patches(pl_module, probe, step, self.infos, k, write)
         for info in self.infos:
             top = tops[info.name]
@@ -415,6 +456,7 @@ class AtlasCallback(VisualizationCallback):
                 info.name, step, counts, top.values[: self.class_top, info.shown].T.float().cpu().numpy(), ids.numpy()
             )
         self._timings["final_patches_classes"] = round(time.perf_counter() - start, 4)
+        share: dict[str, float] = {}
         if self.featviz and self.space is not None:
             t0 = time.perf_counter()
             share = self._featviz(pl_module, probe, step, tops)
@@ -422,9 +464,7 @@ class AtlasCallback(VisualizationCallback):
             self._finished["fidelity_share"] = share
         self._finished["step"] = step
         self.write_manifest(probe)
-
-    def _steps(self, info: atlas.LayerInfo) -> list[int]:
-        return sorted(int(p.stem.rsplit("_", 1)[1]) for p in (self._atlas().dir / info.slug).glob("step_*.npz"))
+        return share
 
     @staticmethod
     def _positions(probe: ProbeSet, ids: torch.Tensor) -> torch.Tensor:
@@ -454,7 +494,7 @@ class AtlasCallback(VisualizationCallback):
                 fn,
                 info.featviz_units,
                 self.space,
-                self.settings,
+                self.settings if info.kind == "conv" else self.fc_settings,
                 reference,
                 positions,
                 info.name,
