@@ -17,24 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, run_config, write_json
 
-# The lecture's printed log: (train accuracy %, train avgLoss, valid accuracy %) per epoch.
-LECTURE = [
-    (51.77, 1.2684, 79.38),
-    (83.00, 0.4497, 83.78),
-    (87.29, 0.3438, 86.31),
-    (88.06, 0.3190, 87.02),
-    (88.74, 0.3009, 87.21),
-    (89.88, 0.2700, 88.87),
-    (90.16, 0.2609, 88.85),
-    (90.49, 0.2507, 89.60),
-    (91.26, 0.2361, 89.53),
-    (91.39, 0.2317, 89.70),
-    (91.48, 0.2283, 89.59),
-    (91.86, 0.2188, 90.00),
-    (91.97, 0.2167, 90.13),
-    (92.05, 0.2143, 90.28),
-    (92.17, 0.2093, 90.39),
-]
+from cnnfeat.lecture import LECTURE_LOG
 
 
 def main() -> None:
@@ -62,7 +45,7 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, e in enumerate(first.epochs):
-        lt, ll, lv = LECTURE[i] if i < len(LECTURE) else (float("nan"),) * 3
+        lt, ll, lv = LECTURE_LOG[i] if i < len(LECTURE_LOG) else (float("nan"),) * 3
         md.append(
             f"| {i + 1} | {100 * e['train/acc']:.2f}% | {lt:.2f}% | {e['train/loss']:.4f} | {ll:.4f} | "
             f"{100 * e['val/acc']:.2f}% | {lv:.2f}% |"

@@ -30,6 +30,7 @@ from cnnfeat.callbacks.base import inference, shared_probe
 from cnnfeat.checkpoints import load_model, read_checkpoint
 from cnnfeat.cli import CONFIG_DIR, instantiate_group, run_cli
 from cnnfeat.errors import CheckpointError, ConfigError
+from cnnfeat.report import report_at_end
 
 log = logging.getLogger("cnnfeat")
 
@@ -111,6 +112,8 @@ def explore(cfg: DictConfig) -> Path:
     finally:
         writer.close()
     log.info("Explored %d checkpoint(s) of %s: tensorboard --logdir %s", len(files), cfg.ckpt, out)
+    if cfg.get("report", True):
+        report_at_end(out)
     return out
 
 

@@ -14,8 +14,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnnfeat.atomic import atomic_write
-from cnnfeat.errors import RunDirectoryBusy
+from cnnfeat.errors import CnnfeatError, RunDirectoryBusy
 from cnnfeat.lightning_api import rank_zero_only
+from cnnfeat.report import write_sweep_report
 from cnnfeat.status import EXIT_USER_ERROR, RunLock, json_safe, read_status, write_status
 
 log = logging.getLogger("cnnfeat")
@@ -83,6 +84,11 @@ class MultirunSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = write_summary(sweep_dir)
+        if config.get("report", True):
+            try:  # an index of the jobs' reports (each job wrote its own)
+                write_sweep_report(sweep_dir, jobs_too=False)
+            except (CnnfeatError, OSError) as e:
+                log.warning("No multirun report: %s", e)
         counts = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
         log.info(
             "Multirun summary (%s): %s",

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cnnfeat.atlas import Atlas, LayerInfo, anchor, slug
 from cnnfeat.errors import CnnfeatError, ConfigError
+from cnnfeat.lecture import LECTURE_LOG
 from cnnfeat.status import read_status
 
 log = logging.getLogger("cnnfeat")
@@ -40,24 +41,6 @@ log = logging.getLogger("cnnfeat")
 REPORT_DIR = "report"
 #: TensorBoard image tags shown on the overview, by prefix (the representation callbacks' pictures)
 IMAGE_PREFIXES = ("cka/", "probe/", "units/raster/")
-#: The lecture's printed log for its 15-epoch run: (train accuracy %, train avgLoss, valid accuracy %) per epoch.
-LECTURE = (
-    (51.77, 1.2684, 79.38),
-    (83.00, 0.4497, 83.78),
-    (87.29, 0.3438, 86.31),
-    (88.06, 0.3190, 87.02),
-    (88.74, 0.3009, 87.21),
-    (89.88, 0.2700, 88.87),
-    (90.16, 0.2609, 88.85),
-    (90.49, 0.2507, 89.60),
-    (91.26, 0.2361, 89.53),
-    (91.39, 0.2317, 89.70),
-    (91.48, 0.2283, 89.59),
-    (91.86, 0.2188, 90.00),
-    (91.97, 0.2167, 90.13),
-    (92.05, 0.2143, 90.28),
-    (92.17, 0.2093, 90.39),
-)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
@@ -550,8 +533,8 @@ class _Writer:
         if not tr_acc:
             return ""
         rows = []
-        for e in range(1, max(len(LECTURE), max(tr_acc)) + 1):
-            lt, ll, lv = LECTURE[e - 1] if e <= len(LECTURE) else (float("nan"),) * 3
+        for e in range(1, max(len(LECTURE_LOG), max(tr_acc)) + 1):
+            lt, ll, lv = LECTURE_LOG[e - 1] if e <= len(LECTURE_LOG) else (float("nan"),) * 3
             rows.append(
                 (
                     e,

@@ -28,6 +28,7 @@ from cnnfeat.lightning_api import (
     TensorBoardLogger,
     rank_zero_only,
 )
+from cnnfeat.report import report_at_end
 from cnnfeat.resume import CONFIG_KEY, ApplyOverrides, RecordConfig, check_resume, training_config
 from cnnfeat.status import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, RunLock, read_status, write_status
 
@@ -241,6 +242,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         status(run_dir, "diverged", epoch=e.epoch, step=e.step, loss=e.loss, error=str(e), metrics=metrics)
         if trainer is not None:
             log_hparams(trainer, cfg, metrics, "diverged")
+        if cfg.get("report", True) and rank0:
+            report_at_end(run_dir)
         return metrics
     except BaseException as e:
         if started:
@@ -263,6 +266,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             lock.release()
     log_hparams(trainer, cfg, metrics, "finished")
     status(run_dir, "finished", epoch=trainer.current_epoch, step=trainer.global_step, metrics=metrics)
+    if cfg.get("report", True) and rank0:
+        report_at_end(run_dir)
     return metrics
 
 

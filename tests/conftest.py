@@ -74,6 +74,7 @@ def make_cfg(tmp_path: Path, data_dir: Path, cache_dir: Path) -> Callable[..., D
             "trainer.num_sanity_val_steps=0",
             "trainer.enable_model_summary=false",
             "callbacks.rich_progress_bar=null",
+            "report=false",  # tests of the report ask for it
             f"data.data_dir={data_dir}",
             f"data.cache_dir={cache_dir}",
             "data.download=false",

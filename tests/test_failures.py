@@ -58,6 +58,7 @@ def _common(data_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
         "trainer.limit_train_batches=5",
         "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2",
+        "report=false",
     ]
 
 

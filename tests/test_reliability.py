@@ -44,6 +44,7 @@ def _cli(run_dir: Path, data_dir: Path, cache_dir: Path, *args: str) -> Proc:
         f"hydra.run.dir={run_dir}",
         "trainer.enable_model_summary=false",
         "test=false",
+        "report=false",
         *SMALL,
         "callbacks.progress_log.every_n_steps=50",
         *args,

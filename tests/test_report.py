@@ -22,8 +22,9 @@ from cnnfeat import atlas, viz
 from cnnfeat.callbacks.atlas import AtlasCallback
 from cnnfeat.callbacks.base import inference
 from cnnfeat.errors import ConfigError, DataError
+from cnnfeat.lecture import LECTURE_LOG as LECTURE
 from cnnfeat.probe import ProbeSpec, probe_from_datamodule
-from cnnfeat.report import LECTURE, main, write_report
+from cnnfeat.report import main, write_report
 from tests.conftest import REPO
 from tests.helpers.browser import CHROMIUM, Chromium
 from tests.helpers.zoo import zoo
@@ -109,6 +110,7 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "report" / "index.html").is_file(), "cnnfeat-train writes the report at the end of the run"
     # what the representation callbacks log, found by tag prefix (the report does not import them)
     with SummaryWriter(str(run)) as w:
         w.add_image("cka/layers", viz.diverging(torch.linspace(-1, 1, 64).view(8, 8)), 2, dataformats="CHW")

@@ -2,8 +2,9 @@
 
 TensorBoard's image plugin keeps 10 samples per tag unless told otherwise, which hid step 0 of a 15-epoch
 run; the command README gives must show all of them. (``--samples_per_plugin images=0`` does not mean "all":
-TensorBoard 2.21 then serves no image at all, so README asks for 1000.) The test runs that exact command on a log shaped like
-the seed run's (pictures at steps 0..15, top patches every 5 epochs) and asks the HTTP API for the steps.
+TensorBoard 2.21 then serves no image at all, so README asks for 1000.) The test runs that exact command on a
+log shaped like the seed run's (pictures at steps 0..15, top patches every 5 epochs) and asks the HTTP API for
+the steps.
 """
 
 from __future__ import annotations

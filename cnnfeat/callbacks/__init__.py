@@ -1,10 +1,12 @@
 """Lightning callbacks: the lecture's console line and the pictures of what the network learns."""
 
+from cnnfeat.callbacks.atlas import AtlasCallback
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback
 from cnnfeat.callbacks.dead_relu import DeadReluCallback
 from cnnfeat.callbacks.divergence import DivergenceGuard
 from cnnfeat.callbacks.epoch_summary import EpochSummary
 from cnnfeat.callbacks.feature_maps import LECTURE_IMAGE_IDS, FeatureMapCallback
+from cnnfeat.callbacks.featviz import FeatureVisCallback
 from cnnfeat.callbacks.filters import FilterCallback
 from cnnfeat.callbacks.progress_log import ProgressLog
 from cnnfeat.callbacks.representations import CrossModelCKACallback, RepresentationCallback
@@ -14,12 +16,14 @@ from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
 
 __all__ = [
     "LECTURE_IMAGE_IDS",
+    "AtlasCallback",
     "CrossModelCKACallback",
     "DeadReluCallback",
     "DivergenceGuard",
     "EmbeddingCallback",
     "EpochSummary",
     "FeatureMapCallback",
+    "FeatureVisCallback",
     "FilterCallback",
     "Pictures",
     "ProgressLog",
