@@ -11,16 +11,20 @@ loads with ``weights_only=True`` (nothing in a checkpoint file is executed).
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from typing_extensions import override
 
 from cnnfeat.atomic import atomic_write, is_disk_full
 from cnnfeat.errors import CheckpointWriteError, TrainingDiverged
 from cnnfeat.lightning_api import TorchCheckpointIO
+
+_LIGHTNING_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(TorchCheckpointIO.load_checkpoint).parameters
 
 
 def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
@@ -65,4 +69,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: Any, map_location: Any | None = lambda storage, loc: storage, weights_only: bool | None = True
     ) -> dict[str, Any]:
         """Load with ``weights_only=True`` unless the caller explicitly asks otherwise."""
-        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+        weights_only = True if weights_only is None else weights_only
+        if _LIGHTNING_TAKES_WEIGHTS_ONLY:
+            return super().load_checkpoint(path, map_location, weights_only=weights_only)
+        # Lightning < 2.6 takes no weights_only here and loads with weights_only=False: open the file ourselves
+        with fsspec.open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=weights_only)
