@@ -1,13 +1,13 @@
 """Frozen-backbone features computed once and kept on disk, so a transfer head trains without the backbone.
 
-``FrozenFeatureDataModule`` wraps a ``FashionMNISTDataModule``: ``prepare_data`` runs every image of each
-split through the frozen AlexNet part (``cnnfeat.models.alexnet.FrozenAlexNet``, built from ``weights``,
-``backbone_seed`` and ``input_size``) once (batched, with a progress bar) and stores the (N, 9216) outputs as
-float16 under ``<cache_dir>/features/<key>/``, where the key hashes the backbone's weights and the
+``FrozenFeatureDataModule`` wraps a ``FashionMNISTDataModule``: ``prepare_data`` runs every image of each split
+through the frozen AlexNet part (``cnnfeat.models.alexnet.FrozenAlexNet``, built from ``weights``, ``backbone_seed``
+and ``input_size``) once (batched; a progress bar on a terminal, rate/ETA log lines elsewhere) and stores the (N,
+9216) outputs as float16 under ``<cache_dir>/features/<key>/``, where the key hashes the backbone's weights and the
 preprocessing; training then reads those vectors. The train/val/test split and the image IDs are the wrapped
-datamodule's; its probe (``probe_set``) holds the images as pictures and model inputs and the cached vectors
-as ``batch_inputs``. The module knows no model class: ``experiment=transfer`` gives the model and this
-DataModule their backbone values from one config node.
+datamodule's; its probe (``probe_set``) holds the images as pictures and model inputs and the cached vectors as
+``batch_inputs``. The module knows no model class: ``experiment=transfer`` gives the model and this DataModule their
+backbone values from one config node.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from cnnfeat import lightning_api as pl
@@ -29,6 +28,7 @@ from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cac
 from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.models.alexnet import FrozenAlexNet
 from cnnfeat.probe import ProbeSet, ProbeSpec
+from cnnfeat.progress import task_progress
 
 log = logging.getLogger("cnnfeat")
 
@@ -156,12 +156,12 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             n = len(ds.images) if self.max_images is None else min(self.max_images, len(ds.images))
             feats = torch.empty(n, 256 * 6 * 6, dtype=torch.float16)
             start_time = time.perf_counter()
-            with Progress(transient=True) as bar, torch.no_grad():
-                task = bar.add_task(f"AlexNet features, {split} ({n} images, {device.type})", total=n)
+            what = f"AlexNet features, {split} ({device.type})"
+            with task_progress(what, n, "images") as advance, torch.no_grad():
                 for start in range(0, n, self.extract_batch_size):
                     x = ds.images[start : min(start + self.extract_batch_size, n)].unsqueeze(1).to(device)
                     feats[start : start + len(x)] = model(x.float() / 255).half().cpu()
-                    bar.advance(task, len(x))
+                    advance(len(x))
             path = self.cache_file(split)
             write_cache(path, {"features": feats, "labels": ds.labels[:n].clone()}, "frozen-feature")
             seconds = time.perf_counter() - start_time

@@ -33,6 +33,10 @@ def test_quick_and_dying_relu_experiments(make_cfg: MakeCfg) -> None:
     assert quick.trainer.max_epochs == 1 and "filters" not in quick.callbacks
     dying = make_cfg("experiment=dying_relu")
     assert dying.model.scheduler is None and "dead_relu" in dying.callbacks and "filters" not in dying.callbacks
+    transfer, transfer_quick = make_cfg("experiment=transfer"), make_cfg("experiment=transfer_quick")
+    assert transfer_quick.data.max_images == 2000 and transfer_quick.trainer.max_epochs == 1
+    for key in ("model", "callbacks", "backbone"):
+        assert transfer_quick[key] == transfer[key], f"transfer_quick changes only the data size and epochs: {key}"
     assert make_cfg("callbacks=none").callbacks.keys() == {
         "model_checkpoint",
         "last_checkpoint",

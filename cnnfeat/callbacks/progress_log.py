@@ -11,16 +11,9 @@ from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
 from cnnfeat.errors import ConfigError
+from cnnfeat.progress import format_eta
 
 log = logging.getLogger("cnnfeat")
-
-
-def format_eta(seconds: float) -> str:
-    """``H:MM:SS`` for a number of seconds (``?`` when unknown)."""
-    if seconds != seconds or seconds < 0:  # NaN
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class ProgressLog(pl.Callback):
