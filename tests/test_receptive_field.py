@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from cnnfeat.graph import LayerError, conv_nodes, split_call, trace_graph
 from cnnfeat.models import SmallCNN, TransferClassifier
 from cnnfeat.receptive_field import ReceptiveFieldError, graph_receptive_fields, receptive_fields
+from tests.helpers.gradient_support import GradientEverywhere, clipped, positive_copy, support_box
 from tests.helpers.zoo import zoo
 
 ZOO = zoo()
 UNITS = 5  # corner, opposite corner, centre, top-right, middle-left: one sample each, one backward per conv
-_PASS_GRADIENT = {"relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "hardswish", "tanh", "sigmoid", "elu"}
-_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-
-
-class GradientEverywhere(TorchFunctionMode):
-    """Activations become the identity and max-pools average pools, so every input a unit sees gets gradient."""
-
-    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in _PASS_GRADIENT:
-            return args[0]
-        if name == "max_pool2d":
-            a = {**dict(zip(_MAX_POOL_ARGS, args, strict=False)), **kwargs}
-            assert a.get("dilation", 1) in (1, (1, 1)) and not a.get("return_indices")
-            stride = a.get("stride") or a["kernel_size"]
-            return F.avg_pool2d(a["input"], a["kernel_size"], stride, a.get("padding", 0), a.get("ceil_mode", False))
-        if name == "adaptive_max_pool2d":
-            return F.adaptive_avg_pool2d(args[0], args[1] if len(args) > 1 else kwargs["output_size"])
-        return func(*args, **kwargs)
-
-
-def positive_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """A copy in eval mode whose conv/linear/BatchNorm weights are all > 0."""
-    model = copy.deepcopy(model).eval().to(dtype)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                m.weight.abs_().add_(1e-2)
-    return model.requires_grad_(False)  # only the input needs a gradient
 
 
 def outputs_of_every_conv_call(model: nn.Module) -> tuple[dict[nn.Module, list[torch.Tensor]], list]:
@@ -59,18 +28,6 @@ def outputs_of_every_conv_call(model: nn.Module) -> tuple[dict[nn.Module, list[t
             outs[m] = []
             handles.append(m.register_forward_hook(lambda mod, a, o: outs[mod].append(o)))
     return outs, handles
-
-
-def support_box(grad: torch.Tensor) -> tuple[int, int, int, int]:
-    """Bounding box (top, left, bottom, right) of the nonzero entries of a (1,C,H,W) gradient."""
-    nz = grad[0].abs().sum(0) > 0
-    rows, cols = nz.any(1).nonzero().flatten(), nz.any(0).nonzero().flatten()
-    return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
-
-
-def clipped(box: tuple[int, int, int, int], h: int, w: int) -> tuple[int, int, int, int]:
-    top, left, bottom, right = box
-    return max(top, 0), max(left, 0), min(bottom, h - 1), min(right, w - 1)
 
 
 def check_every_conv_against_gradient_support(
@@ -111,7 +68,7 @@ def check_every_conv_against_gradient_support(
         loss = sum(out[i, :, r, c].sum() for i, (r, c) in enumerate(units))
         (grad,) = torch.autograd.grad(loss, source, retain_graph=True)
         for i, (r, c) in enumerate(units):
-            assert support_box(grad[i : i + 1]) == clipped(rf.box(r, c), h, w), (name, r, c, rf)
+            assert support_box(grad[i]) == clipped(rf.box(r, c), h, w), (name, r, c, rf)
             checked += 1
     return checked
 
@@ -190,7 +147,7 @@ def test_functional_geometry_equals_gradient_support() -> None:
         out = probe(source)
     for r, c in [(0, 0), (out.shape[2] - 1, out.shape[3] - 1), (2, 1)]:
         (grad,) = torch.autograd.grad(out[0, :, r, c].sum(), source, retain_graph=True)
-        assert support_box(grad) == clipped(fields["conv2d"].box(r, c), 24, 23)
+        assert support_box(grad[0]) == clipped(fields["conv2d"].box(r, c), 24, 23)
 
 
 class Rolled(nn.Module):

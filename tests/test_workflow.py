@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -258,13 +257,3 @@ def test_tensorboard_serves_the_image_tags(make_cfg: MakeCfg, tmp_path: Path) ->
     finally:
         tb.terminate()
         tb.wait(timeout=30)
-
-
-@pytest.mark.gpu
-def test_gpu_run_uses_cuda_and_mixed_precision(make_cfg: MakeCfg) -> None:
-    metrics = train(
-        make_cfg(
-            "trainer.accelerator=gpu", "trainer.precision=16-mixed", "trainer.limit_train_batches=20", *SMALL_PROBES
-        )
-    )
-    assert 0.0 <= metrics["val/acc"] <= 1.0 and torch.cuda.is_available()

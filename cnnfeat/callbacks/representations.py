@@ -78,6 +78,15 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_cka_cost(pool: Any, block_size: Any, probe_size: int) -> None:
+    """The cost settings of a non-exact CKA: a pooling factor >= 1, and a block size (or None) within the probe."""
+    _check_int("pool", pool, 1)
+    if block_size is not None:
+        _check_int("block_size", block_size, 4)
+        if block_size > probe_size:
+            raise ConfigError(f"block_size={block_size} is larger than probe_size={probe_size}")
+
+
 def _resolve_layers(
     model: nn.Module, graph: Graph, layers: Sequence[str] | None, pixels: bool
 ) -> tuple[list[str], list[str]]:
@@ -158,11 +167,7 @@ class RepresentationCallback(VisualizationCallback):
         _check_int("images_every_n_epochs", images_every_n_epochs, 0)
         _check_int("probe_every_n_epochs", probe_every_n_epochs, 1)
         if not exact:
-            _check_int("pool", pool, 1)
-            if block_size is not None:
-                _check_int("block_size", block_size, 4)
-                if block_size > probe_size:
-                    raise ConfigError(f"block_size={block_size} is larger than probe_size={probe_size}")
+            _check_cka_cost(pool, block_size, probe_size)
         if not (isinstance(probe_l2, int | float) and math.isfinite(probe_l2) and probe_l2 > 0):
             raise ConfigError(f"probe_l2 must be a positive number, got {probe_l2!r}")
         if not 0 < probe_train_fraction < 1:
@@ -574,11 +579,7 @@ class CrossModelCKACallback(VisualizationCallback):
         _check_int("probe_size", probe_size, 4)
         _check_int("batch_size", batch_size, 1)
         if not exact:
-            _check_int("pool", pool, 1)
-            if block_size is not None:
-                _check_int("block_size", block_size, 4)
-                if block_size > probe_size:
-                    raise ConfigError(f"block_size={block_size} is larger than probe_size={probe_size}")
+            _check_cka_cost(pool, block_size, probe_size)
         self.reference_ckpt = None if reference_ckpt in (None, "", "null") else str(reference_ckpt)
         self.layers = list(layers) if layers is not None else None
         self.reference_layers = list(reference_layers) if reference_layers is not None else None

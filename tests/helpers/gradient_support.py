@@ -24,6 +24,7 @@ class GradientEverywhere(TorchFunctionMode):
             return args[0]
         if name == "max_pool2d":
             a = {**dict(zip(_MAX_POOL_ARGS, args, strict=False)), **kwargs}
+            assert a.get("dilation", 1) in (1, (1, 1)) and not a.get("return_indices")
             stride = a.get("stride") or a["kernel_size"]
             return F.avg_pool2d(a["input"], a["kernel_size"], stride, a.get("padding", 0), a.get("ceil_mode", False))
         if name == "adaptive_max_pool2d":
@@ -31,9 +32,9 @@ class GradientEverywhere(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def positive_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy in eval mode whose conv/linear/BatchNorm weights are all > 0 (no parameter needs grad)."""
-    model = copy.deepcopy(model).eval().double()
+def positive_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A copy in eval mode whose conv/linear/BatchNorm weights are all > 0 (no parameter needs grad)."""
+    model = copy.deepcopy(model).eval().to(dtype)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
