@@ -23,6 +23,7 @@ from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback
 from cnnfeat.errors import ConfigError
 from cnnfeat.graph import Graph, activation_after, capture, trace_graph
 from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.progress import task_progress
 from cnnfeat.receptive_field import crop, graph_receptive_fields
 from cnnfeat.units import unit_max
 
@@ -479,31 +480,45 @@ class AtlasCallback(VisualizationCallback):
         assert self.space is not None
         device = device_of(model)
         writer, share = self._atlas(), {}
-        for info in self.infos:
-            if not info.featviz_units:
-                continue
-            top = tops[info.name]
-            reference = top.values[0].float().cpu()  # (units,) best probe activation
-            positions = None
-            if info.kind == "conv":
-                flat = top.positions[0].cpu()
-                width = info.output_shape[-1]
-                positions = torch.stack([flat // width, flat % width], dim=1)
-            fn = atlas.layer_fn(model, info.name, self.space)
-            result = atlas.optimise_units(
-                fn,
-                info.featviz_units,
-                self.space,
-                self.settings if info.kind == "conv" else self.fc_settings,
-                reference,
-                positions,
-                info.name,
-                device,
-                self.featviz_at_real_best,
-            )
-            writer.featviz(info.name, step, result)
-            share[info.name] = result.share_reaching_real
+        todo = [info for info in self.infos if info.featviz_units]
+        total = sum(len(info.featviz_units) for info in todo)
+        with task_progress("Atlas: optimised inputs", total, "units") as advance:
+            for info in todo:
+                share[info.name] = self._featviz_layer(model, info, step, tops[info.name], device, writer)
+                advance(len(info.featviz_units))
         return share
+
+    def _featviz_layer(
+        self,
+        model: nn.Module,
+        info: atlas.LayerInfo,
+        step: int,
+        top: TopK,
+        device: torch.device,
+        writer: atlas.AtlasWriter | _Queue,
+    ) -> float:
+        """Optimise one layer's units, write them to the atlas; the share reaching their best real activation."""
+        assert self.space is not None
+        reference = top.values[0].float().cpu()  # (units,) best probe activation
+        positions = None
+        if info.kind == "conv":
+            flat = top.positions[0].cpu()
+            width = info.output_shape[-1]
+            positions = torch.stack([flat // width, flat % width], dim=1)
+        fn = atlas.layer_fn(model, info.name, self.space)
+        result = atlas.optimise_units(
+            fn,
+            info.featviz_units,
+            self.space,
+            self.settings if info.kind == "conv" else self.fc_settings,
+            reference,
+            positions,
+            info.name,
+            device,
+            self.featviz_at_real_best,
+        )
+        writer.featviz(info.name, step, result)
+        return result.share_reaching_real
 
     # -- checkpoints: the atlas files are the state ---------------------------------------------------
     @property

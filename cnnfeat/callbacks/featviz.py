@@ -13,6 +13,7 @@ from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
 from cnnfeat.errors import ConfigError
 from cnnfeat.graph import trace_graph
 from cnnfeat.probe import ProbeSet
+from cnnfeat.progress import task_progress
 
 
 class FeatureVisCallback(VisualizationCallback):
@@ -119,29 +120,39 @@ class FeatureVisCallback(VisualizationCallback):
         real = atlas.display_images(pl_module, self.space, probe.inputs[:n], probe.images[:n], self.batch_size)
         pictures = Pictures()
         self.last_results = {}
-        for name in self.names:
-            fn = atlas.layer_fn(pl_module, name, self.space)
-            best = featviz.real_best(fn, real.to(device), self.batch_size)
-            positions = best.positions if self._kinds[name] == "conv" else None
-            result = atlas.optimise_units(
-                fn,
-                self._units[name],
-                self.space,
-                self.settings,
-                best.values,
-                positions,
-                name,
-                device,
-                self.at_real_best,
-            )
-            self.last_results[name] = result
-            pictures.images[f"featviz/{name}"] = self.picture(result)
-            fid = result.fidelity[torch.isfinite(result.fidelity)]
-            pictures.scalars[f"featviz/fidelity_share/{name}"] = result.share_reaching_real
-            pictures.scalars[f"featviz/fidelity_median/{name}"] = float(fid.median()) if len(fid) else float("nan")
-            pictures.scalars[f"featviz/seconds_per_unit/{name}"] = result.seconds_per_unit
-            pictures.texts[f"featviz/{name}/table"] = self.table(result)
+        total = sum(len(self._units[name]) for name in self.names)
+        with task_progress(f"Feature visualisation, step {step}", total, "units") as advance:
+            for name in self.names:
+                self._render_layer(pl_module, name, real, device, pictures)
+                advance(len(self._units[name]))
         return pictures
+
+    def _render_layer(
+        self, pl_module: nn.Module, name: str, real: torch.Tensor, device: torch.device, pictures: Pictures
+    ) -> None:
+        """Optimise the chosen units of one layer; add its picture, scalars and table to ``pictures``."""
+        assert self.space is not None
+        fn = atlas.layer_fn(pl_module, name, self.space)
+        best = featviz.real_best(fn, real.to(device), self.batch_size)
+        positions = best.positions if self._kinds[name] == "conv" else None
+        result = atlas.optimise_units(
+            fn,
+            self._units[name],
+            self.space,
+            self.settings,
+            best.values,
+            positions,
+            name,
+            device,
+            self.at_real_best,
+        )
+        self.last_results[name] = result
+        pictures.images[f"featviz/{name}"] = self.picture(result)
+        fid = result.fidelity[torch.isfinite(result.fidelity)]
+        pictures.scalars[f"featviz/fidelity_share/{name}"] = result.share_reaching_real
+        pictures.scalars[f"featviz/fidelity_median/{name}"] = float(fid.median()) if len(fid) else float("nan")
+        pictures.scalars[f"featviz/seconds_per_unit/{name}"] = result.seconds_per_unit
+        pictures.texts[f"featviz/{name}/table"] = self.table(result)
 
     def picture(self, result: featviz.FeatVizResult) -> torch.Tensor:
         """The optimised inputs as a grid, each captioned ``u<k> <fidelity>`` (``!`` where it is flagged)."""
