@@ -222,8 +222,11 @@ print("real on use:", type(u.NNDescent(x, n_neighbors=5, random_state=0)).__modu
 """
 
 
+@pytest.mark.slow
 def test_pynndescent_is_imported_only_when_used(tmp_path: Path) -> None:
-    """Its import compiles for ~20 s in a fresh environment; a fit on a precomputed k-NN graph never needs it."""
+    """Its import compiles for ~20 s in a fresh environment; a fit on a precomputed k-NN graph never needs it.
+
+    Slow: two fresh processes, each compiling umap-learn's functions when the numba cache is cold (45 s in CI)."""
     import os
     import subprocess
     import sys
