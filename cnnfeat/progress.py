@@ -46,9 +46,11 @@ class _LogLines:
             self.last = now
             log.info(self.line(now))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         now = time.perf_counter()
-        if now - self.start >= self.every_s:  # short work needs no closing line
+        if failed:
+            log.info("%s: stopped after %d/%d %s", self.what, self.done, self.total, self.unit)
+        elif now - self.start >= self.every_s:  # short work needs no closing line
             log.info("%s in %s", self.line(now).split(", ETA")[0], format_eta(now - self.start))
 
 
@@ -73,5 +75,7 @@ def task_progress(
     log.info("%s: %d %s", what, total, unit)
     try:
         yield lines.advance
-    finally:
-        lines.close()
+    except BaseException:
+        lines.close(failed=True)
+        raise
+    lines.close()

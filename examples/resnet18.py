@@ -7,7 +7,8 @@ graph: "after ReLU" of ``layer1.0.conv1`` is found through its BatchNorm (``laye
 the shared ReLU is the node ``layer1.0.relu:1`` (counted separately by the dead-unit callback), and the top
 patches of ``layer2.1.conv1`` are cut by a receptive field composed over the residual paths.
 
-    python examples/resnet18.py --out outputs/examples/resnet18          # one epoch on the CPU, then PNGs
+    python examples/resnet18.py --limit-batches 200 --out outputs/examples/resnet18   # README pictures, 48 s
+    python examples/resnet18.py --out outputs/examples/resnet18          # a whole epoch
     tensorboard --logdir outputs/examples/resnet18
 """
 

@@ -29,6 +29,17 @@ def test_log_lines_carry_count_rate_and_eta(caplog: pytest.LogCaptureFixture, mo
     assert re.fullmatch(r"work: 10/10 \(100%\), [\d.]+ images/s in 0:00:\d\d", lines[-1])
 
 
+def test_work_that_fails_says_where_it_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="cnnfeat"),
+        pytest.raises(KeyError),
+        progress.task_progress("work", 10, "images", terminal=False) as advance,
+    ):
+        advance(3)
+        raise KeyError("boom")
+    assert [r.getMessage() for r in caplog.records] == ["work: 10 images", "work: stopped after 3/10 images"]
+
+
 def test_a_terminal_gets_a_bar_and_no_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="cnnfeat"), progress.task_progress("work", 3, terminal=True) as advance:
         advance(3)
