@@ -379,10 +379,6 @@ def module_space(
     )
 
 
-class _Stop(Exception):
-    """Ends the forward pass once the wanted node has been computed."""
-
-
 def layer_fn(model: nn.Module, node: str, space: InputSpace) -> featviz.LayerFn:
     """A ``featviz.LayerFn``: display images (N, C, H, W) -> the output of ``node`` (a module call, ``name:k`` for
     its k-th call in a forward pass), with gradients; the forward pass (of the model, or of ``space.module``) stops
@@ -399,25 +395,10 @@ def layer_fn(model: nn.Module, node: str, space: InputSpace) -> featviz.LayerFn:
         raise ConfigError(f"{node!r} is not inside featviz_input={space.module!r}, which the optimised images enter")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        box: list[torch.Tensor] = []
-        seen = [0]
-
-        def grab(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
-            if seen[0] == call:
-                box.append(out)
-                raise _Stop
-            seen[0] += 1
-
-        handle = target.register_forward_hook(grab)
-        try:
-            runner(space.to_model(x))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not box:
+        out = featviz.output_of_call(runner, target, call, space.to_model(x))
+        if out is None:
             raise ConfigError(f"{node!r} did not run in {type(runner).__name__}'s forward pass")
-        return box[0].contiguous()
+        return out
 
     return fn
 

@@ -26,7 +26,7 @@ from torchvision.datasets import FashionMNIST
 
 from cnnfeat import lightning_api as pl
 from cnnfeat.atomic import atomic_write, is_disk_full, remove_orphans
-from cnnfeat.errors import ConfigError, DataError
+from cnnfeat.errors import ConfigError, DataError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"data.{name} must be an integer >= 1, got {value!r}")
+            check_int(f"data.{name}", value)
         if not _is_int(val_size) or not 0 <= val_size < 60_000:
             raise ConfigError(f"data.val_size must be an integer in [0, 60000), got {val_size!r}")
         self.save_hyperparameters()

@@ -8,6 +8,8 @@ argument, ``OSError`` for a file that cannot be written), so ``except ValueError
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CnnfeatError(Exception):
     """Base class of every error cnnfeat raises for a problem the user can fix."""
@@ -15,6 +17,14 @@ class CnnfeatError(Exception):
 
 class ConfigError(CnnfeatError, ValueError):
     """A configuration value or argument is invalid (the message names it and the valid choices)."""
+
+
+def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) >= ``minimum`` (or None when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}{' or null' if allow_none else ''}, got {value!r}")
 
 
 class DataError(CnnfeatError, RuntimeError):

@@ -158,28 +158,38 @@ def module_output(model: nn.Module, name: str) -> LayerFn:
     module = modules[name]
 
     def layer_fn(x: torch.Tensor) -> torch.Tensor:
-        box: list[torch.Tensor] = []
-
-        def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            box.append(out)
-            raise _Stop
-
-        handle = module.register_forward_hook(hook)
-        try:
-            model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not box:
+        out = output_of_call(model, module, 0, x)
+        if out is None:
             raise FeatVizError(f"Layer {name!r} did not run in {type(model).__name__}'s forward pass")
-        return box[0].contiguous()
+        return out
 
     return layer_fn
 
 
 class _Stop(Exception):
-    """Raised by ``module_output``'s hook to end the forward pass at the layer."""
+    """Raised by ``output_of_call``'s hook to end the forward pass at the layer."""
+
+
+def output_of_call(runner: nn.Module, module: nn.Module, call: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Run ``runner(x)`` until ``module`` (a submodule) has produced its ``call``-th output (0 = first); return it,
+    contiguous and with its graph, or None when it was not called that often. The rest of the pass is skipped."""
+    box: list[torch.Tensor] = []
+    seen = [0]
+
+    def grab(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+        if seen[0] == call:
+            box.append(out)
+            raise _Stop
+        seen[0] += 1
+
+    handle = module.register_forward_hook(grab)
+    try:
+        runner(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box[0].contiguous() if box else None
 
 
 def unit_statistic(

@@ -598,22 +598,26 @@ class _Writer:
             + "</div>"
         )
 
+    def tb_figures(self, images: Mapping[str, tuple[int, bytes]]) -> str:
+        """TensorBoard pictures (tag -> (step, PNG bytes)) copied to the assets, as captioned figures in tag order."""
+        figs = []
+        for tag, (step, png) in sorted(images.items()):
+            p = self.asset(f"tb/{slug(tag)}.png")
+            p.write_bytes(png)
+            with Image.open(p) as im:
+                w, h = im.size
+            figs.append(
+                f"<figure>{img_tag(f'assets/tb/{slug(tag)}.png', tag, (h, w), 'smooth', 0.75)}"
+                f"<figcaption>{esc(tag)} (step {step})</figcaption></figure>"
+            )
+        return "".join(figs)
+
     def representation_section(self) -> str:
         d = self.data
         parts = []
         cka = {t: v for t, v in d.images.items() if t.startswith("cka/")}
         if cka:
-            figs = []
-            for tag, (step, png) in sorted(cka.items()):
-                p = self.asset(f"tb/{slug(tag)}.png")
-                p.write_bytes(png)
-                with Image.open(p) as im:
-                    w, h = im.size
-                figs.append(
-                    f"<figure>{img_tag(f'assets/tb/{slug(tag)}.png', tag, (h, w), 'smooth', 0.75)}"
-                    f"<figcaption>{esc(tag)} (step {step})</figcaption></figure>"
-                )
-            parts.append("<h3>CKA</h3><div class='figs'>" + "".join(figs) + "</div>")
+            parts.append("<h3>CKA</h3><div class='figs'>" + self.tb_figures(cka) + "</div>")
         probe = {t.removeprefix("probe/acc/"): v for t, v in d.scalars.items() if t.startswith("probe/acc/")}
         if probe:
             steps = sorted({s for v in probe.values() for s, _ in v})
@@ -623,17 +627,7 @@ class _Writer:
             )
         others = {t: v for t, v in d.images.items() if t.startswith(("probe/", "units/raster/"))}
         if others:
-            figs = []
-            for tag, (step, png) in sorted(others.items()):
-                p = self.asset(f"tb/{slug(tag)}.png")
-                p.write_bytes(png)
-                with Image.open(p) as im:
-                    w, h = im.size
-                figs.append(
-                    f"<figure>{img_tag(f'assets/tb/{slug(tag)}.png', tag, (h, w), 'smooth', 0.75)}"
-                    f"<figcaption>{esc(tag)} (step {step})</figcaption></figure>"
-                )
-            parts.append("<div class='figs'>" + "".join(figs) + "</div>")
+            parts.append("<div class='figs'>" + self.tb_figures(others) + "</div>")
         if not parts:
             return ""
         return "<h2>Representations (CKA, linear probes)</h2>" + "".join(parts)

@@ -3,10 +3,8 @@ activations, a unit killed and revived at known epochs, pictures and their steps
 
 from __future__ import annotations
 
-import glob
 import io
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnfeat import lightning_api as pl
 from cnnfeat import probes as pr
@@ -38,6 +35,7 @@ from cnnfeat.explore import untrained_model
 from cnnfeat.graph import LayerError, capture, trace_graph
 from cnnfeat.models import SmallCNN, TransferClassifier
 from cnnfeat.train import build, train
+from tests.conftest import read_events
 
 MakeCfg = Callable[..., DictConfig]
 LAYERS = ["relu1", "relu2", "relu3", "relu4", "relu5", "fc3"]
@@ -50,20 +48,9 @@ SMALL = [
 
 
 def events(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list], dict[str, list]]:
-    """Scalars, images and text of every event file under ``run_dir``."""
-    scalars: dict[str, list] = {}
-    images: dict[str, list] = {}
-    texts: dict[str, list] = {}
-    for f in sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        ea = EventAccumulator(f, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-        for tag in ea.Tags()["images"]:
-            images.setdefault(tag, []).extend(ea.Images(tag))
-        for tag in ea.Tags()["tensors"]:
-            texts.setdefault(tag, []).extend(ea.Tensors(tag))
-    return scalars, images, texts
+    """Scalars, images and text (tensors) of every event file under ``run_dir``."""
+    e = read_events(run_dir)
+    return e["scalars"], e["images"], e["tensors"]
 
 
 def steps(series: list[tuple[int, float]]) -> list[int]:

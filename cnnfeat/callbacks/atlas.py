@@ -20,7 +20,7 @@ from typing_extensions import override
 from cnnfeat import atlas
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, inference
 from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback
-from cnnfeat.errors import ConfigError
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import Graph, activation_after, capture, trace_graph
 from cnnfeat.probe import ProbeSet, batches
 from cnnfeat.progress import task_progress
@@ -29,13 +29,6 @@ from cnnfeat.units import unit_max
 
 if TYPE_CHECKING:  # Lightning names for the hooks' types only: cnnfeat picks the package (pytorch_lightning)
     import pytorch_lightning as pl
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1{' or null' if allow_none else ''}, got {value!r}")
 
 
 class _Queue:
@@ -119,7 +112,7 @@ class AtlasCallback(VisualizationCallback):
             ("batch_size", batch_size, False),
             ("featviz_max_units", featviz_max_units, True),
         ):
-            _positive_int(name, value, none_ok)
+            check_int(name, value, allow_none=none_ok)
         if (featviz_mean is None or featviz_std is None) != (featviz_input is None):
             raise ConfigError(
                 "featviz_input needs featviz_mean and featviz_std (and they need featviz_input), got "

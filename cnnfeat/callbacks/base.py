@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
 from cnnfeat import viz
-from cnnfeat.errors import ConfigError
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 
@@ -161,8 +161,7 @@ class VisualizationCallback(pl.Callback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
-            raise ConfigError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        check_int("every_n_epochs", every_n_epochs)
         self.every_n_epochs = every_n_epochs
         self.log_untrained = log_untrained
         self.save_png = save_png

@@ -10,7 +10,7 @@ from torch import nn
 
 from cnnfeat import atlas, featviz, viz
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
-from cnnfeat.errors import ConfigError
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import trace_graph
 from cnnfeat.probe import ProbeSet
 from cnnfeat.progress import task_progress
@@ -61,8 +61,7 @@ class FeatureVisCallback(VisualizationCallback):
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
         for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, value)
         if probe_size is not None and probe_size < 1:
             raise ConfigError(f"probe_size must be >= 1 or null, got {probe_size}")
         if units is not None and (not units or min(units) < 0):

@@ -35,7 +35,7 @@ from cnnfeat import plots
 from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
 from cnnfeat.checkpoints import load_model
 from cnnfeat.embedding import stratified_ids
-from cnnfeat.errors import ConfigError
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import (
     Graph,
     activation_after,
@@ -73,16 +73,11 @@ def default_layers(graph: Graph) -> list[str]:
     return [n for n in graph.names if n in chosen]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_cka_cost(pool: Any, block_size: Any, probe_size: int) -> None:
     """The cost settings of a non-exact CKA: a pooling factor >= 1, and a block size (or None) within the probe."""
-    _check_int("pool", pool, 1)
+    check_int("pool", pool, 1)
     if block_size is not None:
-        _check_int("block_size", block_size, 4)
+        check_int("block_size", block_size, 4)
         if block_size > probe_size:
             raise ConfigError(f"block_size={block_size} is larger than probe_size={probe_size}")
 
@@ -162,10 +157,10 @@ class RepresentationCallback(VisualizationCallback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
-        _check_int("probe_size", probe_size, 4)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("images_every_n_epochs", images_every_n_epochs, 0)
-        _check_int("probe_every_n_epochs", probe_every_n_epochs, 1)
+        check_int("probe_size", probe_size, 4)
+        check_int("batch_size", batch_size, 1)
+        check_int("images_every_n_epochs", images_every_n_epochs, 0)
+        check_int("probe_every_n_epochs", probe_every_n_epochs, 1)
         if not exact:
             _check_cka_cost(pool, block_size, probe_size)
         if not (isinstance(probe_l2, int | float) and math.isfinite(probe_l2) and probe_l2 > 0):
@@ -576,8 +571,8 @@ class CrossModelCKACallback(VisualizationCallback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
-        _check_int("probe_size", probe_size, 4)
-        _check_int("batch_size", batch_size, 1)
+        check_int("probe_size", probe_size, 4)
+        check_int("batch_size", batch_size, 1)
         if not exact:
             _check_cka_cost(pool, block_size, probe_size)
         self.reference_ckpt = None if reference_ckpt in (None, "", "null") else str(reference_ckpt)
