@@ -4,12 +4,15 @@ A checkpoint is loaded with ``weights_only=True`` (no pickled code runs). The mo
 *looked up* among classes that are already imported and derive from :class:`~cnnfeat.models.ImageClassifier`
 (cnnfeat's own models, or the caller's ``model_class``); nothing named in a file is ever imported. Its
 hyper-parameters must be plain values accepted by that class's ``__init__``, and optimizer/scheduler specs
-may only name ``torch.optim`` classes, before anything is constructed.
+may only name ``torch.optim`` classes (looked up, not imported: :mod:`cnnfeat.models.optim`), before anything
+is constructed; the model is then built on the ``meta`` device and its shapes compared with the file's weights
+before any memory is allocated for it.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,17 +20,20 @@ from typing import Any
 import torch
 
 from cnnfeat import lightning_api as pl
-from cnnfeat.errors import CheckpointError
+from cnnfeat.errors import CheckpointError, CnnfeatError, ConfigError
+from cnnfeat.models import optim
 from cnnfeat.models.classifier import ImageClassifier
 
 _PLAIN = (str, int, float, bool, type(None))
-_SPEC_KEYS = ("optimizer", "scheduler")
-_SPEC_PREFIX = "torch.optim."
+_SPEC_KINDS: dict[str, optim.Kind] = {"optimizer": "optimizer", "scheduler": "scheduler"}
+log = logging.getLogger("cnnfeat")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents, loaded without executing pickled code; clear errors for bad files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"Checkpoint {path} is a directory, not a .ckpt file")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -45,6 +51,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: its state_dict is not a mapping of names to tensors")
+    for key, kind in (("hyper_parameters", Mapping), ("cnnfeat_model", str)):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"{path}: {key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
     return ckpt
 
 
@@ -103,14 +117,33 @@ def check_hparams(cls: type, hparams: Mapping[str, Any], path: Path) -> dict[str
         )
     for key, value in hparams.items():
         _check_plain(value, key, path)
-        if key in _SPEC_KEYS and value is not None:
-            target = value.get("_target_") if isinstance(value, Mapping) else None
-            if not isinstance(target, str) or not target.startswith(_SPEC_PREFIX):
+        if key in _SPEC_KINDS and value is not None:
+            try:
+                optim.check_spec(value, _SPEC_KINDS[key], key)
+            except ConfigError as e:
                 raise CheckpointError(
-                    f"{path}: hyper-parameter {key}._target_={target!r} is not a {_SPEC_PREFIX}* class; a checkpoint "
-                    "may not name code to run. Build the model yourself and load its state_dict instead."
-                )
+                    f"{path}: hyper-parameter {str(e).rstrip('.')}. A checkpoint may not name code to run; build "
+                    "the model yourself and load its state_dict instead."
+                ) from None
     return dict(hparams)
+
+
+def build_checked(cls: type, hparams: Mapping[str, Any], ckpt: Mapping[str, Any], path: Path) -> pl.LightningModule:
+    """``cls(**hparams)``, first built on the ``meta`` device (no memory) and compared with the checkpoint's weights,
+    so that a file cannot make cnnfeat allocate what its own tensors do not hold (``num_classes=10**9``)."""
+    try:
+        with torch.device("meta"):
+            shell = cls(**hparams)
+    except CnnfeatError as e:  # the class refused a value from the file
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # a class that cannot be built without memory: compare after building it for real
+        log.debug("%s cannot be built on the meta device (%s); building it directly", cls.__name__, e)
+    else:
+        check_compatible(ckpt, shell, path)
+        del shell
+    model = cls(**hparams)
+    check_compatible(ckpt, model, path)
+    return model
 
 
 def resolve_model_class(ckpt: Mapping[str, Any], path: Path, model_class: type | None = None) -> type:
@@ -145,7 +178,6 @@ def load_model(
     hparams = check_hparams(cls, ckpt.get("hyper_parameters") or {}, path)
     if "weights" in hparams:  # a frozen pretrained backbone: its tensors come from the checkpoint, not the hub
         hparams["weights"] = "none"
-    model = cls(**hparams)
-    check_compatible(ckpt, model, path)
+    model = build_checked(cls, hparams, ckpt, path)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location).eval(), ckpt

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
@@ -24,6 +23,7 @@ from cnnfeat import graph as cgraph
 from cnnfeat import layers
 from cnnfeat import lightning_api as pl
 from cnnfeat.errors import ConfigError
+from cnnfeat.models import optim
 from cnnfeat.rng import rng_states, set_rng_states
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.2}
@@ -42,9 +42,8 @@ def plain(cfg: Any) -> Any:
 
 
 def check_optimizer_spec(spec: Mapping[str, Any]) -> None:
-    """Fail fast (before any training) on an optimizer spec without ``_target_`` or with lr <= 0."""
-    if "_target_" not in spec:
-        raise ConfigError(f"model.optimizer needs a _target_ (e.g. torch.optim.SGD), got {dict(spec)}")
+    """Fail fast (before any training) on an optimizer spec that is not a ``torch.optim`` class or has lr <= 0."""
+    optim.check_spec(spec, "optimizer", "model.optimizer")
     lr = spec.get("lr")
     if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"model.optimizer.lr must be a positive number, got {lr!r}")
@@ -53,7 +52,8 @@ def check_optimizer_spec(spec: Mapping[str, Any]) -> None:
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier with torchmetrics accuracy and config-built optimizer and scheduler.
 
-    ``optimizer`` and ``scheduler`` are Hydra-style specs (``{"_target_": "torch.optim.SGD", "lr": 0.2}``);
+    ``optimizer`` and ``scheduler`` are Hydra-style specs (``{"_target_": "torch.optim.SGD", "lr": 0.2}``), looked
+    up and checked by :mod:`cnnfeat.models.optim` (only ``torch.optim`` classes; nothing is imported);
     the optimizer gets the trainable parameters, the scheduler the optimizer, and it steps once per epoch.
     ``scheduler=None`` keeps the learning rate constant.
     """
@@ -68,6 +68,8 @@ class ImageClassifier(pl.LightningModule):
         self.optimizer_spec = dict(plain(optimizer) or DEFAULT_OPTIMIZER)
         self.scheduler_spec = dict(plain(scheduler)) if scheduler else None
         check_optimizer_spec(self.optimizer_spec)
+        if self.scheduler_spec is not None:
+            optim.check_spec(self.scheduler_spec, "scheduler", "model.scheduler")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
@@ -162,11 +164,11 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = instantiate(self.optimizer_spec, params=params)
+        optimizer = optim.build_optimizer(self.optimizer_spec, params, "model.optimizer")
         if self.scheduler_spec is None:  # a constant rate, still logged as "lr"
             scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
         else:
-            scheduler = instantiate(self.scheduler_spec, optimizer=optimizer)
+            scheduler = optim.build_scheduler(self.scheduler_spec, optimizer, "model.scheduler")
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"},
