@@ -9,10 +9,12 @@ No entry point imports another; both import this module. Exit codes are document
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +22,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+    SearchPathException,
+)
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cnnfeat.atomic import is_disk_full
 from cnnfeat.errors import CnnfeatError, ConfigError
-from cnnfeat.lightning_api import target
+from cnnfeat.lightning_api import MisconfigurationException, target
 from cnnfeat.status import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 
 log = logging.getLogger("cnnfeat")
@@ -137,8 +146,24 @@ def sigterm_raises() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def lightning_refusal(e: BaseException, where: str) -> ConfigError:
+    """Lightning's refusal of a setting as cnnfeat's :class:`ConfigError`; for a GPU preset without a GPU, what to
+    run instead."""
+    message = f"{where}: {e}"
+    if "gpu" in str(e).lower() or "cuda" in str(e).lower():
+        import torch
+
+        if not torch.cuda.is_available():
+            message += (
+                " No GPU is visible to this process (torch.cuda.is_available() is False): on this machine run "
+                "trainer=cpu, or trainer=auto (the default), which uses a GPU only where there is one."
+            )
+    return ConfigError(message)
+
+
 def instantiate_node(node: DictConfig, where: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` whose cnnfeat errors surface as themselves, naming the config node."""
+    """``hydra.utils.instantiate`` whose cnnfeat errors and Lightning's refusals surface as cnnfeat errors, naming
+    the config node."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -147,6 +172,10 @@ def instantiate_node(node: DictConfig, where: str, **kwargs: Any) -> Any:
             if f"{where}." not in str(cause) and f"{where}:" not in str(cause):
                 cause.args = (f"{where}: {cause}", *cause.args[1:])
             raise cause from None
+        if isinstance(cause, MisconfigurationException) or (
+            where == "trainer" and isinstance(cause, ValueError | ModuleNotFoundError)
+        ):  # the Trainer's constructor checks its arguments (precision, strategy, accelerator): the user's values
+            raise lightning_refusal(cause, where) from e
         if isinstance(cause, TypeError) and "argument" in str(cause):
             raise ConfigError(f"{where}: {cause}") from e
         raise
@@ -175,7 +204,10 @@ def run_cli(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     keeps its traceback. Ctrl-C exits with 130, SIGTERM with 143.
     """
     try:
-        return fn(cfg)
+        try:
+            return fn(cfg)
+        except MisconfigurationException as e:  # Lightning refused a setting during the run (not at construction)
+            raise lightning_refusal(e, "trainer") from e
     except CnnfeatError as e:
         if is_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -184,3 +216,51 @@ def run_cli(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     except KeyboardInterrupt:
         log.error("Interrupted (Ctrl-C)")
         raise SystemExit(EXIT_SIGINT) from None
+
+
+#: Hydra's refusals of a command line (unknown key, group or option, bad syntax): user mistakes, exit code 2
+_HYDRA_REFUSALS = (ConfigCompositionException, OverrideParseException, MissingConfigException, SearchPathException)
+
+
+def _advice(error: BaseException, program: str) -> str:
+    """One line that says what to do about Hydra's refusal ``error`` (printed after Hydra's own message)."""
+    cause = error.__cause__
+    key, parent = getattr(cause, "key", None), getattr(cause, "parent_node", None)
+    if isinstance(key, str) and isinstance(parent, DictConfig):
+        full_key = getattr(cause, "full_key", None) or key
+        node = full_key.rpartition(".")[0] or "the config"
+        close = difflib.get_close_matches(key, [str(k) for k in parent], n=2)
+        hint = f" Did you mean {' or '.join(f'{node}.{c}' for c in close)}?" if close else ""
+        return (
+            f"{program}: {node} has no key '{key}'.{hint} `{program} --cfg job` prints every key; nothing was run "
+            "(prefix + only to add a key that the callable really takes)."
+        )
+    if isinstance(error, MissingConfigException):
+        return f"{program}: no such config option (see the available options above); nothing was run."
+    return f"{program}: the command line was refused (above); `{program} --help` lists the options. Nothing was run."
+
+
+def entry_point(hydra_main: Callable[[], Any], program: str) -> Callable[[], None]:
+    """The console-script function around a ``@hydra.main`` function: exit codes as documented in
+    :mod:`cnnfeat.status` for what happens before the task runs too.
+
+    Hydra prints its own refusal of a command line (an unknown key or option, a syntax error, a full disk
+    when it records the config) and exits with 1; here that becomes exit code 2, with one line that says
+    what to do. Anything else keeps its exit code and traceback.
+    """
+
+    def main() -> None:
+        try:
+            hydra_main()
+        except SystemExit as e:
+            error = e.__context__
+            if e.code == 1 and isinstance(error, _HYDRA_REFUSALS):
+                sys.stderr.write(_advice(error, program) + "\n")
+                raise SystemExit(EXIT_USER_ERROR) from None
+            if e.code == 1 and error is not None and is_disk_full(error):
+                sys.stderr.write(f"{program}: the disk is full ({error}); free space or choose another directory.\n")
+                raise SystemExit(EXIT_USER_ERROR) from None
+            raise
+
+    main.__doc__ = hydra_main.__doc__
+    return main

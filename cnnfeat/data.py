@@ -246,6 +246,17 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             check_int(f"data.{name}", value)
         if not _is_int(val_size) or not 0 <= val_size < 60_000:
             raise ConfigError(f"data.val_size must be an integer in [0, 60000), got {val_size!r}")
+        if not _is_int(split_seed):
+            raise ConfigError(f"data.split_seed must be an integer, got {split_seed!r}")
+        check_int("data.num_workers", num_workers, minimum=0)
+        for name, flag in (
+            ("val_on_test", val_on_test),
+            ("pin_memory", pin_memory),
+            ("download", download),
+            ("verify", verify),
+        ):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"data.{name} must be true or false, got {flag!r}")
         self.save_hyperparameters()
         env_dir = os.environ.get(ENV_DATA)
         self.data_dir = Path(data_dir or env_dir or default_cache_dir()).expanduser()

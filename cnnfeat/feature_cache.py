@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnnfeat import lightning_api as pl
 from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cache
-from cnnfeat.errors import ConfigError, DataError
+from cnnfeat.errors import DataError, check_int
 from cnnfeat.models.alexnet import FrozenAlexNet
 from cnnfeat.probe import ProbeSet, ProbeSpec
 from cnnfeat.progress import task_progress
@@ -94,8 +94,9 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         device: str = "auto",
     ) -> None:
         super().__init__()
-        if max_images is not None and max_images < 1:
-            raise ConfigError(f"max_images must be >= 1 or null, got {max_images}")
+        check_int("data.max_images", max_images, allow_none=True)
+        check_int("data.extract_batch_size", extract_batch_size)
+        check_int("data.input_size", input_size)
         images = FashionMNISTDataModule(
             data_dir=data_dir,
             cache_dir=cache_dir,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnfeat.atomic import atomic_write
+from cnnfeat.atomic import atomic_write, is_disk_full
 from cnnfeat.errors import CnnfeatError, RunDirectoryBusy
 from cnnfeat.lightning_api import rank_zero_only
 from cnnfeat.report import write_sweep_report
@@ -27,9 +29,8 @@ _COLUMNS = ("val/acc", "test/acc", "train/loss")
 def summarize_sweep(sweep_dir: Path | str) -> list[dict[str, Any]]:
     """One row per job directory: job number, overrides, status (``missing`` if it never wrote one), metrics."""
     rows = []
-    for job in sorted(
-        (p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-    ):
+    jobs = (p for p in Path(sweep_dir).iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit())
+    for job in sorted(jobs, key=lambda p: int(p.name)):  # a linked job folder is not this sweep's: not read
         overrides_file = job / ".hydra" / "overrides.yaml"
         status = read_status(job) or {"status": "missing"}
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
@@ -97,22 +98,59 @@ class MultirunSummary(Callback):
         )
 
 
-class RunDirectoryLock(Callback):
-    """Locks an explicitly given ``hydra.run.dir`` before Hydra writes its config and log there.
+#: room a run directory must have before Hydra records its config there (config, hydra.yaml, overrides, log start)
+RECORD_ROOM = 64 * 1024
 
-    Without it, a second process pointed at a live run's directory would overwrite that run's recorded
-    config before ``train`` could refuse it. Automatic directories carry the process ID and need no lock
-    at this point (``train`` locks them too). DDP worker processes (rank > 0) share rank 0's directory.
+
+def claim(directory: str | Path, what: str) -> None:
+    """Lock ``directory`` for this process and check it has room for Hydra's record, before anything is written.
+
+    A live process already holding it, or a directory that cannot be written (a full disk, no permission),
+    ends the program here with one line on stderr and exit code 2: Hydra's logging is not set up yet, and
+    Hydra would otherwise write its record into a live run's folder or fail with a traceback.
+    """
+    try:
+        RunLock.acquire(directory)
+        probe = Path(directory).resolve() / f".room-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(bytes(RECORD_ROOM))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except RunDirectoryBusy as e:
+        sys.stderr.write(f"RunDirectoryBusy: {e}\n")
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as e:
+        why = "the disk is full" if is_disk_full(e) else f"{e.strerror or e}"
+        sys.stderr.write(
+            f"Cannot write the {what} {directory} ({why}); nothing was run. Free space, or choose another directory "
+            f"({'hydra.sweep.dir' if what == 'sweep directory' else 'hydra.run.dir'}=... or paths.log_dir=...).\n"
+        )
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class RunDirectoryLock(Callback):
+    """Locks the run directory (or a multirun's sweep directory) before Hydra writes its config and log there.
+
+    Without it, a second process pointed at a live run's or sweep's directory would overwrite that run's
+    recorded config (``.hydra/config.yaml``, ``overrides.yaml``, ``hydra.yaml``) before it could be refused,
+    and a full disk would end in Hydra's traceback. Each job of a multirun is then locked by ``train`` itself.
+    DDP worker processes (rank > 0) share rank 0's directory.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        explicit = any(str(o).startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
-        if explicit and rank_zero_only.rank == 0:
-            try:
-                RunLock.acquire(config.hydra.run.dir)
-            except RunDirectoryBusy as e:  # Hydra's logging is not set up yet: say it on stderr, exit 2
-                sys.stderr.write(f"RunDirectoryBusy: {e}\n")
-                raise SystemExit(EXIT_USER_ERROR) from None
+        if rank_zero_only.rank == 0:
+            claim(config.hydra.run.dir, "run directory")
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        RunLock.release_all()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank == 0:
+            claim(config.hydra.sweep.dir, "sweep directory")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         RunLock.release_all()

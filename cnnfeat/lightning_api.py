@@ -46,6 +46,7 @@ _callbacks = importlib.import_module(f"{PACKAGE}.callbacks")
 _loggers = importlib.import_module(f"{PACKAGE}.loggers")
 _io = importlib.import_module(f"{PACKAGE}.plugins.io")
 _rank_zero = importlib.import_module(f"{PACKAGE}.utilities.rank_zero")
+_exceptions = importlib.import_module(f"{PACKAGE}.utilities.exceptions")
 
 Callback = pl.Callback
 LightningModule = pl.LightningModule
@@ -61,6 +62,8 @@ CheckpointIO = _io.CheckpointIO
 TorchCheckpointIO = _io.TorchCheckpointIO
 rank_zero_only = _rank_zero.rank_zero_only
 rank_zero_warn = _rank_zero.rank_zero_warn
+#: what Lightning raises when it refuses a setting (a user's mistake, not a bug)
+MisconfigurationException = _exceptions.MisconfigurationException
 
 
 def target(name: str) -> str:

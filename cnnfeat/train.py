@@ -18,7 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 from cnnfeat import lightning_api as pl
 from cnnfeat.checkpoint_io import AtomicCheckpointIO
 from cnnfeat.checkpoints import check_compatible, read_checkpoint
-from cnnfeat.cli import CONFIG_DIR, instantiate_group, instantiate_node, is_multirun, run_cli, sigterm_raises
+from cnnfeat.cli import (
+    CONFIG_DIR,
+    entry_point,
+    instantiate_group,
+    instantiate_node,
+    is_multirun,
+    run_cli,
+    sigterm_raises,
+)
 from cnnfeat.errors import CheckpointError, ConfigError, TrainingDiverged
 from cnnfeat.lightning_api import (
     CheckpointIO,
@@ -280,9 +288,13 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Train; returns ``val/acc`` (NaN for a diverged job) so that sweepers (e.g. Optuna) can optimise it."""
     return run_cli(_main, cfg)
+
+
+#: ``cnnfeat-train``: Hydra's refusals of the command line exit with code 2 too (see ``cnnfeat.cli.entry_point``)
+main = entry_point(hydra_main, "cnnfeat-train")
 
 
 if __name__ == "__main__":
