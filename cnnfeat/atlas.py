@@ -36,7 +36,8 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import reprlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -153,6 +154,92 @@ class LayerInfo:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pair(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(check(x) for x in v))
+
+
+def _str_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+#: what each field of a manifest's layer must be (beside its ``units`` and ``shown``), and how a message says it
+_LAYER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "kind": (lambda v: v in KINDS, "'conv' or 'fc'"),
+    "units": (_is_int, "an integer >= 0"),
+    "activation": (_str_or_none, "a node name or null"),
+    "weights": (lambda v: isinstance(v, bool), "true or false"),
+    "frozen": (lambda v: isinstance(v, bool), "true or false"),
+    "rf_size": (_pair(lambda x: _is_int(x, 1)), "null or two integers >= 1"),
+    "rf_jump": (_pair(_is_number), "null or two numbers"),
+    "rf_start": (_pair(_is_number), "null or two numbers"),
+    "frame": (_str_or_none, "a node name or null"),
+    "output_shape": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers >= 0"),
+}
+_REQUIRED = ("name", "kind", "units", "shown", "activation", "weights", "frozen")
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {reprlib.repr(value)}" if isinstance(value, dict | list) else reprlib.repr(value)
+
+
+def manifest_layers(manifest: Any, path: Path) -> list[LayerInfo]:
+    """The layers of an atlas manifest read from ``path``, after checking its structure: anything else than what
+    ``AtlasWriter`` writes raises a ``DataError`` that names the file and the first thing wrong."""
+
+    def bad(what: str) -> DataError:
+        return DataError(
+            f"{path}: {what}; the atlas is damaged or not cnnfeat's (delete the atlas directory and rerun)"
+        )
+
+    if not isinstance(manifest, dict):
+        raise bad(f"the manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} has atlas format {manifest.get('format')!r}; this cnnfeat reads format {FORMAT}")
+    layers = manifest.get("layers", [])
+    if not isinstance(layers, list):
+        raise bad(f"'layers' must be a list, got {_got(layers)}")
+    for key in ("probe", "settings"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise bad(f"'{key}' must be an object, got {_got(manifest[key])}")
+    settings = manifest.get("settings") or {}
+    for key in ("featviz_settings", "featviz_fc_settings"):
+        if settings.get(key) is not None and not isinstance(settings[key], dict):
+            raise bad(f"'settings.{key}' must be an object, got {_got(settings[key])}")
+    names = manifest.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise bad(f"'class_names' must be a list of strings, got {_got(names)}")
+    out, seen = [], set()
+    for i, d in enumerate(layers):
+        where = f"layers[{i}]"
+        if not isinstance(d, dict):
+            raise bad(f"{where} must be an object, got {_got(d)}")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            label = f"{where} ({d['name']})" if isinstance(d.get("name"), str) else where
+            raise bad(f"{label} lacks {', '.join(repr(k) for k in sorted(missing))}")
+        for key, (check, expected) in _LAYER_FIELDS.items():
+            if key in d and not check(d[key]):
+                raise bad(f"{where}.{key} must be {expected}, got {_got(d[key])}")
+        for key in ("shown", "featviz_units"):
+            units = d.get(key, [])
+            if not (isinstance(units, list) and all(_is_int(u) and u < d["units"] for u in units)):
+                raise bad(f"{where}.{key} must be unit numbers in [0, {d['units']}), got {_got(units)}")
+        if slug(d["name"]) in seen:
+            raise bad(f"{where}: layer {d['name']!r} is listed twice")
+        seen.add(slug(d["name"]))
+        out.append(LayerInfo.from_dict(d))
+    return out
+
+
 def layer_module(graph: Graph, name: str) -> nn.Module | None:
     """The Conv2d / Linear module whose weights make the node's units (None for a functional op)."""
     node = graph[name]
@@ -236,12 +323,20 @@ class Atlas:
         if not path.is_file():
             return None
         try:
-            manifest = json.loads(path.read_text())
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {path}: {e}") from e
+        return cls.from_text(directory, text, path)
+
+    @classmethod
+    def from_text(cls, directory: Path, text: str, path: Path) -> Atlas:
+        """The atlas in ``directory`` whose manifest, read from ``path``, is ``text``; a manifest that is not JSON or
+        not of the expected structure raises a ``DataError`` naming the file and what is wrong."""
+        try:
+            manifest = json.loads(text)
         except ValueError as e:
             raise DataError(f"{path} is not valid JSON ({e}); delete the atlas directory and rerun") from e
-        if manifest.get("format") != FORMAT:
-            raise DataError(f"{path} has atlas format {manifest.get('format')!r}; this cnnfeat reads format {FORMAT}")
-        return cls(directory, manifest, [LayerInfo.from_dict(d) for d in manifest.get("layers", [])])
+        return cls(directory, manifest, manifest_layers(manifest, path))
 
     @property
     def class_names(self) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 DEAD_PREFIX = "relu/dead_fraction/"
+log = logging.getLogger("cnnfeat")
 
 
 def read_scalars(run_dir: Path | str, prefix: str = "") -> dict[str, list[tuple[int, float]]]:
@@ -33,15 +35,34 @@ def read_scalars(run_dir: Path | str, prefix: str = "") -> dict[str, list[tuple[
 
 
 def multirun_jobs(sweep_dir: Path | str) -> dict[str, Path]:
-    """Job directories of a Hydra multirun, labelled by the overrides that differ between jobs."""
+    """Job directories of a Hydra multirun, labelled by the overrides that differ between jobs.
+
+    A job that is a symbolic link is left out (with a warning): what it points at is not part of the sweep. A job's
+    ``.hydra/overrides.yaml`` is read only as a regular file inside the job (``cnnfeat.report.RunFiles``); a job
+    without a readable list of overrides is labelled by its number."""
+    from cnnfeat.report import RunFiles
+
     sweep_dir = Path(sweep_dir)
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    jobs = []
+    for p in sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+        if p.is_symlink():
+            log.warning("%s: a symbolic link; skipped (a sweep's jobs are its own folders)", p)
+        elif p.is_dir():
+            jobs.append(p)
     if not jobs:
         raise FileNotFoundError(f"No multirun jobs (numbered subdirectories) in {sweep_dir}")
     overrides = {}
     for job in jobs:
-        f = job / ".hydra" / "overrides.yaml"
-        overrides[job] = list(OmegaConf.load(f)) if f.is_file() else [job.name]
+        files = RunFiles(job)
+        text = files.read_text(job / ".hydra" / "overrides.yaml")
+        try:
+            value = OmegaConf.to_container(OmegaConf.create(text)) if text is not None else None
+        except Exception:  # a foreign or broken file: label the job by its number
+            value = None
+        if text is not None and not (isinstance(value, list) and all(isinstance(o, str) for o in value)):
+            log.warning("%s/.hydra/overrides.yaml is not a list of overrides; job labelled by its number", job)
+            value = None
+        overrides[job] = value if value is not None else [job.name]
     common = set.intersection(*(set(o) for o in overrides.values()))
     return {" ".join(o for o in ov if o not in common) or job.name: job for job, ov in overrides.items()}
 

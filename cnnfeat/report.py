@@ -1,25 +1,38 @@
 """A run's static HTML report: an overview page and one page per layer with a card for every unit.
 
     cnnfeat-report outputs/runs/DATE/TIME-PID            # -> outputs/runs/DATE/TIME-PID/report/index.html
+    cnnfeat-report outputs/runs/DATE/TIME-PID -o DIR     # -> DIR/index.html (DIR: new, empty, or a previous report)
     cnnfeat-report outputs/multirun/DATE/TIME-PID        # every job's report, and an index of the jobs side by side
 
 Everything is read from the run directory: ``status.json``, the config (``.hydra/``, else Lightning's
 ``hparams.yaml``), the TensorBoard event files (scalars; the images of the representation callbacks, found by tag
-prefix), ``umap_embedding.gif`` and the atlas (``cnnfeat.atlas``, written by ``AtlasCallback``). Pages are plain HTML
-with inline CSS and SVG charts, no script, no font or file from the network, so the folder opens from ``file://``
-and from any static host. Unit anchors are ``<layer>.html#c<k>`` (conv channel k) and ``#n<k>`` (neuron k of a
-fully connected layer); file names depend only on node names and unit indices, so links survive regeneration. The
-report is built in a temporary folder beside its destination and swapped in at the end.
+prefix), ``umap_embedding.gif``, the atlas (``cnnfeat.atlas``, written by ``AtlasCallback``) and ``explored.json``
+(``cnnfeat-explore``: which epochs it drew). Only regular files inside the run directory are read: a symbolic link, a
+FIFO or a file reached through a linked folder is skipped and named (a warning, and a note on the page), never
+followed, embedded or copied. Pages are plain HTML with inline CSS and SVG charts, no script, no font or file from the
+network, so the folder opens from ``file://`` and from any static host. Unit anchors are ``<layer>.html#c<k>`` (conv
+channel k) and ``#n<k>`` (neuron k of a fully connected layer); file names depend only on node names and unit
+indices, so links survive regeneration.
+
+The report is built in a temporary folder beside its destination and moved in at the end. It writes a marker file,
+``.cnnfeat-report``, listing its files; the destination must be new, empty, or a previous report holding only the
+files it wrote: any other folder is refused (exit code 2) and nothing in it is removed or replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import io
+import json
 import logging
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
+import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,59 +44,351 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cnnfeat.atlas import Atlas, LayerInfo, anchor, slug
-from cnnfeat.errors import CnnfeatError, ConfigError
+from cnnfeat.atlas import ATLAS_DIR, MANIFEST, Atlas, LayerInfo, anchor, slug
+from cnnfeat.errors import CnnfeatError, ConfigError, DataError
 from cnnfeat.lecture import LECTURE_LOG
-from cnnfeat.status import read_status
 
 log = logging.getLogger("cnnfeat")
 
 REPORT_DIR = "report"
+#: the file by which a folder is known as a report cnnfeat-report wrote (JSON: the files it wrote)
+MARKER = ".cnnfeat-report"
+#: written by cnnfeat-explore beside its pictures: the epochs it drew, those without a checkpoint, their files
+EXPLORED = "explored.json"
 #: TensorBoard image tags shown on the overview, by prefix (the representation callbacks' pictures)
 IMAGE_PREFIXES = ("cka/", "probe/", "units/raster/")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_LINK = "a symbolic link; skipped (the report reads only regular files inside the run directory)"
+_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+class ReportWriteError(CnnfeatError, OSError):
+    """The report folder could not be written (no space, no permission); the temporary folder is removed."""
 
 
 # -- reading a run ----------------------------------------------------------------------------------------
-def read_events(run_dir: Path, image_prefixes: Sequence[str] = IMAGE_PREFIXES) -> tuple[dict, dict]:
+class RunFiles:
+    """The files of one run directory that the report may read: regular files reached without a symbolic link and
+    inside the (resolved) run directory. Anything else is skipped, logged once and listed in ``notes``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self.real = run_dir.resolve()
+        self.notes: list[str] = []
+        self._noted: set[str] = set()
+
+    def rel(self, path: Path | str) -> str:
+        """``path`` as the page names it: relative to the run directory."""
+        try:
+            return Path(path).relative_to(self.dir).as_posix()
+        except ValueError:
+            return str(path)
+
+    def skip(self, path: Path | str, why: str) -> None:
+        """Note (once per file) that ``path`` was skipped and why."""
+        rel = self.rel(path)
+        if rel not in self._noted:
+            self._noted.add(rel)
+            self.notes.append(f"{rel}: {why}")
+            log.warning("Report of %s: %s: %s", self.dir, rel, why)
+
+    def ok(self, path: Path) -> bool:
+        """Whether ``path`` (below the run directory) is a regular file the report may read. False, silently, when it
+        does not exist; False, with a note, for a link on the way, a FIFO or device, or a path leaving the run."""
+        try:
+            parts = path.relative_to(self.dir).parts
+        except ValueError:
+            parts = ()
+        if not parts:
+            self.skip(path, "outside the run directory; skipped")
+            return False
+        p, mode = self.dir, 0
+        for i, part in enumerate(parts):
+            p = p / part
+            try:
+                mode = os.lstat(p).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError as e:
+                self.skip(p, f"cannot be read ({e.strerror or e}); skipped")
+                return False
+            if stat.S_ISLNK(mode):
+                self.skip(p, _LINK)
+                return False
+            if i < len(parts) - 1 and not stat.S_ISDIR(mode):
+                return False
+        if not stat.S_ISREG(mode):
+            self.skip(p, "not a regular file; skipped")
+            return False
+        if not path.resolve().is_relative_to(self.real):
+            self.skip(path, "outside the run directory; skipped")
+            return False
+        return True
+
+    def read_bytes(self, path: Path) -> bytes | None:
+        """The content of ``path`` if ``ok`` (opened without following a link or waiting on a FIFO), else None."""
+        if not self.ok(path):
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    self.skip(path, "not a regular file; skipped")
+                    return None
+                return f.read()
+        except OSError as e:
+            self.skip(path, f"cannot be read ({e.strerror or e}); skipped")
+            return None
+
+    def read_text(self, path: Path) -> str | None:
+        data = self.read_bytes(path)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def _frames(path: Path) -> tuple[int, bool]:
+    """TFRecord frames in an event file, counted from their length headers, and whether they fill it exactly."""
+    size, offset, count = path.stat().st_size, 0, 0
+    with open(path, "rb") as f:
+        while offset + 12 <= size:
+            f.seek(offset)
+            (length,) = struct.unpack("<Q", f.read(8))
+            offset += 12 + length + 4
+            count += offset <= size
+    return count, offset == size
+
+
+def read_events(
+    run_dir: Path, image_prefixes: Sequence[str] = IMAGE_PREFIXES, files: RunFiles | None = None
+) -> tuple[dict, dict]:
     """Scalars ``{tag: [(step, value)]}`` and the latest image per wanted tag ``{tag: (step, png bytes)}``.
 
     Reads the raw event records (no TensorBoard accumulator) and decodes only what it keeps; later files win
-    for the same tag and step (a resumed run).
+    for the same tag and step (a resumed run). Only files that ``files`` allows are read; a corrupt or truncated
+    file gives what it holds before the damage, and a note.
     """
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
     from tensorboard.util import tensor_util
 
+    files = files or RunFiles(run_dir)
     scalars: dict[str, dict[int, float]] = {}
     images: dict[str, tuple[int, bytes]] = {}
-    files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime, p.name))
-    for f in files:
-        if REPORT_DIR in f.relative_to(run_dir).parts:
+    found = [
+        f
+        for f in run_dir.rglob("events.out.tfevents.*")
+        if REPORT_DIR not in f.relative_to(run_dir).parts[:-1] and files.ok(f)
+    ]
+    for f in sorted(found, key=lambda p: (p.stat().st_mtime, p.name)):
+        read = 0
+        try:
+            for event in LegacyEventFileLoader(str(f)).Load():
+                read += 1
+                if not event.HasField("summary"):
+                    continue
+                for v in event.summary.value:
+                    kind = v.WhichOneof("value")
+                    if kind == "simple_value":
+                        scalars.setdefault(v.tag, {})[event.step] = float(v.simple_value)
+                    elif kind == "image" and v.tag.startswith(tuple(image_prefixes)):
+                        if v.tag not in images or event.step >= images[v.tag][0]:
+                            images[v.tag] = (event.step, v.image.encoded_image_string)
+                    elif kind == "tensor" and v.metadata.plugin_data.plugin_name == "scalars":
+                        arr = tensor_util.make_ndarray(v.tensor)
+                        if arr.size == 1 and arr.dtype.kind in "fiub":
+                            scalars.setdefault(v.tag, {})[event.step] = float(arr.reshape(()))
+            frames, exact = _frames(f)
+        except OSError as e:
+            files.skip(f, f"cannot be read ({e.strerror or e}); skipped")
             continue
-        for event in LegacyEventFileLoader(str(f)).Load():
-            if not event.HasField("summary"):
-                continue
-            for v in event.summary.value:
-                kind = v.WhichOneof("value")
-                if kind == "simple_value":
-                    scalars.setdefault(v.tag, {})[event.step] = float(v.simple_value)
-                elif kind == "image" and v.tag.startswith(tuple(image_prefixes)):
-                    if v.tag not in images or event.step >= images[v.tag][0]:
-                        images[v.tag] = (event.step, v.image.encoded_image_string)
-                elif kind == "tensor" and v.metadata.plugin_data.plugin_name == "scalars":
-                    arr = tensor_util.make_ndarray(v.tensor)
-                    if arr.size == 1:
-                        scalars.setdefault(v.tag, {})[event.step] = float(arr.reshape(()))
+        if read < frames or not exact:
+            files.skip(f, f"corrupt or truncated event file: read its first {read} records, skipped the rest")
     return {t: sorted(d.items()) for t, d in scalars.items()}, images
 
 
-def _yaml_lines(path: Path) -> list[str]:
+def _yaml(text: str | None) -> Any:
+    """A YAML document (None when absent or broken: the report shows what it can)."""
+    if text is None:
+        return None
     from omegaconf import OmegaConf
 
     try:
-        return [str(x) for x in OmegaConf.load(path)]
-    except Exception:  # a foreign or broken file: the report shows what it can
-        return []
+        return OmegaConf.to_container(OmegaConf.create(text))
+    except Exception:  # a foreign or broken file
+        return None
+
+
+def _status(files: RunFiles) -> dict[str, Any] | None:
+    """``status.json`` as a JSON object (its ``metrics`` an object too), or None with a note."""
+    path = files.dir / "status.json"
+    text = files.read_text(path)
+    if text is None:
+        return None
+    try:
+        status = json.loads(text)
+    except ValueError:
+        files.skip(path, "not valid JSON; ignored")
+        return None
+    if not isinstance(status, dict):
+        files.skip(path, f"not a JSON object (a {type(status).__name__}); ignored")
+        return None
+    if not isinstance(status.get("metrics") or {}, dict):
+        files.skip(path, "its 'metrics' is not an object; metrics ignored")
+        status = {**status, "metrics": {}}
+    return status
+
+
+def _number(value: Any) -> float | None:
+    """A metric of status.json as a float: numbers, and the strings ``json_safe`` writes for non-finite ones."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return None
+
+
+@dataclass(frozen=True)
+class Explored:
+    """``explored.json`` of ``cnnfeat-explore``: the epochs it drew (0 = the untrained network), the epochs up to the
+    last explored one that had no checkpoint, and the checkpoint file of each explored epoch."""
+
+    explored: tuple[int, ...]
+    missing: tuple[int, ...]
+    checkpoints: dict[int, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Explored:
+        """The record in ``text``; a ``DataError`` saying what is wrong when it is not of that structure."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise DataError(f"must be a JSON object, got a {type(d).__name__}")
+        epochs = {}
+        for key in ("explored", "missing"):
+            v = d.get(key, [] if key == "missing" else None)
+            if not (isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in v)):
+                raise DataError(f"'{key}' must be a list of epochs (integers >= 0), got {v!r:.60}")
+            epochs[key] = tuple(sorted(set(v)))
+        both = sorted(set(epochs["explored"]) & set(epochs["missing"]))
+        if both:
+            raise DataError(f"epochs both explored and missing: {', '.join(map(str, both))}")
+        ckpts = d.get("checkpoints", {})
+        if not (
+            isinstance(ckpts, dict) and all(re.fullmatch(r"\d+", k) and isinstance(v, str) for k, v in ckpts.items())
+        ):
+            raise DataError(f"'checkpoints' must map epochs to checkpoint file names, got {ckpts!r:.60}")
+        return cls(epochs["explored"], epochs["missing"], {int(k): v for k, v in ckpts.items()})
+
+    def describe(self) -> str:
+        """One line of HTML: which epochs were explored, which are missing, and what that means for comparisons."""
+        if not self.missing:
+            return f"Explored epochs {_ranges(self.explored)} (none missing)."
+        return (
+            f"Explored epochs {_ranges(self.explored)}; missing {_ranges(self.missing)}: values that compare with a "
+            "previous epoch compare with the previous <i>explored</i> one."
+        )
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``0, 1, 3, 5&ndash;9`` (HTML): runs of three or more consecutive numbers as a range."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}&ndash;{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs) or "none"
+
+
+class _RunAtlas(Atlas):
+    """An atlas read for the report: only files ``RunFiles`` allows, step files named as the writer names them, and
+    arrays checked against the manifest before they are drawn."""
+
+    files: RunFiles
+
+    def _numbered(self, layer: LayerInfo, prefix: str) -> list[int]:
+        out = []
+        for p in (self.dir / layer.slug).glob(f"{prefix}_*.npz"):
+            m = re.fullmatch(rf"{prefix}_(\d+)\.npz", p.name)
+            if m and p.name == f"{prefix}_{int(m.group(1)):03d}.npz" and self.files.ok(p):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def steps(self, layer: LayerInfo) -> list[int]:
+        return self._numbered(layer, "step")
+
+    def patch_steps(self, layer: LayerInfo) -> list[int]:
+        return self._numbered(layer, "patches")
+
+    def classes(self, layer: LayerInfo) -> dict[str, np.ndarray] | None:
+        path = self.dir / layer.slug / "classes.npz"
+        return self._load(path) if self.files.ok(path) else None
+
+    def featviz(self, layer: LayerInfo) -> dict[str, np.ndarray] | None:
+        path = self.dir / layer.slug / "featviz.npz"
+        return self._load(path) if self.files.ok(path) else None
+
+    def _load(self, path: Path) -> dict[str, np.ndarray]:
+        if not self.files.ok(path):
+            raise DataError(f"{path}: not a regular file inside the run directory")
+        arrays = super()._load(path)
+        layer = next((i for i in self.layers if i.slug == path.parent.name), None)
+        if layer is not None:
+            _check_arrays(path, arrays, len(layer.shown))
+        return arrays
+
+
+#: per atlas file (by name prefix): its arrays as (name, dimensions, uint8 or not), first dimension = the rows
+_ARRAYS = {
+    "step": (("unit_max", 1, False),),
+    "patches": (("crops", 5, True), ("ids", 2, False), ("values", 2, False)),
+    "classes": (("counts", 2, False),),
+    "featviz": (
+        ("units", 1, False),
+        ("images", 4, True),
+        ("activation", 1, False),
+        ("reference", 1, False),
+        ("fidelity", 1, False),
+        ("flagged", 1, False),
+        ("targets", 2, False),
+        ("peaks", 2, False),
+    ),
+}
+
+
+def _check_arrays(path: Path, arrays: Mapping[str, np.ndarray], shown: int) -> None:
+    """Refuse an atlas file whose arrays the report cannot draw (a missing array, a wrong shape or type)."""
+    kind = path.stem.split("_")[0]
+    spec = _ARRAYS.get(kind, ())
+    units = arrays.get("units")
+    rows = (len(units) if units.ndim else -1) if kind == "featviz" and units is not None else shown
+    what = "optimised units" if kind == "featviz" else "shown units"
+    for name, ndim, uint8 in spec:
+        if name not in arrays:
+            raise DataError(f"{path} lacks the array {name!r}; the atlas is damaged (delete it and rerun)")
+        a = arrays[name]
+        if a.ndim != ndim or len(a) != rows or (uint8 and a.dtype != np.uint8) or a.dtype.kind not in "fiub":
+            raise DataError(
+                f"{path}: {name} has shape {a.shape} ({a.dtype}) for {rows} {what}; the atlas is damaged (delete it "
+                "and rerun)"
+            )
+    if kind == "step" and "weights" in arrays and (arrays["weights"].ndim < 2 or len(arrays["weights"]) != shown):
+        raise DataError(f"{path}: weights has shape {arrays['weights'].shape} for {shown} shown units")
+
+
+def _atlas(files: RunFiles) -> Atlas | None:
+    """The run's atlas read through ``files`` (None when it has none or its manifest is skipped)."""
+    run_dir = files.dir
+    directory = run_dir if os.path.lexists(run_dir / MANIFEST) else run_dir / ATLAS_DIR
+    path = directory / MANIFEST
+    text = files.read_text(path)
+    if text is None:
+        return None
+    atlas = _RunAtlas.from_text(directory, text, path)
+    atlas.files = files
+    return atlas
 
 
 @dataclass
@@ -101,52 +406,83 @@ class RunData:
     gif: Path | None
     atlas: Atlas | None
     notes: list[str] = field(default_factory=list)
+    gif_size: tuple[int, int] | None = None  #: (width, height) of the GIF
+    gif_data: bytes | None = field(default=None, repr=False)
+    explored: Explored | None = None
 
     @classmethod
     def read(cls, run_dir: Path | str) -> RunData:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: no such run directory")
+            what = "is a file, not a run directory" if run_dir.is_file() else "no such run directory"
+            raise ConfigError(f"{run_dir}: {what}")
+        try:
+            os.listdir(run_dir)
+        except OSError as e:
+            raise ConfigError(f"{run_dir}: cannot read the run directory ({e.strerror or e})") from e
+        files = RunFiles(run_dir)
         config_text, source = None, ""
         for name in (".hydra/config.yaml", "hparams.yaml"):
-            if (run_dir / name).is_file():
-                config_text, source = (run_dir / name).read_text(), name
+            config_text = files.read_text(run_dir / name)
+            if config_text is not None:
+                source = name
                 break
-        overrides = _yaml_lines(run_dir / ".hydra" / "overrides.yaml") if (run_dir / ".hydra").is_dir() else []
-        experiment = None
-        hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
-        if hydra_yaml.is_file():
-            from omegaconf import OmegaConf
-
-            try:
-                experiment = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices.experiment")
-            except Exception:
-                experiment = None
+        overrides = _yaml(files.read_text(run_dir / ".hydra" / "overrides.yaml"))
+        overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+        hydra_cfg = _yaml(files.read_text(run_dir / ".hydra" / "hydra.yaml"))
+        for key in ("hydra", "runtime", "choices", "experiment"):
+            hydra_cfg = hydra_cfg.get(key) if isinstance(hydra_cfg, dict) else None
+        experiment = hydra_cfg
         for o in overrides:
             if o.startswith("experiment="):
                 experiment = o.split("=", 1)[1]
-        scalars, images = read_events(run_dir)
-        gif = run_dir / "umap_embedding.gif"
+        scalars, images = read_events(run_dir, files=files)
+        gif, gif_data, gif_size = run_dir / "umap_embedding.gif", None, None
+        if (data := files.read_bytes(gif)) is not None:
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    gif_size = im.size if im.format == "GIF" else None
+            except _IMAGE_ERRORS:
+                gif_size = None
+            if gif_size is None:
+                files.skip(gif, "not a GIF image; skipped")
+            else:
+                gif_data = data
+        explored = None
+        if (text := files.read_text(run_dir / EXPLORED)) is not None:
+            try:
+                explored = Explored.parse(text)
+            except DataError as e:
+                files.skip(run_dir / EXPLORED, f"{e}; not shown")
         return cls(
             run_dir=run_dir,
-            status=read_status(run_dir),
+            status=_status(files),
             config_text=config_text,
             config_source=source,
             overrides=overrides,
             experiment=str(experiment) if experiment else None,
             scalars=scalars,
             images=images,
-            gif=gif if gif.is_file() else None,
-            atlas=Atlas.load(run_dir),
+            gif=gif if gif_data is not None else None,
+            atlas=_atlas(files),
+            notes=files.notes,
+            gif_size=gif_size,
+            gif_data=gif_data,
+            explored=explored,
         )
 
+    def note(self, text: str) -> None:
+        """Something the report skipped: logged, and listed on the overview."""
+        self.notes.append(text)
+        log.warning("Report of %s: %s", self.run_dir, text)
+
     def has_anything(self) -> bool:
-        return bool(self.status or self.scalars or self.atlas or self.config_text)
+        return bool(self.status or self.scalars or self.atlas or self.config_text or self.explored)
 
     def per_epoch(self, tag: str) -> dict[int, float]:
         """An epoch-level metric by epoch (1-based), mapping Lightning's global steps through its ``epoch`` scalar."""
         values = self.scalars.get(tag, [])
-        epochs = dict(self.scalars.get("epoch", []))
+        epochs = {s: e for s, e in self.scalars.get("epoch", []) if math.isfinite(e)}
         out: dict[int, float] = {}
         for i, (step, v) in enumerate(values):
             out[int(epochs[step]) + 1 if step in epochs else i + 1] = v
@@ -296,6 +632,7 @@ img{image-rendering:pixelated}img.smooth{image-rendering:auto}
 .tl .a{background:#66bb6a}.tl .d{background:#e53935}
 .thumbs{display:flex;flex-wrap:wrap;gap:4px}.thumbs a{text-decoration:none;font-size:10px;color:#555;text-align:center}
 .flagged img{outline:2px solid #e0a800}
+.explored{background:#fff8e1;border-left:3px solid #e0a800;padding:4px 10px}
 .figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.figs figure{margin:0}
 svg text{font-family:system-ui,sans-serif}
 """
@@ -344,7 +681,7 @@ def svg_chart(
     height: int = 270,
 ) -> str:
     """Lines (with points) as an inline SVG: axes with ticks, a legend at the right; no script."""
-    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
+    pts = [(x, y) for s in series.values() for x, y in s if _plottable(y)]
     if not pts:
         return f'<p class="muted">{esc(title)}: no values</p>'
     left, right, top, bottom = 52, 150, 24, 38
@@ -390,7 +727,7 @@ def svg_chart(
     )
     for i, (label, s) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
-        good = [(x, y) for x, y in s if math.isfinite(y)]
+        good = [(x, y) for x, y in s if _plottable(y)]
         if len(good) > 1:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
             out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.6"/>')
@@ -406,6 +743,11 @@ def svg_chart(
         out.append(f'<text x="{left + pw + 30}" y="{ly + 4}" font-size="11">{esc(label[:22])}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _plottable(y: float) -> bool:
+    """A value a chart can place: finite, and small enough that differences of two stay finite."""
+    return math.isfinite(y) and abs(y) < 1e300
 
 
 def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> tuple[list[float], int]:
@@ -490,6 +832,11 @@ class _Writer:
             parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in d.notes) + "</ul>")
         return page(f"cnnfeat report · {d.run_dir.name}", "".join(p for p in parts if p), self.nav())
 
+    def explored_line(self) -> str:
+        """Which epochs ``cnnfeat-explore`` drew and which it could not (no checkpoint); empty without explored.json."""
+        e = self.data.explored
+        return f"<p class='explored'>{e.describe()}</p>" if e is not None else ""
+
     def status_section(self) -> str:
         st = self.data.status or {}
         rows = [("run directory", esc(self.data.run_dir.resolve()))]
@@ -508,9 +855,13 @@ class _Writer:
         keys = [k for k in ("val/acc", "test/acc", "train/acc", "train/loss", "val/loss") if k in metrics]
         keys += sorted(k for k in metrics if k.startswith(("umap/knn_acc", "relu/dead_fraction/all")))
         for k in keys:
-            v = metrics[k]
-            rows.append((esc(k), pct(v) if "acc" in k else fmt(v if isinstance(v, float) else float("nan"))))
-        return "<h2>Run</h2>" + table(None, rows, left=2)
+            v = _number(metrics[k])
+            rows.append((esc(k), pct(v) if "acc" in k else fmt(v)))
+        e = self.data.explored
+        if e is not None and e.checkpoints:
+            ckpts = table(["epoch", "checkpoint"], [(k, esc(v)) for k, v in sorted(e.checkpoints.items())])
+            rows.append(("checkpoints", f"<details><summary>{len(e.checkpoints)} explored</summary>{ckpts}</details>"))
+        return "<h2>Run</h2>" + self.explored_line() + table(None, rows, left=2)
 
     def curves_section(self) -> str:
         d = self.data
@@ -533,7 +884,7 @@ class _Writer:
         if not tr_acc:
             return ""
         rows = []
-        for e in range(1, max(len(LECTURE_LOG), max(tr_acc)) + 1):
+        for e in sorted({*range(1, len(LECTURE_LOG) + 1), *tr_acc}):  # every epoch the run has, not a range to it
             lt, ll, lv = LECTURE_LOG[e - 1] if e <= len(LECTURE_LOG) else (float("nan"),) * 3
             rows.append(
                 (
@@ -558,11 +909,9 @@ class _Writer:
         if not umap and d.gif is None:
             return ""
         parts = ["<h2>UMAP of the last-layer features</h2>"]
-        if d.gif is not None:
-            dest = self.asset("umap_embedding.gif")
-            shutil.copyfile(d.gif, dest)
-            with Image.open(dest) as im:
-                w, h = im.size
+        if d.gif_data is not None and d.gif_size is not None:
+            self.asset("umap_embedding.gif").write_bytes(d.gif_data)  # the bytes read and checked, not the path again
+            w, h = d.gif_size
             parts.append(img_tag("assets/umap_embedding.gif", "UMAP animation, epoch by epoch", (h, w), "smooth"))
         metrics = ["knn_acc", "knn_acc_2d", "trustworthiness", "silhouette"]
         rows = []
@@ -602,10 +951,15 @@ class _Writer:
         """TensorBoard pictures (tag -> (step, PNG bytes)) copied to the assets, as captioned figures in tag order."""
         figs = []
         for tag, (step, png) in sorted(images.items()):
-            p = self.asset(f"tb/{slug(tag)}.png")
-            p.write_bytes(png)
-            with Image.open(p) as im:
-                w, h = im.size
+            try:
+                with Image.open(io.BytesIO(png)) as im:
+                    (w, h), kind = im.size, im.format
+            except _IMAGE_ERRORS:
+                kind = None
+            if kind != "PNG":
+                self.data.note(f"TensorBoard picture {tag} (step {step}): not a PNG image; skipped")
+                continue
+            self.asset(f"tb/{slug(tag)}.png").write_bytes(png)
             figs.append(
                 f"<figure>{img_tag(f'assets/tb/{slug(tag)}.png', tag, (h, w), 'smooth', 0.75)}"
                 f"<figcaption>{esc(tag)} (step {step})</figcaption></figure>"
@@ -862,35 +1216,151 @@ class _Writer:
         )
         self.thumbs[info.name] = thumbs
         thumbs_html = f"<h2>Optimised inputs</h2>{thumb_row(thumbs, '', info.name, 56)}" if thumbs else ""
-        body = intro + thumbs_html + "<h2>Units</h2><div class='cards'>" + "".join(cards) + "</div>"
+        body = (
+            intro + self.explored_line() + thumbs_html + "<h2>Units</h2><div class='cards'>" + "".join(cards) + "</div>"
+        )
         return page(f"{info.name} · {self.data.run_dir.name}", body, self.nav(info.name))
 
 
+# -- the report folder -------------------------------------------------------------------------------------
+def _names(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _own_files(folder: Path) -> set[str] | None:
+    """The files (relative, POSIX) that a report in ``folder`` wrote, by its marker, or by the look of a report of a
+    cnnfeat from before the marker (pages and ``assets/`` only, its index titled by the report); None otherwise."""
+    marker = folder / MARKER
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return None
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files")
+        if isinstance(files, list) and all(isinstance(f, str) for f in files):
+            return {*files, MARKER}
+        return None
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError):
+        return None
+    entries = os.listdir(folder)
+    index = folder / "index.html"
+    if "index.html" not in entries or any(not (e.endswith(".html") or e == "assets") for e in entries):
+        return None
+    if not stat.S_ISREG(os.lstat(index).st_mode):
+        return None
+    with open(index, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace")
+    if "<title>cnnfeat report · " not in head and "<title>cnnfeat sweep · " not in head:
+        return None
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
+
+
+def _foreign(folder: Path, own: set[str]) -> list[str]:
+    """What in ``folder`` is not one of the report's own files (links and anything not a regular file included)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *(d for d in dirs if os.path.islink(os.path.join(root, d)))]:
+            path = Path(root, name)
+            rel = path.relative_to(folder).as_posix()
+            if rel not in own or not stat.S_ISREG(os.lstat(path).st_mode):
+                out.append(rel)
+    return sorted(out)
+
+
+def report_folder(out: Path | str) -> Path:
+    """``out`` as an absolute path, if the report may be written there: a new folder, an empty one, or a previous
+    report holding only the files it wrote. Anything else raises a ``ConfigError`` that says why; nothing is touched."""
+    out = Path(os.path.abspath(out))
+    for parent in out.parents:
+        if os.path.isfile(parent / MARKER) and not os.path.islink(parent / MARKER):
+            raise ConfigError(
+                f"{out} is inside the report folder {parent}, which the next report there replaces; give a folder "
+                "outside it"
+            )
+    if os.path.islink(out):
+        raise ConfigError(f"{out} is a symbolic link; give the folder itself (the report replaces a folder's content)")
+    if os.path.lexists(out) and not out.is_dir():
+        what = "is a file, not a folder" if out.is_file() else "is not a folder"
+        raise ConfigError(f"{out} {what}; give a new or empty folder for the report")
+    if not out.is_dir():
+        return out
+    try:
+        entries = sorted(os.listdir(out))
+        own = _own_files(out) if entries else set()
+        foreign = _foreign(out, own) if own is not None else []
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot read the report folder ({e.strerror or e})") from e
+    if own is None:
+        raise ConfigError(
+            f"{out} is not a cnnfeat report (it holds {_names(entries)}); give a new or empty folder, or one that a "
+            "previous cnnfeat-report wrote: nothing in this one is removed or replaced"
+        )
+    if foreign:
+        raise ConfigError(
+            f"{out} holds {_names(foreign)}, which cnnfeat-report did not write; move them out of the report folder "
+            "or give another folder"
+        )
+    return out
+
+
+def _new_dir(out: Path, kind: str) -> Path:
+    """A new folder beside ``out`` (``.<name>.<kind>-<random>``, made with the usual permissions), never one that
+    was there before."""
+    while True:
+        path = out.parent / f".{out.name or REPORT_DIR}.{kind}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _build(out: Path, fill: Any) -> None:
+    """Write a report into a temporary folder beside ``out`` (``fill(tmp)``), add the marker listing its files, and
+    move it to ``out`` (checked by ``report_folder``). A folder that exists is kept (it may be the working
+    directory); only the previous report's own files leave it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_dir(out, "tmp")
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the report folder here ({e.strerror or e})") from e
+    try:
+        fill(tmp)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        (tmp / MARKER).write_text(json.dumps({"written_by": "cnnfeat-report", "files": files}, indent=0) + "\n")
+        if not out.exists():
+            os.rename(tmp, out)
+            return
+        report_folder(out)  # again, just before replacing: nothing of the user's has arrived meanwhile
+        old = _new_dir(out, "old")
+        for name in os.listdir(out):
+            os.rename(out / name, old / name)
+        for name in os.listdir(tmp):
+            os.rename(tmp / name, out / name)
+        shutil.rmtree(old)
+    except OSError as e:
+        raise ReportWriteError(f"{out}: cannot write the report ({e.strerror or e})") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """Write ``<run dir>/report/index.html`` (or ``out/index.html``) and its pages and assets; returns index.html."""
+    """Write ``<run dir>/report/index.html`` (or ``out/index.html``) and its pages and assets; returns index.html.
+
+    ``out`` must be new, empty, or a previous report (see ``report_folder``); a ``ConfigError`` says why not."""
     start = time.perf_counter()
+    dest = Path(out) if out is not None else Path(run_dir) / REPORT_DIR
+    target = report_folder(dest)
     data = RunData.read(run_dir)
     if not data.has_anything():
         raise ConfigError(
             f"{run_dir}: nothing to report (no status.json, config, TensorBoard events or atlas); is it a cnnfeat run "
             "directory?"
         )
-    out = Path(out) if out is not None else data.run_dir / REPORT_DIR
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _Writer(data, tmp).write()
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("Report: %s (%.1f s)", out / "index.html", time.perf_counter() - start)
-    return out / "index.html"
+    _build(target, lambda tmp: _Writer(data, tmp).write())
+    log.info("Report: %s (%.1f s)", dest / "index.html", time.perf_counter() - start)
+    return dest / "index.html"
 
 
 # -- a multirun -------------------------------------------------------------------------------------------
@@ -902,22 +1372,33 @@ def sweep_jobs(sweep_dir: Path) -> dict[str, Path]:
 
 
 def is_sweep(path: Path) -> bool:
-    return (
-        path.is_dir()
-        and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
-        and not (path / "status.json").is_file()
-    )
+    try:
+        return (
+            path.is_dir()
+            and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+            and not os.path.lexists(path / "status.json")
+        )
+    except OSError:
+        return False
 
 
-def write_sweep_report(sweep_dir: Path | str, jobs_too: bool = True) -> Path:
-    """Each job's report (``jobs_too``), then ``<sweep dir>/report/index.html`` linking them side by side."""
+def write_sweep_report(sweep_dir: Path | str, jobs_too: bool = True, out: Path | str | None = None) -> Path:
+    """Each job's report (``jobs_too``), then ``<sweep dir>/report/index.html`` (or ``out/index.html``) linking them
+    side by side. A job that cannot be read or reported is skipped with a warning."""
     sweep_dir = Path(sweep_dir)
+    dest = Path(out) if out is not None else sweep_dir / REPORT_DIR
+    target = report_folder(dest)
     try:
         jobs = sweep_jobs(sweep_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
     columns = []
     for label, job in jobs.items():
+        try:
+            d = RunData.read(job)
+        except CnnfeatError as e:
+            log.warning("No report for job %s: %s", job, e)
+            continue
         index = None
         if jobs_too:
             try:
@@ -926,30 +1407,25 @@ def write_sweep_report(sweep_dir: Path | str, jobs_too: bool = True) -> Path:
                 log.warning("No report for job %s: %s", job, e)
         elif (job / REPORT_DIR / "index.html").is_file():
             index = job / REPORT_DIR / "index.html"
-        columns.append((label, job, index, RunData.read(job)))
-    out = sweep_dir / REPORT_DIR
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "assets").mkdir(parents=True)
+        columns.append((label, job, index, d))
+    out_abs = target
+
+    def rel(path: Path) -> str:
+        return os.path.relpath(os.path.abspath(path), out_abs)
+
     head = ["", *[f"job {esc(job.name)}" for _, job, _, _ in columns]]
     rows: list[list[str]] = [
         ["overrides", *[esc(label) for label, _, _, _ in columns]],
-        [
-            "report",
-            *[
-                f'<a href="{esc(os.path.relpath(index, out))}">open</a>' if index else "&ndash;"
-                for _, _, index, _ in columns
-            ],
-        ],
+        ["report", *[f'<a href="{esc(rel(index))}">open</a>' if index else "&ndash;" for _, _, index, _ in columns]],
         [
             "status",
             *[(esc(d.status["status"]) if d.status and "status" in d.status else "&ndash;") for _, _, _, d in columns],
         ],
     ]
     for key in ("val/acc", "test/acc", "train/acc", "relu/dead_fraction/all", "umap/knn_acc"):
-        vals = [((d.status or {}).get("metrics") or {}).get(key) for _, _, _, d in columns]
-        if any(isinstance(v, float) for v in vals):
-            rows.append([esc(key), *[pct(v) if isinstance(v, float) else "&ndash;" for v in vals]])
+        vals = [_number(((d.status or {}).get("metrics") or {}).get(key)) for _, _, _, d in columns]
+        if any(v is not None for v in vals):
+            rows.append([esc(key), *[pct(v) for v in vals]])
     curves = []
     for _, job, _, d in columns:
         series = {t: sorted(d.per_epoch(t).items()) for t in ("train/acc", "val/acc") if t in d.scalars}
@@ -957,28 +1433,24 @@ def write_sweep_report(sweep_dir: Path | str, jobs_too: bool = True) -> Path:
     rows.append(["accuracy", *curves])
     thumbs = []
     for _, job, index, d in columns:
-        if d.gif is not None and index is not None:
-            rel = os.path.relpath(index.parent / "assets" / "umap_embedding.gif", out)
-            with Image.open(d.gif) as im:
-                w, h = im.size
-            thumbs.append(img_tag(rel, f"UMAP of job {job.name}", (h, w), "smooth", 300 / max(w, 1)))
+        gif = index.parent / "assets" / "umap_embedding.gif" if index is not None else None
+        if d.gif_size is not None and gif is not None and gif.is_file():
+            w, h = d.gif_size
+            thumbs.append(img_tag(rel(gif), f"UMAP of job {job.name}", (h, w), "smooth", 300 / max(w, 1)))
         else:
             thumbs.append("&ndash;")
     if any(t != "&ndash;" for t in thumbs):
         rows.append(["UMAP", *thumbs])
+    summary = sweep_dir / "summary.md"
     body = (
         f"<p>{len(columns)} jobs of <code>{esc(sweep_dir.resolve())}</code>, side by side.</p>"
         + table(head, rows)
-        + ("<p><a href='../summary.md'>summary.md</a></p>" if (sweep_dir / "summary.md").is_file() else "")
+        + (f"<p><a href='{esc(rel(summary))}'>summary.md</a></p>" if RunFiles(sweep_dir).ok(summary) else "")
     )
-    (tmp / "index.html").write_text(page(f"cnnfeat sweep · {sweep_dir.name}", body), encoding="utf-8")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    log.info("Sweep report: %s", out / "index.html")
-    return out / "index.html"
+    text = page(f"cnnfeat sweep · {sweep_dir.name}", body)
+    _build(target, lambda tmp: (tmp / "index.html").write_text(text, encoding="utf-8"))
+    log.info("Sweep report: %s", dest / "index.html")
+    return dest / "index.html"
 
 
 def report_at_end(run_dir: Path | str) -> Path | None:
@@ -996,13 +1468,22 @@ def main(argv: list[str] | None = None) -> None:
         prog="cnnfeat-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("path", type=Path, help="a run directory (outputs/runs/...) or a multirun (outputs/multirun/...)")
-    p.add_argument("-o", "--out", type=Path, default=None, help="report folder for a run (default: PATH/report)")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default: PATH/report); it must be new, empty, or a previous report",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if not args.path.exists():
-            raise ConfigError(f"{args.path}: no such directory")
-        index = write_sweep_report(args.path) if is_sweep(args.path) else write_report(args.path, args.out)
+        path = args.path
+        if not path.exists():
+            raise ConfigError(f"{path}: no such directory")
+        if not path.is_dir():
+            raise ConfigError(f"{path} is {'a file' if path.is_file() else 'not a folder'}, not a run directory")
+        index = write_sweep_report(path, out=args.out) if is_sweep(path) else write_report(path, args.out)
     except CnnfeatError as e:
         print(f"cnnfeat-report: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
