@@ -4,19 +4,29 @@
     cnnfeat-explore ckpt=outputs/runs/DATE/TIME-PID/checkpoints          # every epochNN-*.ckpt, in order
     cnnfeat-explore ckpt=... callbacks=transfer                          # for a TransferClassifier checkpoint
 
-Given a directory of per-epoch checkpoints (train with ``callbacks.model_checkpoint.save_top_k=-1``), the
-UMAP maps are fitted one after the other from warm starts, so the aligned trajectory and the filter
-evolution are rebuilt after the fact; when the run's ``.hydra/config.yaml`` sits beside the checkpoints,
-the untrained network (step 0) is re-created from the run's seed too. Pictures and scalars go to TensorBoard
-at step = epochs trained (the training run's axis) and, with ``save_png=true`` (the default here), to
-``<output dir>/images``. The probe images are built as in training (``cnnfeat.probe``), once per split.
+Given a directory, every ``epochNN-*.ckpt`` and ``last.ckpt`` is explored, once per epoch (each checkpoint's own
+``epoch`` field decides; ``last.ckpt`` is the final network when the best checkpoint is an earlier epoch). With
+per-epoch checkpoints (train with ``callbacks.model_checkpoint.save_top_k=-1``) the UMAP maps are fitted one after
+the other from warm starts, so the aligned trajectory and the filter evolution are rebuilt after the fact; when the
+run's ``.hydra/config.yaml`` sits beside the checkpoints, the untrained network (step 0) is re-created from the
+run's seed too. Pictures and scalars go to TensorBoard at step = epochs trained (the training run's axis) and, with
+``save_png=true`` (the default here), to ``<output dir>/images``. The probe images are built as in training
+(``cnnfeat.probe``), once per split.
+
+Epochs without a checkpoint are gaps: ``<output dir>/explored.json`` lists the explored and the missing steps, and a
+value named after the previous epoch (``cka/to_previous/*``, ``units/died|revived/*``, ``umap/frame_shift``) is
+logged only at a step whose previous step was explored. A checkpoint whose weights hold NaN or infinity is refused
+before anything is drawn: such a network has no pictures to show.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -25,25 +35,34 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnfeat import lightning_api as pl
+from cnnfeat.atomic import atomic_write
 from cnnfeat.callbacks import VisualizationCallback
 from cnnfeat.callbacks.base import inference, shared_probe
+from cnnfeat.checkpoint_io import nonfinite_tensors
 from cnnfeat.checkpoints import load_model, read_checkpoint
-from cnnfeat.cli import CONFIG_DIR, instantiate_group, run_cli
+from cnnfeat.cli import CONFIG_DIR, entry_point, instantiate_group, run_cli
 from cnnfeat.errors import CheckpointError, ConfigError
 from cnnfeat.report import report_at_end
 
 log = logging.getLogger("cnnfeat")
 
+#: the checkpoint that ``callbacks.last_checkpoint`` writes after every epoch
+LAST = "last.ckpt"
+#: ``<output dir>/explored.json``: ``{"explored": [steps], "missing": [steps], "checkpoints": {step: file name}}``
+EXPLORED_JSON = "explored.json"
+
 
 def checkpoints_in(path: str | Path) -> list[Path]:
-    """A checkpoint file, or a directory's ``epoch*.ckpt`` files ordered by their epoch (``last.ckpt`` if none)."""
+    """A checkpoint file, or a directory's ``epoch*.ckpt`` files ordered by their epoch followed by ``last.ckpt``
+    (every ``*.ckpt`` when there are neither)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"ckpt={path}: no such file or directory")
     numbered = [(int(m.group(1)), p) for p in path.glob("epoch*.ckpt") if (m := re.match(r"epoch(\d+)", p.name))]
-    found = [p for _, p in sorted(numbered)] or sorted(path.glob("*.ckpt"))
+    found = [p for _, p in sorted(numbered)] + [p for p in [path / LAST] if p.is_file()]
+    found = found or sorted(path.glob("*.ckpt"))
     if not found:
         raise CheckpointError(f"ckpt={path}: no .ckpt files in this directory")
     return found
@@ -54,11 +73,19 @@ def untrained_model(ckpt_file: Path) -> pl.LightningModule | None:
     run_cfg = ckpt_file.parent.parent / ".hydra" / "config.yaml"
     if not run_cfg.is_file():
         return None
-    cfg = OmegaConf.load(run_cfg)
-    if cfg.get("seed") is None:
+    try:
+        cfg = OmegaConf.load(run_cfg)
+        seed = cfg.get("seed") if isinstance(cfg, DictConfig) else None
+    except Exception as e:  # any YAML or OmegaConf error: the file is not a run config we can use
+        log.warning("No untrained network (step 0): %s is not a readable run config (%s)", run_cfg, e)
+        return None
+    if seed is None:
+        return None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        log.warning("No untrained network (step 0): the seed in %s is %r, not an integer", run_cfg, seed)
         return None
     trained, _ = load_model(ckpt_file)
-    pl.seed_everything(cfg.seed, verbose=False)  # training seeds, then builds the model first: same weights
+    pl.seed_everything(seed, verbose=False)  # training seeds, then builds the model first: same weights
     hparams = dict(trained.hparams)
     if "weights" in hparams:  # a frozen backbone: the same in every checkpoint, copied instead of re-loaded
         hparams["weights"] = "none"
@@ -68,14 +95,81 @@ def untrained_model(ckpt_file: Path) -> pl.LightningModule | None:
     return model.eval()
 
 
+@dataclass(frozen=True)
+class Explored:
+    """One network to draw: its step (epochs trained, 0 = untrained) and the checkpoint file it came from."""
+
+    step: int
+    model: pl.LightningModule
+    file: Path | None  # None: the untrained network, re-created from the run's seed
+
+
+def finite_model(path: Path) -> tuple[pl.LightningModule, int]:
+    """The model of a checkpoint and its step (epochs trained); weights holding NaN or infinity are refused."""
+    model, ckpt = load_model(path)
+    bad = nonfinite_tensors(ckpt["state_dict"])
+    if bad:
+        raise CheckpointError(
+            f"{path}: the weights {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''} hold NaN or infinite values, "
+            "so every picture of this network would show NaN instead of data; explore another checkpoint of the run "
+            "(move this one out of the directory)"
+        )
+    epoch = ckpt.get("epoch", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 1_000_000:
+        raise CheckpointError(f"{path}: its epoch {epoch!r} is not an epoch number (an integer >= 0)")
+    return model, epoch + 1  # step = epochs trained
+
+
+def networks(files: list[Path], include_untrained: bool) -> list[Explored]:
+    """The networks to explore in step order: each epoch once (``last.ckpt`` and an ``epochNN`` file of the same
+    epoch are one network), and the untrained one when ``include_untrained`` and the run's seed allow."""
+    by_step: dict[int, Explored] = {}
+    for f in files:
+        model, step = finite_model(f)
+        if step in by_step:
+            log.info("%s holds epoch %d, like %s: explored once", f.name, step, by_step[step].file.name)
+            continue
+        by_step[step] = Explored(step, model, f)
+    if include_untrained and 0 not in by_step and (model0 := untrained_model(files[0])) is not None:
+        by_step[0] = Explored(0, model0, None)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def explored_record(explored: list[Explored]) -> dict[str, Any]:
+    """What ``explored.json`` holds: the explored steps, the steps between them without a checkpoint, and the
+    checkpoint file of each step (the untrained network, step 0, has none)."""
+    steps = [e.step for e in explored]
+    return {
+        "explored": steps,
+        "missing": sorted(set(range(steps[0], steps[-1] + 1)) - set(steps)) if steps else [],
+        "checkpoints": {str(e.step): e.file.name for e in explored if e.file is not None},
+    }
+
+
+def explore_device(name: object) -> torch.device:
+    """``device=auto|cpu|cuda|cuda:N``: ``auto`` is CUDA where there is one; a GPU this machine lacks is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no GPU is visible to this process; use device=cpu or device=auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(name)
+
+
 def explore(cfg: DictConfig) -> Path:
     """Render every picture callback of ``cfg.callbacks`` for each checkpoint; returns the output directory."""
     files = checkpoints_in(cfg.ckpt)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
+    explored = networks(files, bool(cfg.include_untrained))  # every file read and checked before anything is drawn
+    record = explored_record(explored)
+    log.info(
+        "Exploring steps (epochs trained) %s; missing (no checkpoint): %s",
+        record["explored"],
+        record["missing"] or "none",
     )
+    device = explore_device(cfg.device)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
@@ -83,49 +177,53 @@ def explore(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     writer = SummaryWriter(str(out))
     png_dir = out / "images" if cfg.save_png else None
-    models: list[tuple[int, pl.LightningModule]] = []
-    if cfg.include_untrained and (model0 := untrained_model(files[0])) is not None:
-        models.append((0, model0))
-    for f in files:
-        model, ckpt = load_model(f)
-        models.append((int(ckpt.get("epoch", 0)) + 1, model))  # step = epochs trained
     try:
-        for i, (step, model) in enumerate(models):
-            model.to(device)
+        for i, net in enumerate(explored):
+            model = net.model.to(device)
             for cb in callbacks:
                 try:
                     if i == 0:  # the same probe and checks as in training
                         probe = shared_probe(datamodule, cb.probe_spec, model) if cb.needs_probe else None
                         cb.prepare(model, probe)
                     with inference(model):
-                        pictures = cb.render(model, cb.probe, step)
+                        pictures = cb.render(model, cb.probe, net.step)
                 except ConfigError as e:  # a layer or image the model/data lack: name the callback
                     raise ConfigError(
                         f"{type(cb).__name__}: {e} (for a TransferClassifier checkpoint use callbacks=transfer)"
                     ) from e
-                pictures.write(writer, step, png_dir)  # images and scalars at step = epochs trained
-            log.info("Pictures for step %d (%s)", step, type(model).__name__)
+                pictures.write(writer, net.step, png_dir)  # images and scalars at step = epochs trained
+            log.info("Pictures for step %d (%s)", net.step, net.file.name if net.file else "untrained")
             model.to("cpu")
         for cb in callbacks:  # what the end of fit adds: the UMAP animation, CKA summaries, ...
             for step, pictures in cb.finish(out).items():
                 pictures.write(writer, step, png_dir)
     finally:
         writer.close()
-    log.info("Explored %d checkpoint(s) of %s: tensorboard --logdir %s", len(files), cfg.ckpt, out)
+    atomic_write(out / EXPLORED_JSON, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    log.info("Explored %d checkpoint(s) of %s: tensorboard --logdir %s", len(record["checkpoints"]), cfg.ckpt, out)
     if cfg.get("report", True):
         report_at_end(out)
     return out
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="explore")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Entry point of ``cnnfeat-explore``."""
 
     def checked_explore(cfg: DictConfig) -> Path:
+        if OmegaConf.is_missing(cfg, "ckpt"):
+            raise ConfigError(
+                "ckpt=... is required: a .ckpt file or a run's checkpoints directory, e.g. "
+                "cnnfeat-explore ckpt=outputs/runs/DATE/TIME-PID/checkpoints"
+            )
+        explore_device(cfg.device)
         read_checkpoint(checkpoints_in(cfg.ckpt)[0])  # fail early, with a clear message, on a bad file
         return explore(cfg)
 
     run_cli(checked_explore, cfg)
+
+
+main = entry_point(hydra_main, "cnnfeat-explore")
 
 
 if __name__ == "__main__":

@@ -430,9 +430,9 @@ class CKAHistory:
         return self.cka[layer].clone()
 
     def to_previous(self, layer: str) -> list[tuple[int, float]]:
-        """(epoch, CKA with the stored epoch before it) for every stored epoch but the first."""
+        """(epoch, CKA with epoch - 1) for every stored epoch whose previous epoch is stored too (none across a gap)."""
         m, ep = self.cka[layer], self.epochs[layer]
-        return [(ep[i], float(m[i, i - 1])) for i in range(1, len(ep))]
+        return [(ep[i], float(m[i, i - 1])) for i in range(1, len(ep)) if ep[i - 1] == ep[i] - 1]
 
     def to_final(self, layer: str) -> list[tuple[int, float]]:
         """(epoch, CKA with the latest stored epoch) for every stored epoch: which layers settle first."""

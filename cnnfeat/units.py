@@ -135,10 +135,21 @@ class UnitHistory:
         """Deaths and revivals of every layer at every recorded epoch (the first record counts dead units as died)."""
         return [c for i in range(len(self.epochs)) for c in self._changes(i)]
 
+    def when(self, epoch: int) -> str:
+        """The epochs a change recorded at ``epoch`` happened in: ``"3"`` when the epoch before it was recorded (or
+        it is 0), ``"2..3"`` after a gap, ``"0..3"`` at a first record after 0 (dead then, since when unknown)."""
+        i = self.epochs.index(epoch)
+        since = self.epochs[i - 1] + 1 if i else 0
+        return str(epoch) if since == epoch or epoch == 0 else f"{since}..{epoch}"
+
     def table(self) -> str:
-        """Markdown table of deaths / revivals / dead units per epoch and layer (for a TensorBoard Text tab)."""
+        """Markdown table of deaths / revivals / dead units per epoch and layer (for a TensorBoard Text tab); after a
+        gap in the recorded epochs the epoch cell names the span the changes happened in (``2..3``)."""
         lines = ["| epoch | layer | died | revived | dead / units |", "|---:|:---|---:|---:|---:|"]
-        lines += [f"| {c.epoch} | {c.layer} | {c.died} | {c.revived} | {c.dead} / {c.units} |" for c in self.changes()]
+        lines += [
+            f"| {self.when(c.epoch)} | {c.layer} | {c.died} | {c.revived} | {c.dead} / {c.units} |"
+            for c in self.changes()
+        ]
         return "\n".join(lines)
 
     def state_dict(self) -> dict:

@@ -30,8 +30,17 @@ def _lut(name: str) -> torch.Tensor:
     return torch.tensor(matplotlib.colormaps[name](torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
 
 
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Refuse to draw NaN or infinity: no colour says "not a number", so such a picture would pass for data
+    (callers skip those pictures and say so; reaching this is a bug)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{what}: {bad} of {x.numel()} values are NaN or infinite; they cannot be drawn as data")
+
+
 def colormap(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Values in [0, 1] of shape (..., H, W) -> RGB (..., 3, H, W) through a matplotlib colour map."""
+    """Values in [0, 1] of shape (..., H, W) -> RGB (..., 3, H, W) through a matplotlib colour map (NaN refused)."""
+    check_finite(x, f"colormap {name}")
     idx = (x.detach().float().clamp(0, 1) * 255).round().long().cpu()
     return _lut(name)[idx].movedim(-1, -3)
 
@@ -39,6 +48,7 @@ def colormap(x: torch.Tensor, name: str) -> torch.Tensor:
 def diverging(x: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
     """Signed values -> RdBu_r RGB, 0 = white; ``scale`` (broadcastable) is the |value| drawn saturated."""
     x = x.detach().float().cpu()
+    check_finite(x, "diverging")
     if scale is None:
         scale = x.abs().max()
     scale = torch.as_tensor(scale, dtype=torch.float32).clamp(min=1e-12)
@@ -48,6 +58,7 @@ def diverging(x: torch.Tensor, scale: torch.Tensor | float | None = None) -> tor
 def sequential(x: torch.Tensor, vmax: torch.Tensor | float | None = None) -> torch.Tensor:
     """Non-negative values -> viridis RGB from 0 to ``vmax`` (default: the maximum of ``x``)."""
     x = x.detach().float().cpu()
+    check_finite(x, "sequential")
     if vmax is None:
         vmax = x.max()
     vmax = torch.as_tensor(vmax, dtype=torch.float32).clamp(min=1e-12)
@@ -55,7 +66,8 @@ def sequential(x: torch.Tensor, vmax: torch.Tensor | float | None = None) -> tor
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] with 1 channel (..., 1, H, W) -> RGB (..., 3, H, W)."""
+    """Images in [0, 1] with 1 channel (..., 1, H, W) -> RGB (..., 3, H, W) (NaN refused)."""
+    check_finite(x, "grey")
     x = x.detach().float().cpu().clamp(0, 1)
     return x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
 
@@ -101,6 +113,7 @@ def kernel_grid(kernels: torch.Tensor, scale: torch.Tensor | float | None = None
 def rgb_filter_grid(weight: torch.Tensor, per: str = "filter", nrow: int = 8, min_cell: int = 44) -> torch.Tensor:
     """Conv weights (out,3,kh,kw) as RGB pictures (AlexNet conv1), grey = 0, symmetric scaling."""
     w = weight.detach().float().cpu()
+    check_finite(w, "rgb_filter_grid")
     scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) if per == "filter" else w.abs().amax()
     return grid((w / scale.clamp(min=1e-12) / 2 + 0.5).clamp(0, 1), nrow=nrow, min_cell=min_cell)
 

@@ -18,8 +18,8 @@ from torch import nn
 from typing_extensions import override
 
 from cnnfeat import atlas
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, inference
-from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_bool, check_names, device_of, inference
+from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback, check_top_k
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import Graph, activation_after, capture, trace_graph
 from cnnfeat.probe import ProbeSet, batches
@@ -113,6 +113,11 @@ class AtlasCallback(VisualizationCallback):
             ("featviz_max_units", featviz_max_units, True),
         ):
             check_int(name, value, allow_none=none_ok)
+        check_top_k("top_k", top_k)
+        check_top_k("class_top", class_top)
+        check_names("layers", layers, allow_none=True)
+        check_bool("featviz", featviz)
+        check_bool("featviz_at_real_best", featviz_at_real_best)
         if (featviz_mean is None or featviz_std is None) != (featviz_input is None):
             raise ConfigError(
                 "featviz_input needs featviz_mean and featviz_std (and they need featviz_input), got "

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,71 @@ from cnnfeat.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 
 log = logging.getLogger("cnnfeat")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Refuse anything but ``True``/``False`` (a string ``"false"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def check_number(name: str, value: Any, minimum: float = -math.inf, above: bool = False) -> None:
+    """Refuse unless ``value`` is a finite real number (not a bool) >= ``minimum`` (> when ``above``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (above and value == minimum):
+        bound = "" if minimum == -math.inf else f" {'>' if above else '>='} {minimum:g}"
+        raise ConfigError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def check_names(name: str, values: Any, allow_none: bool = False) -> list[str] | None:
+    """A list of distinct, non-empty names (layers, class names); a bare string, an empty list or a repeat is
+    refused with the argument's name. ``None`` passes when ``allow_none`` (the callback's default)."""
+    if values is None and allow_none:
+        return None
+    if not _is_list(values):
+        raise ConfigError(f"{name} must be a list of names, got {values!r}")
+    names = list(values)
+    if not names:
+        raise ConfigError(f"{name} is empty: give at least one name{' (or null for the default)' * allow_none}")
+    bad = [v for v in names if not isinstance(v, str) or not v]
+    if bad:
+        raise ConfigError(f"{name} must hold names (strings), got {bad}")
+    _check_unique(name, names)
+    return names
+
+
+def check_indices(name: str, values: Any, allow_none: bool = False, nonnegative: bool = True) -> list[int] | None:
+    """A non-empty list of distinct integer indices (>= 0 unless ``nonnegative=False``: image IDs, channels, units);
+    upper bounds are the model's or the probe's and are checked in ``check`` (with the valid range, when
+    ``nonnegative=False`` leaves negative ones to that message too)."""
+    if values is None and allow_none:
+        return None
+    ok = _is_list(values) and len(values) > 0
+    if ok:
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and (v >= 0 or not nonnegative) for v in values)
+    if not ok:
+        shown = list(values) if _is_list(values) else values
+        what = "indices >= 0" if nonnegative else "integer indices"
+        raise ConfigError(f"{name} must be a non-empty list of {what}, got {shown!r}")
+    _check_unique(name, list(values))
+    return [int(v) for v in values]
+
+
+def _check_unique(name: str, values: list) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+    if repeated:
+        raise ConfigError(f"{name} lists {repeated} more than once")
+
+
+def _check_floats(name: str, value: Any) -> None:
+    """``None``, a number or a list of numbers (``mean``/``std``; ``ProbeSpec`` checks their values)."""
+    items = list(value) if _is_list(value) else [value]
+    if value is not None and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+        raise ConfigError(f"{name} must be a number or a list of numbers, got {value!r}")
 
 
 @dataclass
@@ -80,6 +146,21 @@ def inference(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def follows_recorded(step: int, recorded: Collection[int]) -> bool:
+    """Whether the step before ``step`` (epochs trained) is among the ``recorded`` ones.
+
+    A value named after the previous epoch (``cka/to_previous``, ``units/died``, ``umap/frame_shift``) is logged only
+    then: across a gap (an epoch without a checkpoint in ``cnnfeat-explore``, ``every_n_epochs`` > 1) it would
+    compare with an older epoch under the previous one's name.
+    """
+    return step - 1 in recorded
+
+
+def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on the CPU: which items along dim 0 (probe images, filters) hold a NaN or infinite value."""
+    return ~torch.isfinite(t.detach().reshape(len(t), -1)).all(dim=1).cpu()
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -162,6 +243,15 @@ class VisualizationCallback(pl.Callback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         check_int("every_n_epochs", every_n_epochs)
+        for name, flag in (
+            ("log_untrained", log_untrained),
+            ("save_png", save_png),
+            ("during_training", during_training),
+        ):
+            check_bool(name, flag)
+        _check_floats("mean", mean)
+        _check_floats("std", std)
+        check_names("class_names", class_names, allow_none=True)
         self.every_n_epochs = every_n_epochs
         self.log_untrained = log_untrained
         self.save_png = save_png
@@ -198,6 +288,15 @@ class VisualizationCallback(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(f"{type(self).__name__}: {message}")
+
+    def skip_nonfinite(self, layer: str, what: str, bad: int, total: int, items: str, skipped: str, step: int) -> None:
+        """Warn (once per layer, picture and step) that a picture is not drawn because its values are not finite: a
+        NaN must never be drawn as if it were data."""
+        share = f"all {total}" if bad == total else f"{bad} of {total}"
+        self.warn_once(
+            f"nonfinite:{layer}:{skipped}:{step}",
+            f"layer {layer}: {what} are NaN or infinite for {share} {items} at step {step}, so {skipped} is not drawn",
+        )
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     @override

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
-from cnnfeat.errors import ConfigError
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_names, device_of
+from cnnfeat.errors import check_int
 from cnnfeat.graph import capture, relu_family_nodes, trace_graph, unknown_names
 from cnnfeat.probe import ProbeSet, batches
 
@@ -43,13 +43,11 @@ class DeadReluCallback(VisualizationCallback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, False, True, split, mean, std, class_names)
-        if probe_size < 1 or batch_size < 1 or hist_samples < 0:
-            raise ConfigError(
-                f"probe_size and batch_size must be >= 1 and hist_samples >= 0, got {probe_size}, "
-                f"{batch_size}, {hist_samples}"
-            )
+        check_int("probe_size", probe_size)
+        check_int("batch_size", batch_size)
+        check_int("hist_samples", hist_samples, 0)
         self.probe_size, self.batch_size = probe_size, batch_size
-        self.layers = list(layers) if layers else None
+        self.layers = check_names("layers", layers, allow_none=True)
         self.hist_samples = hist_samples
         #: the applications counted (set in ``check``; empty: the model has none and nothing is logged)
         self.names: list[str] = []

@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
-from cnnfeat.errors import ConfigError, TrainingDiverged
+from cnnfeat.errors import TrainingDiverged, check_int
 
 
 class DivergenceGuard(pl.Callback):
@@ -24,8 +24,7 @@ class DivergenceGuard(pl.Callback):
     """
 
     def __init__(self, check_every_n_steps: int = 1) -> None:
-        if check_every_n_steps < 1:
-            raise ConfigError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        check_int("check_every_n_steps", check_every_n_steps)
         self.check_every_n_steps = check_every_n_steps
         self.diverged: dict[str, Any] | None = None
 

@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from cnnfeat import viz
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
-from cnnfeat.errors import ConfigError
+from cnnfeat.callbacks.base import (
+    Pictures,
+    VisualizationCallback,
+    check_indices,
+    check_names,
+    device_of,
+    nonfinite_rows,
+)
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import (
     Graph,
     Node,
@@ -56,7 +63,8 @@ class FeatureMapCallback(VisualizationCallback):
     ``scale="channel"`` (default) scales each map on its own, so weak channels show their structure; ``"image"``
     shares one scale between the channels of a picture, so strengths compare. ``channels`` picks some channels
     (in that order), e.g. the lecture's AlexNet conv1 filters 25, 22, 16, 11, 45, 28, 10. Outputs are cloned
-    when produced, so inplace activations do not overwrite the conv's maps.
+    when produced, so inplace activations do not overwrite the conv's maps. An image whose maps of a conv hold NaN
+    or infinity gets no picture of that conv (a warning names the layer).
     """
 
     def __init__(
@@ -77,12 +85,13 @@ class FeatureMapCallback(VisualizationCallback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
-        if not image_ids or not layers:
-            raise ConfigError("image_ids and layers must not be empty")
         if scale not in ("channel", "image"):
             raise ConfigError(f"scale must be 'channel' or 'image', got {scale!r}")
-        self.image_ids, self.layers = [int(i) for i in image_ids], list(layers)
-        self.channels = [int(c) for c in channels] if channels is not None else None
+        self.image_ids = check_indices("image_ids", image_ids)
+        self.layers = check_names("layers", layers)
+        self.channels = check_indices("channels", channels, allow_none=True, nonnegative=False)  # range: in check
+        check_int("nrow", nrow)
+        check_int("min_cell", min_cell)
         self.scale, self.nrow, self.min_cell = scale, nrow, min_cell
 
     def _plan(self, pl_module: nn.Module, x: torch.Tensor) -> tuple[Graph, dict[str, str | None]]:
@@ -126,12 +135,22 @@ class FeatureMapCallback(VisualizationCallback):
             pl_module(x)
         pictures = Pictures()
         per_channel = self.scale == "channel"
+        bad = {}  # conv -> (K,) images whose conv or activation maps hold NaN/inf: not drawn
+        for conv in self.layers:
+            bad[conv] = nonfinite_rows(out[conv]) | (nonfinite_rows(out[after[conv]]) if after[conv] else False)
+            if bad[conv].any():
+                n = int(bad[conv].sum())
+                self.skip_nonfinite(
+                    conv, "activations", n, len(bad[conv]), "chosen images", f"feature_maps/{conv}/*", step
+                )
         for k, (img_id, label) in enumerate(zip(self.image_ids, probe.labels[positions].tolist(), strict=True)):
             pictures.images[f"feature_maps/input/img{img_id}"] = viz.caption(
                 viz.upscale(viz.grey(probe.images[positions[k] : positions[k] + 1]), 112)[0],
                 f"{probe.split} {img_id}: {probe.class_name(label)}",
             )
             for conv in self.layers:
+                if bad[conv][k]:
+                    continue
                 pictures.images[f"feature_maps/{conv}/conv/img{img_id}"] = viz.map_grid(
                     self._pick(out[conv][k]),
                     signed=True,

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from cnnfeat import atlas, featviz, viz
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.callbacks.base import (
+    Pictures,
+    VisualizationCallback,
+    check_bool,
+    check_indices,
+    check_names,
+    device_of,
+    nonfinite_rows,
+)
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import trace_graph
 from cnnfeat.probe import ProbeSet
@@ -62,16 +70,20 @@ class FeatureVisCallback(VisualizationCallback):
         super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
         for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow)):
             check_int(name, value)
-        if probe_size is not None and probe_size < 1:
-            raise ConfigError(f"probe_size must be >= 1 or null, got {probe_size}")
-        if units is not None and (not units or min(units) < 0):
-            raise ConfigError(f"units must be a non-empty list of indices >= 0, got {units!r}")
+        check_int("min_cell", min_cell)
+        if probe_size is not None and (
+            not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1
+        ):
+            raise ConfigError(f"probe_size must be >= 1 or null, got {probe_size!r}")
+        units = check_indices("units", units, allow_none=True)
+        check_names("layers", layers, allow_none=True)
+        check_bool("at_real_best", at_real_best)
         if (input_module is None) != (input_mean is None or input_std is None):
             raise ConfigError(
                 f"input_module needs input_mean and input_std (and they need input_module), got {input_module!r}"
             )
         self.layers = list(layers) if layers is not None else None
-        self.max_units, self.units = max_units, [int(u) for u in units] if units is not None else None
+        self.max_units, self.units = max_units, units
         self.settings = atlas.featviz_settings(settings)
         self.at_real_best, self.input_module = at_real_best, input_module
         self.input_mean = [float(v) for v in input_mean] if isinstance(input_mean, Sequence) else input_mean
@@ -122,12 +134,18 @@ class FeatureVisCallback(VisualizationCallback):
         total = sum(len(self._units[name]) for name in self.names)
         with task_progress(f"Feature visualisation, step {step}", total, "units") as advance:
             for name in self.names:
-                self._render_layer(pl_module, name, real, device, pictures)
+                self._render_layer(pl_module, name, real, device, pictures, step)
                 advance(len(self._units[name]))
         return pictures
 
     def _render_layer(
-        self, pl_module: nn.Module, name: str, real: torch.Tensor, device: torch.device, pictures: Pictures
+        self,
+        pl_module: nn.Module,
+        name: str,
+        real: torch.Tensor,
+        device: torch.device,
+        pictures: Pictures,
+        step: int = 0,
     ) -> None:
         """Optimise the chosen units of one layer; add its picture, scalars and table to ``pictures``."""
         assert self.space is not None
@@ -146,7 +164,11 @@ class FeatureVisCallback(VisualizationCallback):
             self.at_real_best,
         )
         self.last_results[name] = result
-        pictures.images[f"featviz/{name}"] = self.picture(result)
+        bad = int(nonfinite_rows(result.images).sum())
+        if bad:  # a diverged network's optimised inputs are NaN: no picture of them
+            self.skip_nonfinite(name, "optimised inputs", bad, len(result.images), "units", f"featviz/{name}", step)
+        else:
+            pictures.images[f"featviz/{name}"] = self.picture(result)
         fid = result.fidelity[torch.isfinite(result.fidelity)]
         pictures.scalars[f"featviz/fidelity_share/{name}"] = result.share_reaching_real
         pictures.scalars[f"featviz/fidelity_median/{name}"] = float(fid.median()) if len(fid) else float("nan")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from cnnfeat import viz
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback
-from cnnfeat.errors import ConfigError
+from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_bool, check_names, nonfinite_rows
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.layers import resolve_layers
 from cnnfeat.probe import ProbeSet
 
@@ -24,7 +24,8 @@ class FilterCallback(VisualizationCallback):
     output filters in the out x in grid (RGB pictures show all), and ``per_filter_grids=k`` adds
     ``filters/<layer>/out<i>``: the in-channel kernels of each of the first k filters as a square grid
     (the lecture's "64x5x5 filters" of AlexNet's conv2). Layers are ``Conv2d`` modules by their
-    ``named_modules()`` path (a conv applied twice has one set of weights).
+    ``named_modules()`` path (a conv applied twice has one set of weights). A layer whose weights hold NaN or
+    infinity is not drawn (a warning names it).
     """
 
     needs_probe = False
@@ -50,13 +51,12 @@ class FilterCallback(VisualizationCallback):
         )
         if scale not in ("layer", "filter"):
             raise ConfigError(f"scale must be 'layer' or 'filter', got {scale!r}")
-        if not layers:
-            raise ConfigError("layers must name at least one conv layer")
-        if (max_filters is not None and max_filters < 1) or per_filter_grids < 0:
-            raise ConfigError(
-                f"max_filters must be >= 1 (or null) and per_filter_grids >= 0, got {max_filters}, {per_filter_grids}"
-            )
-        self.layers, self.scale, self.rgb, self.min_cell = list(layers), scale, rgb, min_cell
+        names = check_names("layers", layers)
+        check_bool("rgb", rgb)
+        check_int("max_filters", max_filters, allow_none=True)
+        check_int("per_filter_grids", per_filter_grids, 0)
+        check_int("min_cell", min_cell)
+        self.layers, self.scale, self.rgb, self.min_cell = names, scale, rgb, min_cell
         self.max_filters, self.per_filter_grids = max_filters, per_filter_grids
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
@@ -66,6 +66,10 @@ class FilterCallback(VisualizationCallback):
         pictures = Pictures()
         for name, conv in resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer").items():
             w = conv.weight
+            bad = int(nonfinite_rows(w).sum())
+            if bad:  # a NaN filter is not data: no picture of this layer
+                self.skip_nonfinite(name, "weights", bad, len(w), "filters", f"filters/{name}", step)
+                continue
             if self.rgb and w.shape[1] == 3:  # every filter, as an RGB picture
                 img = viz.rgb_filter_grid(w, per=self.scale, min_cell=self.min_cell)
             else:

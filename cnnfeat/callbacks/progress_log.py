@@ -10,7 +10,8 @@ from typing import Any
 from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
-from cnnfeat.errors import ConfigError
+from cnnfeat.callbacks.base import check_bool, check_number
+from cnnfeat.errors import check_int
 from cnnfeat.progress import format_eta
 
 log = logging.getLogger("cnnfeat")
@@ -25,8 +26,9 @@ class ProgressLog(pl.Callback):
     """
 
     def __init__(self, every_s: float = 30.0, every_n_steps: int | None = None, always: bool = False) -> None:
-        if every_s <= 0 or (every_n_steps is not None and every_n_steps < 1):
-            raise ConfigError(f"every_s must be > 0 and every_n_steps >= 1 or null, got {every_s}, {every_n_steps}")
+        check_number("every_s", every_s, 0, above=True)
+        check_int("every_n_steps", every_n_steps, allow_none=True)
+        check_bool("always", always)
         self.every_s, self.every_n_steps, self.always = every_s, every_n_steps, always
         self._last = 0.0
         self._epoch_start = 0.0

@@ -8,10 +8,12 @@ AlexNet against a trained SmallCNN.
 
 Every number is a scalar at step = epochs trained (0 = untrained): ``cka/to_previous/<layer>``,
 ``cka/to_untrained/<layer>``, ``probe/acc/<layer>``, ``units/dead/<layer>``, ``units/died/<layer>``,
-``units/revived/<layer>`` every epoch; ``cka/layers/<a>/<b>`` at 0 and at the end; at the end of fit
-``cka/to_final/<layer>`` at every recorded step. Pictures (labelled heatmaps with a colour bar): ``cka/epochs/<layer>``,
-``cka/layers``, ``cka/to_final``, ``probe/acc_vs_depth``, ``units/raster/<layer>`` and the Text table
-``units/deaths``; ``representations.json`` in the run directory holds every matrix.
+``units/revived/<layer>`` every epoch (the values named after the previous epoch, ``to_previous``, ``died`` and
+``revived``, only at a step whose previous step was recorded; ``to_untrained`` only when step 0 was);
+``cka/layers/<a>/<b>`` at 0 and at the end; at the end of fit ``cka/to_final/<layer>`` at every recorded step.
+Pictures (labelled heatmaps with a colour bar): ``cka/epochs/<layer>``, ``cka/layers``, ``cka/to_final``,
+``probe/acc_vs_depth``, ``units/raster/<layer>`` and the Text table ``units/deaths``; ``representations.json`` in
+the run directory holds every matrix.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
 from cnnfeat import plots
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.callbacks.base import (
+    Pictures,
+    VisualizationCallback,
+    check_bool,
+    check_names,
+    device_of,
+    follows_recorded,
+)
 from cnnfeat.checkpoints import load_model
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import ConfigError, check_int
@@ -102,6 +111,11 @@ def _resolve_layers(
     return names, nodes
 
 
+def _is_number(value: Any) -> bool:
+    """A finite real number, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _slug(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -159,13 +173,24 @@ class RepresentationCallback(VisualizationCallback):
         super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
         check_int("probe_size", probe_size, 4)
         check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
         check_int("images_every_n_epochs", images_every_n_epochs, 0)
         check_int("probe_every_n_epochs", probe_every_n_epochs, 1)
+        for name, flag in (
+            ("cka", cka),
+            ("linear_probes", linear_probes),
+            ("unit_history", unit_history),
+            ("exact", exact),
+            ("unbiased", unbiased),
+            ("spill", spill),
+        ):
+            check_bool(name, flag)
+        check_names("layers", layers, allow_none=True)
         if not exact:
             _check_cka_cost(pool, block_size, probe_size)
-        if not (isinstance(probe_l2, int | float) and math.isfinite(probe_l2) and probe_l2 > 0):
+        if not (_is_number(probe_l2) and probe_l2 > 0):
             raise ConfigError(f"probe_l2 must be a positive number, got {probe_l2!r}")
-        if not 0 < probe_train_fraction < 1:
+        if not (_is_number(probe_train_fraction) and 0 < probe_train_fraction < 1):
             raise ConfigError(f"probe_train_fraction must be in (0, 1), got {probe_train_fraction!r}")
         if not (cka or linear_probes or unit_history):
             raise ConfigError("cka, linear_probes and unit_history are all false: nothing to measure")
@@ -317,8 +342,9 @@ class RepresentationCallback(VisualizationCallback):
             self.history.add(step, layer_sigs)
             for layer in layer_sigs:
                 m, epochs = self.history.cka[layer], self.history.epochs[layer]
-                if len(epochs) > 1:
+                if len(epochs) > 1 and follows_recorded(step, epochs[:-1]):
                     pictures.scalars[f"cka/to_previous/{layer}"] = float(m[-1, -2])
+                if len(epochs) > 1 and epochs[0] == 0:  # only when the untrained network was recorded
                     pictures.scalars[f"cka/to_untrained/{layer}"] = float(m[-1, 0])
             if step == 0:
                 pictures.scalars.update(self._layer_cka(0))
@@ -338,10 +364,12 @@ class RepresentationCallback(VisualizationCallback):
             if self.units.epochs and step <= self.units.epochs[-1]:
                 self.warn_once("order-units", f"step {step} is not after the recorded steps: unit history restarted")
                 self.units = UnitHistory()
+            before = list(self.units.epochs)
             for c in self.units.add(step, alive):
                 pictures.scalars[f"units/dead/{c.layer}"] = float(c.dead)
-                pictures.scalars[f"units/died/{c.layer}"] = float(c.died)
-                pictures.scalars[f"units/revived/{c.layer}"] = float(c.revived)
+                if step == 0 or follows_recorded(step, before):  # changes since the previous epoch, not over a gap
+                    pictures.scalars[f"units/died/{c.layer}"] = float(c.died)
+                    pictures.scalars[f"units/revived/{c.layer}"] = float(c.revived)
         if step == 0 and 0 in self.layer_cka:
             pictures.images["cka/layers"] = self._layer_heatmap(0)
             self._images_at.add(0)
@@ -573,6 +601,11 @@ class CrossModelCKACallback(VisualizationCallback):
         super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
         check_int("probe_size", probe_size, 4)
         check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        check_bool("exact", exact)
+        check_bool("unbiased", unbiased)
+        check_names("layers", layers, allow_none=True)
+        check_names("reference_layers", reference_layers, allow_none=True)
         if not exact:
             _check_cka_cost(pool, block_size, probe_size)
         self.reference_ckpt = None if reference_ckpt in (None, "", "null") else str(reference_ckpt)

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from cnnfeat import viz
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.callbacks.base import (
+    Pictures,
+    VisualizationCallback,
+    check_indices,
+    check_names,
+    device_of,
+    nonfinite_rows,
+)
 from cnnfeat.callbacks.feature_maps import check_channels
-from cnnfeat.errors import ConfigError
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import capture, trace_graph
-from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probe import MAX_IMAGES, ProbeSet, batches
 from cnnfeat.receptive_field import ReceptiveField, crop, graph_receptive_fields
 
 
@@ -49,6 +57,13 @@ class TopK:
         self.update(best.float(), ids, pos)
 
 
+def check_top_k(name: str, k: Any) -> None:
+    """A count of top activations per unit: an integer >= 1 that a probe can fill (at most ``MAX_IMAGES``)."""
+    check_int(name, k)
+    if k > MAX_IMAGES:
+        raise ConfigError(f"{name}={k} is more than a probe holds ({MAX_IMAGES} images)")
+
+
 class TopPatchesCallback(VisualizationCallback):
     """Logs, per node, a grid of the image patches that activate each channel most (``top_patches/<node>``).
 
@@ -63,7 +78,8 @@ class TopPatchesCallback(VisualizationCallback):
     (recorded in the same pass), so a network whose path depends on the data (a branch on the batch's
     brightness) gets each batch's geometry. Boxes in the frame of an input transform inside the model (a resize)
     are cut from that transform's output. Rows: channels (the first ``max_channels``, or ``channels``);
-    columns: rank 1..k.
+    columns: rank 1..k. A node whose maps hold NaN or infinity for any probe image is not drawn (a warning names it):
+    its winners would be chosen by NaN.
     ``last_boxes`` keeps the boxes of the last render: ``{node: [(channel, rank, image_id, (row, col), box)]}``.
     """
 
@@ -87,18 +103,21 @@ class TopPatchesCallback(VisualizationCallback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
-        if top_k < 1 or max_channels < 1 or batch_size < 1 or (probe_size is not None and probe_size < 1):
-            raise ConfigError("top_k, max_channels, batch_size and probe_size must be >= 1")
-        if not layers:
-            raise ConfigError("layers must name at least one layer")
+        check_top_k("top_k", top_k)
+        for name, value in (("max_channels", max_channels), ("batch_size", batch_size), ("min_cell", min_cell)):
+            check_int(name, value)
+        check_int("probe_size", probe_size, allow_none=True)
+        check_int("max_cell", max_cell)
         if max_cell < min_cell:
             raise ConfigError(f"max_cell ({max_cell}) must be >= min_cell ({min_cell})")
-        self.layers, self.top_k = list(layers), top_k
-        self.channels = [int(c) for c in channels] if channels is not None else None
+        self.layers, self.top_k = check_names("layers", layers), top_k
+        self.channels = check_indices("channels", channels, allow_none=True, nonnegative=False)  # range: in check
         self.max_channels, self.probe_size = max_channels, probe_size
         self.batch_size, self.min_cell, self.max_cell = batch_size, min_cell, max_cell
         self.last_boxes: dict[str, list[tuple[int, int, int, tuple[int, int], tuple[int, int, int, int]]]] = {}
         self._fields: dict[int, dict[str, ReceptiveField]] = {}  # image ID -> fields of the pass that saw it
+        #: per node, probe images whose map held NaN or infinity in the last ``collect`` (such a node is not drawn)
+        self.nonfinite: dict[str, int] = {}
 
     def _channels(self, n: int) -> list[int]:
         return self.channels if self.channels is not None else list(range(min(n, self.max_channels)))
@@ -120,6 +139,7 @@ class TopPatchesCallback(VisualizationCallback):
         n, device = probe.check_size(self.probe_size), device_of(pl_module)
         tops: dict[str, TopK] = {}
         self._fields = {}
+        self.nonfinite = dict.fromkeys(self.layers, 0)
         with capture(pl_module, self.layers) as out:
             for positions in batches(torch.arange(n), self.batch_size):
                 graph = trace_graph(pl_module, probe.inputs[positions].to(device))  # the maps land in `out` too
@@ -130,6 +150,7 @@ class TopPatchesCallback(VisualizationCallback):
                     if name not in tops:
                         tops[name] = TopK.empty(self.top_k, maps.shape[1], maps.device)
                     tops[name].update_from_maps(maps, probe.ids[positions])
+                    self.nonfinite[name] += int(nonfinite_rows(maps).sum())
         return tops
 
     def _crop_sources(self, pl_module: nn.Module, probe: ProbeSet, positions: torch.Tensor, frame: str | None):
@@ -150,6 +171,12 @@ class TopPatchesCallback(VisualizationCallback):
         pictures = Pictures()
         self.last_boxes = {}
         for name, top in tops.items():
+            if self.nonfinite[name]:  # patches chosen by NaN activations would look like data
+                n = probe.check_size(self.probe_size)
+                self.skip_nonfinite(
+                    name, "activations", self.nonfinite[name], n, "probe images", f"top_patches/{name}", step
+                )
+                continue
             chans = self._channels(top.values.shape[1])
             ids = top.ids[:, chans].cpu()
             by_frame: dict[str | None, list[int]] = {}

@@ -15,8 +15,17 @@ from typing_extensions import override
 
 from cnnfeat import embedding, viz
 from cnnfeat import lightning_api as pl
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of, tensorboard_writer
-from cnnfeat.errors import ConfigError
+from cnnfeat.callbacks.base import (
+    Pictures,
+    VisualizationCallback,
+    check_bool,
+    check_number,
+    device_of,
+    follows_recorded,
+    nonfinite_rows,
+    tensorboard_writer,
+)
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import capture, graph_node_names, trace_graph
 from cnnfeat.probe import ProbeSet, batches
 
@@ -40,7 +49,8 @@ class EmbeddingCallback(VisualizationCallback):
       fixed axes, so consecutive frames are comparable (see ``cnnfeat.embedding``).
     * ``umap/pixels``: the same probe images as raw pixels (e.g. 784-d), once per run, as the baseline.
     * Scalars ``umap/knn_acc`` (k-NN accuracy on the features), ``umap/knn_acc_2d`` (on the map),
-      ``umap/trustworthiness`` and ``umap/silhouette``, and the same under ``umap/pixels/`` once.
+      ``umap/trustworthiness`` and ``umap/silhouette``, and the same under ``umap/pixels/`` once; ``umap/frame_shift``
+      (how far points moved since the previous epoch's map) only when the previous epoch was mapped.
     * At the end of fit: ``umap_embedding.gif`` in the run directory (pixels beside every epoch) and the
       final features in TensorBoard's Projector tab with class labels and image thumbnails.
 
@@ -48,6 +58,7 @@ class EmbeddingCallback(VisualizationCallback):
     which on a 2-core CPU is ~1.3x slower than ``deterministic=False``. The probe set, the maps so far and
     the warm start are part of the callback's ``state_dict``, so a resumed run continues its trajectory.
     The stratified probe is drawn from the probe's labels (the split's first ``cnnfeat.probe.MAX_IMAGES``).
+    Feature vectors holding NaN or infinity get no map at that step (a warning names the layer).
     """
 
     def __init__(
@@ -79,13 +90,36 @@ class EmbeddingCallback(VisualizationCallback):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
+        for name, value, minimum in (
+            ("probe_size", probe_size, 1),
+            ("n_neighbors", n_neighbors, 2),
+            ("knn_k", knn_k, 1),
+            ("cv_folds", cv_folds, 2),
+            ("full_epochs", full_epochs, 1),
+            ("warm_epochs", warm_epochs, 1),
+            ("gif_frame_ms", gif_frame_ms, 1),
+            ("panel_size", panel_size, 1),
+            ("batch_size", batch_size, 1),
+            ("seed", seed, 0),
+        ):
+            check_int(name, value, minimum)
+        check_number("min_dist", min_dist, 0)
+        check_number("axis_limit", axis_limit, 0, above=True)
+        for name, flag in (
+            ("warm_start", warm_start),
+            ("deterministic", deterministic),
+            ("pixels", pixels),
+            ("gif", gif),
+            ("projector", projector),
+        ):
+            check_bool(name, flag)
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise ConfigError(f"layer must be a node name or null, got {layer!r}")
         if probe_size < max(n_neighbors + 1, cv_folds * (knn_k + 1)):
             raise ConfigError(
                 f"probe_size={probe_size} is too small for n_neighbors={n_neighbors} and "
                 f"{cv_folds}-fold {knn_k}-NN (need at least {max(n_neighbors + 1, cv_folds * (knn_k + 1))})"
             )
-        if min(full_epochs, warm_epochs, batch_size, panel_size) < 1 or axis_limit <= 0:
-            raise ConfigError("full_epochs, warm_epochs, batch_size, panel_size and axis_limit must be positive")
         self.probe_size, self.layer, self.seed = probe_size, layer, seed
         self.n_neighbors, self.min_dist = n_neighbors, min_dist
         self.warm_start, self.full_epochs, self.warm_epochs = warm_start, full_epochs, warm_epochs
@@ -174,13 +208,20 @@ class EmbeddingCallback(VisualizationCallback):
             pictures.scalars.update(q.as_dict("umap/pixels/"))
             pictures.images["umap/pixels"] = self._panel(self.pixel_embedding, labels, names, _pixel_title(probe))
         feats = self.features(pl_module, probe, positions)
-        previous = self.embeddings[max(self.embeddings)] if self.embeddings else None
+        bad = int(nonfinite_rows(torch.from_numpy(feats)).sum())
+        if bad:  # no map of NaN: this step is left out of the trajectory
+            self.skip_nonfinite(
+                self.layer or "features()", "features", bad, len(feats), "probe images", "umap/features", step
+            )
+            return pictures
+        before = max(self.embeddings, default=None)  # the map this one starts from and is aligned to
+        previous = self.embeddings[before] if before is not None else None
         emb = self._fit(feats, previous)
         self.embeddings[step], self._last_features = emb, feats
         q = embedding.cluster_quality(feats, emb, labels, self.knn_k, self.cv_folds)
         self.quality[step] = q
         pictures.scalars.update(q.as_dict())
-        if previous is not None:
+        if before is not None and follows_recorded(step, [before]):  # the previous epoch's map, not across a gap
             pictures.scalars["umap/frame_shift"] = embedding.frame_shift(previous, emb)
         pictures.images["umap/features"] = self._panel(emb, labels, names, self._title(step))
         return pictures
