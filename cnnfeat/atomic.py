@@ -93,7 +93,9 @@ def atomic_write(path: Path | str, write: Callable[[IO], object]) -> Path:
 
 def is_disk_full(e: BaseException) -> bool:
     """Whether an error (or what caused it) says the device is out of space."""
-    while e is not None:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # a chain of causes can loop (an exception re-raised in its handler)
+        seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left" in str(e) or "file write failed" in str(e):
