@@ -467,7 +467,7 @@ def test_labels_out_of_range_are_refused_even_unverified(data_dir: Path, tmp_pat
 def test_an_internal_error_keeps_its_traceback(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
     """A ValueError from inside torch is a bug to report, not a one-line 'user error' with exit code 2."""
     r = run("cnnfeat.train", *_common(data_dir, cache_dir, tmp_path / "run"), "+model.optimizer.momentum=-1")
-    assert r.returncode == 1 and "ValueError('Invalid momentum value: -1')" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1 and "ValueError: Invalid momentum value: -1" in r.stderr, r.stderr[-2000:]
     assert "HYDRA_FULL_ERROR=1 for a complete stack trace" in r.stderr and "CnnfeatError" not in r.stderr
     assert strict_json(tmp_path / "run" / "status.json")["status"] == "failed"
 
