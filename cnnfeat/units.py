@@ -1,11 +1,13 @@
 """Unit history: which ReLU units fire on the probe set at each epoch, when each first died, whether it revived.
 
-A unit is a channel of a conv activation (N, C, H, W) or a neuron of a fully connected one (N, F). It is
-*alive* at an epoch when its activation (ReLU input or output: the same sign test) is positive somewhere on
-some probe image, and *dead* otherwise (NaN counts as not firing). ``FiringAccumulator`` reduces one pass
-over the probe set to one alive/dead vector per layer; ``UnitHistory`` keeps those vectors as a units x
-epochs raster per layer (1 bit per unit and epoch held as bool: SmallCNN's 6+6+16+120+100 units x 16
-epochs is 4 KB) and answers when each unit died and revived.
+The one definition of a dead unit, used by the dead-ReLU callback, the unit history and the atlas alike. A unit is a
+channel of a conv activation (N, C, H, W) or a neuron of a fully connected one (N, F). An activation *fires* when it
+is > 0 (``fires``; the ReLU's input or output give the same answer). NaN never fires, nor do 0, negative values and
+-inf; +inf fires. A unit is *alive* at an epoch when it fires somewhere on some probe image, and *dead* otherwise: a
+unit whose activations are all NaN (or NaN and <= 0) is dead. ``FiringAccumulator`` reduces one pass over the probe
+set to one alive/dead vector per layer; ``UnitHistory`` keeps those vectors as a units x epochs raster per layer
+(1 bit per unit and epoch held as bool: SmallCNN's 6+6+16+120+100 units x 16 epochs is 4 KB) and answers when each
+unit died and revived.
 """
 
 from __future__ import annotations
@@ -19,18 +21,32 @@ import torch
 AllGather = Callable[[torch.Tensor], torch.Tensor]
 
 
+def fires(acts: torch.Tensor) -> torch.Tensor:
+    """Elementwise: whether each activation fires, i.e. is > 0. NaN, 0, negative values and -inf do not; +inf does."""
+    return acts > 0
+
+
 def unit_max(acts: torch.Tensor) -> torch.Tensor:
-    """Largest activation of each unit (dim 1) over the batch and all positions; NaN becomes -inf."""
+    """Largest activation of each unit (dim 1) over the batch and all positions, float32 on the CPU (what the atlas
+    stores), so that ``fires(unit_max(a))`` says whether each unit fires anywhere in ``a``.
+
+    NaN is skipped (a unit with nothing but NaN gets -inf); +-inf become the dtype's largest finite values. A float64
+    activation below float32's smallest positive value (1.4e-45) rounds to 0 and does not fire.
+    """
     a = acts.detach()
-    m = a.nan_to_num(nan=float("-inf")).amax(dim=(0, *range(2, a.ndim)))
-    return m.float().cpu()
+    dims = (0, *range(2, a.ndim))
+    m = a.amax(dim=dims).cpu()
+    if m.isnan().any():  # amax propagates NaN: only a diverged network pays for the copy
+        return a.nan_to_num(nan=float("-inf")).amax(dim=dims).float().cpu()
+    return m.nan_to_num().float()  # +-inf as nan_to_num before the max maps them (the max commutes with that map)
 
 
 class FiringAccumulator:
-    """Whether each unit fired during one pass over the probe set, fed minibatch by minibatch.
+    """Whether each unit fired during one pass over the probe set (``fires`` somewhere), fed minibatch by minibatch.
 
-    ``update(acts)`` per minibatch, ``finish()`` at the end. Under DDP (each rank a shard of the probe set)
-    pass ``all_gather`` to ``finish``: it is one collective, and every rank gets the same answer.
+    ``update(acts)`` per minibatch, ``finish()`` at the end (``maxima()`` gives the largest activation per unit so
+    far). Under DDP (each rank a shard of the probe set) pass ``all_gather`` to ``finish``: it is one collective, and
+    every rank gets the same answer.
     """
 
     def __init__(self) -> None:
@@ -45,13 +61,15 @@ class FiringAccumulator:
                 raise ValueError(f"layer {name!r}: {m.numel()} units, earlier {old.numel()}")
             self._max[name] = m if old is None else torch.maximum(old, m)
 
+    def maxima(self, all_gather: AllGather | None = None) -> dict[str, torch.Tensor]:
+        """``{layer: unit_max (units,)}`` over everything fed since the last ``finish``."""
+        if all_gather is None:
+            return dict(self._max)
+        return {name: all_gather(m).amax(dim=0).cpu() for name, m in self._max.items()}
+
     def finish(self, all_gather: AllGather | None = None) -> dict[str, torch.Tensor]:
         """``{layer: alive (units,) bool}`` over everything fed since the last ``finish``."""
-        out = {}
-        for name, m in self._max.items():
-            if all_gather is not None:
-                m = all_gather(m).amax(dim=0).cpu()
-            out[name] = m > 0
+        out = {name: fires(m) for name, m in self.maxima(all_gather).items()}
         self._max = {}
         return out
 

@@ -25,7 +25,7 @@ from cnnfeat.graph import Graph, activation_after, capture, trace_graph
 from cnnfeat.probe import ProbeSet, batches
 from cnnfeat.progress import task_progress
 from cnnfeat.receptive_field import crop, graph_receptive_fields
-from cnnfeat.units import unit_max
+from cnnfeat.units import FiringAccumulator
 
 if TYPE_CHECKING:  # Lightning names for the hooks' types only: cnnfeat picks the package (pytorch_lightning)
     import pytorch_lightning as pl
@@ -299,18 +299,17 @@ class AtlasCallback(VisualizationCallback):
         return Pictures()
 
     def _unit_max(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo]) -> dict[str, torch.Tensor]:
-        """Each unit's largest activation (after its activation function) on the alive probe."""
+        """Each unit's largest activation (after its activation function) on the alive probe: ``cnnfeat.units``'s
+        ``unit_max``, whose ``fires`` is the unit's alive/dead."""
         if not infos:
             return {}
         nodes = {i.name: i.activation or i.name for i in infos}
-        device, out = device_of(model), {}
+        device, firing = device_of(model), FiringAccumulator()
         with capture(model, set(nodes.values())) as acts:
             for ids in batches(torch.arange(self.alive_size), self.batch_size):
                 model(probe.inputs[ids].to(device))
-                for name, node in nodes.items():
-                    m = unit_max(acts[node])
-                    out[name] = m if name not in out else torch.maximum(out[name], m)
-        return out
+                firing.update({name: acts[node] for name, node in nodes.items()})
+        return firing.maxima()
 
     def _top(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], k: int) -> dict[str, Any]:
         """Top-k per unit: ``{layer: (TopK, TopPatchesCallback or None)}`` (fc layers: one whole image each)."""

@@ -11,6 +11,7 @@ from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_names,
 from cnnfeat.errors import check_int
 from cnnfeat.graph import capture, relu_family_nodes, trace_graph, unknown_names
 from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.units import FiringAccumulator, fires
 
 
 class DeadReluCallback(VisualizationCallback):
@@ -19,14 +20,14 @@ class DeadReluCallback(VisualizationCallback):
     Applications are the graph's ReLU/ReLU6 nodes (``cnnfeat.graph.relu_family_nodes``): ``nn.ReLU`` modules,
     ``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.relu6``; a module applied twice per forward pass (ResNet's
     ``BasicBlock.relu``) is two entries, ``layer1.0.relu`` and ``layer1.0.relu:1``. A unit is a channel of a conv
-    feature map (dead = not positive at any position of any probe image) or a neuron of a fully connected layer.
-    Scalars ``relu/dead_fraction/<node>``, ``relu/dead_fraction/all`` (every unit of every application counted
-    once) and ``relu/zero_fraction/<node>`` (share of all activations that are 0); histograms
-    ``relu/preact/<node>`` of the activation's inputs (a fixed sample of ``hist_samples`` values). When training
-    diverges, ``relu/nonfinite_fraction/<node>`` reports the share of NaN/inf inputs and the histograms keep the
-    finite values. The probe is the first ``probe_size`` images of the split; inputs are cloned when each
-    application is called, before an inplace ReLU changes them. A model without a ReLU-family activation gets
-    a warning and the callback does nothing.
+    feature map or a neuron of a fully connected layer, dead when it fires nowhere on the probe (``cnnfeat.units``:
+    fires = > 0, so NaN never fires). Scalars ``relu/dead_fraction/<node>``, ``relu/dead_fraction/all`` (every unit
+    of every application counted once) and ``relu/zero_fraction/<node>`` (share of all activations that do not
+    fire: the ReLU outputs 0, or NaN); histograms ``relu/preact/<node>`` of the activation's inputs (a fixed sample
+    of ``hist_samples`` values). When training diverges, ``relu/nonfinite_fraction/<node>`` reports the share of
+    NaN/inf inputs and the histograms keep the finite values. The probe is the first ``probe_size`` images of the
+    split; inputs are cloned when each application is called, before an inplace ReLU changes them. A model without
+    a ReLU-family activation gets a warning and the callback does nothing.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class DeadReluCallback(VisualizationCallback):
         names, device = self.names, device_of(pl_module)
         if not names:
             return Pictures()
-        unit_max: dict[str, torch.Tensor] = {}
+        firing = FiringAccumulator()
         zeros = dict.fromkeys(names, 0)
         nonfinite = dict.fromkeys(names, 0)
         total = dict.fromkeys(names, 0)
@@ -91,11 +92,10 @@ class DeadReluCallback(VisualizationCallback):
         with capture(pl_module, names, inputs=True) as pre:
             for ids in batches(torch.arange(self.probe_size), self.batch_size):
                 pl_module(probe.inputs[ids].to(device))
+                firing.update({n: pre[n] for n in names})
                 for n in names:
                     a = pre[n]
-                    m = a.amax(dim=(0, *range(2, a.ndim)))  # per channel (conv) / per neuron (fc)
-                    unit_max[n] = m if n not in unit_max else torch.maximum(unit_max[n], m)
-                    zeros[n] += a.numel() - int(torch.count_nonzero(a > 0))
+                    zeros[n] += a.numel() - int(torch.count_nonzero(fires(a)))
                     nonfinite[n] += a.numel() - int(torch.count_nonzero(torch.isfinite(a)))
                     total[n] += a.numel()
                     if self.hist_samples:
@@ -103,9 +103,10 @@ class DeadReluCallback(VisualizationCallback):
                         idx = torch.randint(len(flat), (min(per_batch, len(flat)),), generator=gen)
                         samples[n].append(flat[idx.to(flat.device)].float().cpu())
         pictures = Pictures()
+        alive = firing.finish()
         dead_units = all_units = 0
         for n in names:
-            dead = unit_max[n] <= 0
+            dead = ~alive[n]
             dead_units, all_units = dead_units + int(dead.sum()), all_units + dead.numel()
             pictures.scalars[f"relu/dead_fraction/{n}"] = float(dead.float().mean())
             pictures.scalars[f"relu/zero_fraction/{n}"] = zeros[n] / total[n]
