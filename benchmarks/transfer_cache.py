@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json
 
 from cnnfeat.feature_cache import FrozenFeatureDataModule
-from cnnfeat.models import TransferClassifier
+from cnnfeat.models import FrozenAlexNet, TransferClassifier
 
 EPOCH_IMAGES = 55_000
 
@@ -58,7 +58,7 @@ def main() -> None:
     cache = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="cnnfeat-transfer-"))
 
     dm = FrozenFeatureDataModule(
-        data_dir=args.data_dir, cache_dir=cache, weights="none", max_images=args.max_images, download=False
+        FrozenAlexNet("none"), data_dir=args.data_dir, cache_dir=cache, max_images=args.max_images, download=False
     )
     dm.images_dm.prepare_data()
     existed = all(dm.cache_file(s).is_file() for s in ("train", "test"))

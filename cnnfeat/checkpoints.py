@@ -181,3 +181,14 @@ def load_model(
     model = build_checked(cls, hparams, ckpt, path)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location).eval(), ckpt
+
+
+def reference_model(path: str | Path | None) -> pl.LightningModule | None:
+    """The network a checkpoint was saved from (``load_model``: eval mode, CPU), or ``None`` for no path.
+
+    The config's edge for callbacks that compare with another network: ``conf/callbacks/cross_cka.yaml`` builds its
+    ``reference`` with this from ``reference_ckpt``, so the callback receives a module and never opens a file.
+    """
+    if path is None or str(path) in ("", "null"):
+        return None
+    return load_model(path)[0]

@@ -1,13 +1,14 @@
 """Frozen-backbone features computed once and kept on disk, so a transfer head trains without the backbone.
 
 ``FrozenFeatureDataModule`` wraps a ``FashionMNISTDataModule``: ``prepare_data`` runs every image of each split
-through the frozen AlexNet part (``cnnfeat.models.alexnet.FrozenAlexNet``, built from ``weights``, ``backbone_seed``
-and ``input_size``) once (batched; a progress bar on a terminal, rate/ETA log lines elsewhere) and stores the (N,
-9216) outputs as float16 under ``<cache_dir>/features/<key>/``, where the key hashes the backbone's weights and the
+through the frozen backbone it is given (a ``FrozenBackbone``, or a factory that makes one on first use: Hydra's
+``_partial_`` node ``data.backbone``, which builds ``cnnfeat.models.alexnet.FrozenAlexNet``) once (batched; a progress
+bar on a terminal, rate/ETA log lines elsewhere) and stores the (N, D) outputs as float16 under
+``<cache_dir>/features/<name>-<fingerprint>/``, where the fingerprint hashes the backbone's weights and the
 preprocessing; training then reads those vectors. The train/val/test split and the image IDs are the wrapped
 datamodule's; its probe (``probe_set``) holds the images as pictures and model inputs and the cached vectors as
-``batch_inputs``. The module knows no model class: ``experiment=transfer`` gives the model and this DataModule their
-backbone values from one config node.
+``batch_inputs``. Data never imports models: the backbone class lives with the models, and ``experiment=transfer``
+gives the model and this DataModule their backbone values from one config node.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cnnfeat import lightning_api as pl
 from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cache
-from cnnfeat.errors import DataError, check_int
-from cnnfeat.models.alexnet import FrozenAlexNet
+from cnnfeat.errors import ConfigError, DataError, check_int
 from cnnfeat.probe import ProbeSet, ProbeSpec
 from cnnfeat.progress import task_progress
 
@@ -47,6 +48,31 @@ def _complete(path: Path) -> bool:
         return False
 
 
+@runtime_checkable
+class FrozenBackbone(Protocol):
+    """What the cache needs of a frozen backbone (an ``nn.Module``; the models provide one, e.g. ``FrozenAlexNet``).
+
+    Called on images (N,1,H,W) in [0, 1] it returns their feature vectors (N, D); ``fingerprint()`` hashes its weights
+    and preprocessing (the cache key); ``name`` names its cache folder (lower-cased) and its log lines.
+    """
+
+    name: str
+
+    def fingerprint(self) -> str: ...
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def _is_backbone(value: Any) -> bool:
+    return isinstance(value, nn.Module) and isinstance(value, FrozenBackbone)
+
+
+def _images_datamodule(**kwargs: Any) -> FashionMNISTDataModule:
+    """The wrapped images' DataModule, built outside ``FrozenFeatureDataModule.__init__`` so that its
+    ``save_hyperparameters`` records its own arguments, not the backbone module it would find up the call stack."""
+    return FashionMNISTDataModule(**kwargs)
+
+
 class FeatureDataset(Dataset):
     """Rows of a feature matrix (N, D) with labels; batches are one indexing op."""
 
@@ -65,18 +91,20 @@ class FeatureDataset(Dataset):
 
 
 class FrozenFeatureDataModule(pl.LightningDataModule):
-    """Cached frozen-AlexNet features of Fashion-MNIST (see the module docstring).
+    """Cached frozen-backbone features of Fashion-MNIST (see the module docstring).
 
+    ``backbone``: the frozen backbone whose outputs are cached (a ``FrozenBackbone``), or a function of no arguments
+    that builds it on first use (``conf/data/alexnet_features.yaml``'s ``backbone`` node, ``_partial_: true``). It
+    must be the model's frozen part (``experiment=transfer`` gives both their values from its ``backbone`` node; the
+    picture callbacks' probe refuses a model whose own forward disagrees with the cached vectors).
     The data arguments are ``FashionMNISTDataModule``'s (same names as ``conf/data/fashion_mnist.yaml``).
-    ``weights``, ``backbone_seed`` and ``input_size`` build the frozen backbone; they must be the model's
-    (``experiment=transfer`` takes both from its ``backbone`` node; the picture callbacks' probe refuses a
-    model whose own forward disagrees with the cached vectors).
     ``max_images`` caps each split (the first N images) for quick runs and tests. ``device``: where the
     extraction runs (``auto``: CUDA when available).
     """
 
     def __init__(
         self,
+        backbone: nn.Module | Callable[[], nn.Module],
         data_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 128,
@@ -86,9 +114,6 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         download: bool = True,
         verify: bool = True,
-        weights: str | None = "imagenet",
-        backbone_seed: int = 0,
-        input_size: int = 224,
         extract_batch_size: int = 128,
         max_images: int | None = None,
         device: str = "auto",
@@ -96,8 +121,13 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         super().__init__()
         check_int("data.max_images", max_images, allow_none=True)
         check_int("data.extract_batch_size", extract_batch_size)
-        check_int("data.input_size", input_size)
-        images = FashionMNISTDataModule(
+        given = _is_backbone(backbone)
+        if not (given or (callable(backbone) and not isinstance(backbone, nn.Module))):
+            raise ConfigError(
+                f"data.backbone must be a frozen backbone (an nn.Module with a name and fingerprint(), e.g. "
+                f"cnnfeat.models.alexnet.FrozenAlexNet) or a function that builds one, got {type(backbone).__name__}"
+            )
+        images = _images_datamodule(
             data_dir=data_dir,
             cache_dir=cache_dir,
             val_size=val_size,
@@ -107,33 +137,41 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             verify=verify,
         )
         self.images_dm = images
-        self.weights, self.backbone_seed, self.input_size = weights, backbone_seed, input_size
+        self._backbone: nn.Module | None = backbone if given else None
+        self._make_backbone = None if given else backbone
         self.cache_root = images.cache_dir
         self.batch_size, self.eval_batch_size, self.extract_batch_size = batch_size, eval_batch_size, extract_batch_size
         self.max_images, self.device = max_images, device
         self.classes = images.classes
-        self._extractor: FrozenAlexNet | None = None
         self._fingerprint: str | None = None
         self._data: dict[str, FeatureDataset] = {}
 
     # -- the backbone and its cache key --------------------------------------------------------------
     @property
-    def extractor(self) -> FrozenAlexNet:
-        """The frozen backbone whose outputs are cached (built on first use)."""
-        if self._extractor is None:
-            self._extractor = FrozenAlexNet(self.weights, self.backbone_seed, self.input_size)
-        return self._extractor
+    def backbone(self) -> nn.Module:
+        """The frozen backbone whose outputs are cached (built on first use when given as a factory)."""
+        if self._backbone is None:
+            assert self._make_backbone is not None
+            made = self._make_backbone()
+            if not _is_backbone(made):
+                raise ConfigError(
+                    f"data.backbone built a {type(made).__name__}, not a frozen backbone (an nn.Module with a name "
+                    "and fingerprint())"
+                )
+            self._backbone = made
+        return self._backbone
 
     @property
     def fingerprint(self) -> str:
         """Hash of the backbone's weights and the preprocessing: the cache key."""
         if self._fingerprint is None:
-            self._fingerprint = self.extractor.fingerprint()
+            self._fingerprint = self.backbone.fingerprint()
         return self._fingerprint
 
     def cache_file(self, split: str) -> Path:
         n = "all" if self.max_images is None else f"first{self.max_images}"
-        return self.cache_root / "features" / f"alexnet-{self.fingerprint}" / f"{split}-{n}.pt"
+        folder = f"{self.backbone.name.lower()}-{self.fingerprint}"
+        return self.cache_root / "features" / folder / f"{split}-{n}.pt"
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -149,26 +187,37 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
             return
         self.images_dm.setup()
         device = self._device()
-        model = self.extractor.to(device)
+        name = self.backbone.name
+        model = self.backbone.to(device)
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)  # ~1.7x faster convolutions on CPU
         for split in todo:
             ds = self.images_dm.dataset(split)
             n = len(ds.images) if self.max_images is None else min(self.max_images, len(ds.images))
-            feats = torch.empty(n, 256 * 6 * 6, dtype=torch.float16)
+            feats: torch.Tensor | None = None  # (n, D), allocated once the first batch shows D
             start_time = time.perf_counter()
-            what = f"AlexNet features, {split} ({device.type})"
+            what = f"{name} features, {split} ({device.type})"
             with task_progress(what, n, "images") as advance, torch.no_grad():
                 for start in range(0, n, self.extract_batch_size):
                     x = ds.images[start : min(start + self.extract_batch_size, n)].unsqueeze(1).to(device)
-                    feats[start : start + len(x)] = model(x.float() / 255).half().cpu()
+                    out = model(x.float() / 255)
+                    if out.ndim != 2 or len(out) != len(x):
+                        raise ConfigError(
+                            f"data.backbone ({name}) must turn {len(x)} images into ({len(x)}, D) feature vectors, "
+                            f"got shape {tuple(out.shape)}"
+                        )
+                    if feats is None:
+                        feats = torch.empty(n, out.shape[1], dtype=torch.float16)
+                    feats[start : start + len(x)] = out.half().cpu()
                     advance(len(x))
+            assert feats is not None  # n >= 1: max_images is at least 1 and the splits are not empty
             path = self.cache_file(split)
             write_cache(path, {"features": feats, "labels": ds.labels[:n].clone()}, "frozen-feature")
             seconds = time.perf_counter() - start_time
             log.info(
-                "Cached %d-d AlexNet features of %d %s images in %.0f s (%.0f images/s): %s",
+                "Cached %d-d %s features of %d %s images in %.0f s (%.0f images/s): %s",
                 feats.shape[1],
+                name,
                 n,
                 split,
                 seconds,

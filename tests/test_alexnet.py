@@ -120,7 +120,9 @@ def test_local_weights_file_loads_and_bad_files_are_refused(tmp_path: Path) -> N
 
 
 def test_feature_cache_is_computed_once_and_matches_the_backbone(data_dir: Path, cache_dir: Path) -> None:
-    dm = FrozenFeatureDataModule(data_dir=data_dir, cache_dir=cache_dir, weights="none", max_images=64, download=False)
+    dm = FrozenFeatureDataModule(
+        FrozenAlexNet("none"), data_dir=data_dir, cache_dir=cache_dir, max_images=64, download=False
+    )
     dm.prepare_data()
     path = dm.cache_file("test")
     stamp = path.stat().st_mtime_ns
@@ -135,7 +137,7 @@ def test_feature_cache_is_computed_once_and_matches_the_backbone(data_dir: Path,
     assert torch.allclose(model(cached), model(x), rtol=1e-2, atol=1e-2)
 
     other = FrozenFeatureDataModule(
-        data_dir=data_dir, cache_dir=cache_dir, weights="none", backbone_seed=1, max_images=64, download=False
+        FrozenAlexNet("none", seed=1), data_dir=data_dir, cache_dir=cache_dir, max_images=64, download=False
     )
     assert other.cache_file("test") != path, "another backbone gets another cache entry"
 
@@ -149,11 +151,9 @@ def test_model_and_cache_share_one_backbone_and_a_mismatch_is_refused(data_dir: 
     )
     for seed, ok in ((0, True), (1, False)):
         dm = FrozenFeatureDataModule(
+            FrozenAlexNet("none", seed, 64),
             data_dir=data_dir,
             cache_dir=cache_dir,
-            weights="none",
-            backbone_seed=seed,
-            input_size=64,
             max_images=16,
             download=False,
         )
@@ -183,7 +183,7 @@ def test_transfer_experiment_end_to_end(make_cfg: MakeCfg, tmp_path: Path) -> No
         "callbacks.umap.probe_size=100",
         "callbacks.top_patches.max_channels=4",
     )
-    assert cfg.model.weights == cfg.data.weights == "none", "one node sets both"
+    assert cfg.model.weights == cfg.data.backbone.weights == "none", "one node sets both"
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     ev = read_events(tmp_path)

@@ -404,10 +404,11 @@ def test_a_truncated_feature_cache_is_named_removed_and_rebuilt(
     data_dir: Path, cache_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from cnnfeat.feature_cache import FrozenFeatureDataModule
+    from cnnfeat.models import FrozenAlexNet
 
     def dm() -> FrozenFeatureDataModule:
         return FrozenFeatureDataModule(
-            data_dir=data_dir, cache_dir=cache_dir, weights="none", max_images=8, input_size=64, download=False
+            FrozenAlexNet("none", input_size=64), data_dir=data_dir, cache_dir=cache_dir, max_images=8, download=False
         )
 
     first = dm()

@@ -10,6 +10,7 @@ import pytest
 
 from cnnfeat import progress
 from cnnfeat.feature_cache import FrozenFeatureDataModule
+from cnnfeat.models import FrozenAlexNet
 
 
 def test_log_lines_carry_count_rate_and_eta(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +51,7 @@ def test_feature_extraction_logs_progress_without_a_terminal(
     data_dir: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dm = FrozenFeatureDataModule(
-        data_dir=data_dir, cache_dir=cache_dir, weights="none", input_size=64, max_images=32, download=False
+        FrozenAlexNet("none", input_size=64), data_dir=data_dir, cache_dir=cache_dir, max_images=32, download=False
     )
     with caplog.at_level(logging.INFO, logger="cnnfeat"):
         dm.prepare_data()  # pytest captures stdout: not a terminal

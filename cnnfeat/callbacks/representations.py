@@ -3,8 +3,8 @@
 ``RepresentationCallback`` runs one forward pass over a fixed stratified probe per epoch (the UMAP callback's
 2,000 test images), captures the chosen layers with ``cnnfeat.graph.capture`` and feeds that one pass to all three
 analyses (``cnnfeat.similarity``, ``cnnfeat.probes``, ``cnnfeat.units``). ``CrossModelCKACallback`` compares the
-model's layers with another network's (a checkpoint) on the same images, once: the transfer experiment's frozen
-AlexNet against a trained SmallCNN.
+model's layers with another network's (a module it is given; the config loads it from a checkpoint) on the same
+images, once: the transfer experiment's frozen AlexNet against a trained SmallCNN.
 
 Every number is a scalar at step = epochs trained (0 = untrained): ``cka/to_previous/<layer>``,
 ``cka/to_untrained/<layer>``, ``probe/acc/<layer>``, ``units/dead/<layer>``, ``units/died/<layer>``,
@@ -41,8 +41,8 @@ from cnnfeat.callbacks.base import (
     check_names,
     device_of,
     follows_recorded,
+    inference,
 )
-from cnnfeat.checkpoints import load_model
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import (
@@ -569,16 +569,22 @@ class RepresentationCallback(VisualizationCallback):
 
 
 class CrossModelCKACallback(VisualizationCallback):
-    """CKA between another network's layers (a checkpoint, e.g. a trained SmallCNN) and the model's layers.
+    """CKA between another network's layers (``reference``, e.g. a trained SmallCNN) and the model's layers.
 
     Both networks see the same stratified probe images (each as its own input; the transfer model resizes them
     itself). Drawn once before training by default (``during_training=False``: the transfer experiment's AlexNet
     part is frozen): the heatmap ``cka/cross/<reference class>`` (rows: the reference's layers, columns: the
-    model's) and the scalars ``cka/cross/<reference layer>/<layer>``. ``reference_ckpt=None`` disables it.
+    model's) and the scalars ``cka/cross/<reference layer>/<layer>``. ``reference=None`` disables it.
+
+    The callback receives the reference as a module and opens no file: ``conf/callbacks/cross_cka.yaml`` loads
+    ``reference_ckpt`` with ``cnnfeat.checkpoints.reference_model`` and passes both; ``reference_ckpt`` only names
+    the file in the heatmap's title. The reference is run in eval mode under ``torch.no_grad()`` on the model's
+    device and gets its own device and train/eval mode back afterwards.
     """
 
     def __init__(
         self,
+        reference: nn.Module | None = None,
         reference_ckpt: str | None = None,
         layers: Sequence[str] | None = None,
         reference_layers: Sequence[str] | None = None,
@@ -608,13 +614,24 @@ class CrossModelCKACallback(VisualizationCallback):
         check_names("reference_layers", reference_layers, allow_none=True)
         if not exact:
             _check_cka_cost(pool, block_size, probe_size)
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise ConfigError(
+                f"reference must be a network (an nn.Module) or null, got {type(reference).__name__} {reference!r}; "
+                "load a checkpoint with cnnfeat.checkpoints.reference_model(path) (the config does it for "
+                "callbacks.cross_cka.reference_ckpt=...)"
+            )
         self.reference_ckpt = None if reference_ckpt in (None, "", "null") else str(reference_ckpt)
+        if reference is None and self.reference_ckpt is not None:
+            raise ConfigError(
+                f"reference_ckpt={self.reference_ckpt} only names the reference's file; give the network itself as "
+                "reference= (cnnfeat.checkpoints.reference_model(path) loads it)"
+            )
+        self.reference: nn.Module | None = reference
         self.layers = list(layers) if layers is not None else None
         self.reference_layers = list(reference_layers) if reference_layers is not None else None
         self.probe_size, self.seed, self.batch_size, self.unbiased = probe_size, seed, batch_size, unbiased
         self.block_size = None if exact else block_size
         self.pool = 1 if exact else pool
-        self.reference: nn.Module | None = None
         self.names: list[str] = []
         self.nodes: list[str] = []
         self.ref_names: list[str] = []
@@ -623,23 +640,22 @@ class CrossModelCKACallback(VisualizationCallback):
 
     @override
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
-        if self.reference_ckpt is None:
+        if self.reference is None:
             if "off" not in self._warned:
                 self._warned.add("off")
                 log.info("%s: no reference_ckpt given, so there is nothing to compare with", type(self).__name__)
             return
         assert probe is not None
         probe.check_size(self.probe_size)
-        self.reference, _ = load_model(self.reference_ckpt)
         x = probe.inputs[:1]
         graph = trace_graph(pl_module, x.to(device_of(pl_module)))
         self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=False)
-        ref_graph = trace_graph(self.reference, x)
+        ref_graph = trace_graph(self.reference, x.to(device_of(self.reference)))
         self.ref_names, self.ref_nodes = _resolve_layers(self.reference, ref_graph, self.reference_layers, pixels=True)
 
     @override
     def should_render(self, writer: object) -> bool:
-        return self.reference_ckpt is not None
+        return self.reference is not None
 
     def _signatures(self, model: nn.Module, nodes: list[str], probe: ProbeSet, pos: torch.Tensor) -> dict:
         device = device_of(model)
@@ -659,10 +675,12 @@ class CrossModelCKACallback(VisualizationCallback):
             return pictures
         pos = probe.positions(probe.ids[stratified_ids(probe.labels, self.probe_size, self.seed)])
         mine = self._signatures(pl_module, self.nodes, probe, pos)
-        ref_module = self.reference.to(device_of(pl_module)).eval()
-        with torch.no_grad():
-            theirs = self._signatures(ref_module, self.ref_nodes, probe, pos)
-        self.reference.to("cpu")
+        home = device_of(self.reference)
+        try:
+            with inference(self.reference):
+                theirs = self._signatures(self.reference.to(device_of(pl_module)), self.ref_nodes, probe, pos)
+        finally:
+            self.reference.to(home)
         if PIXELS in self.ref_names:
             acc = SignatureAccumulator(len(pos), self.unbiased, self.block_size, self.pool)
             acc.update({PIXELS: probe.inputs[pos].flatten(1)})
@@ -671,11 +689,12 @@ class CrossModelCKACallback(VisualizationCallback):
         cols = {n: mine[n] for n in self.names}
         self.matrix = cka_matrix(rows, cols)
         ref, model = type(self.reference).__name__, type(pl_module).__name__
+        source = f" ({Path(self.reference_ckpt).name})" if self.reference_ckpt else ""
         pictures.images[f"cka/cross/{ref}"] = plots.heatmap(
             self.matrix,
             self.ref_names,
             self.names,
-            title=f"CKA: {ref} ({Path(self.reference_ckpt or '').name}) vs {model}",
+            title=f"CKA: {ref}{source} vs {model}",
             xlabel=f"{model} layer",
             ylabel=f"{ref} layer",
         )

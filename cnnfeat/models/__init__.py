@@ -1,7 +1,8 @@
-"""LightningModules: the shared classifier base and the networks built on it."""
+"""LightningModules: the shared classifier base and the networks built on it (and the frozen AlexNet part that the
+transfer classifier and the feature cache's config share)."""
 
-from cnnfeat.models.alexnet import TransferClassifier
+from cnnfeat.models.alexnet import FrozenAlexNet, TransferClassifier
 from cnnfeat.models.classifier import ImageClassifier
 from cnnfeat.models.small_cnn import SmallCNN
 
-__all__ = ["ImageClassifier", "SmallCNN", "TransferClassifier"]
+__all__ = ["FrozenAlexNet", "ImageClassifier", "SmallCNN", "TransferClassifier"]

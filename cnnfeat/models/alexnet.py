@@ -1,9 +1,10 @@
 """Transfer learning: torchvision's AlexNet convolutional part, frozen, with an MLP head for Fashion-MNIST.
 
 ``FrozenAlexNet`` is the frozen part as one object (resize, ImageNet normalisation, the conv layers, average
-pooling: images -> (N, 9216)) with the hash that keys cached features. ``TransferClassifier`` builds its
-frozen layers as a ``FrozenAlexNet`` and the feature cache (``cnnfeat.feature_cache``) extracts with one, both
-from the same three values (weights, seed, input size), so the data code knows no model class.
+pooling: images -> (N, 9216)) with the hash that keys cached features (a ``cnnfeat.feature_cache.FrozenBackbone``).
+``TransferClassifier`` builds its frozen layers as a ``FrozenAlexNet``, and the feature cache is *given* one to
+extract with (``conf/data/alexnet_features.yaml``'s ``backbone`` node), both from the same three values (weights,
+seed, input size): the backbone lives with the models, and the data code imports no model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import AlexNet_Weights, alexnet
 
-from cnnfeat.errors import ConfigError, WeightsError
+from cnnfeat.errors import ConfigError, WeightsError, check_int
 from cnnfeat.models.classifier import ImageClassifier
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -164,8 +165,11 @@ class FrozenAlexNet(nn.Module):
     """AlexNet's frozen part: images (N,1,H,W) in [0,1] -> (N, 9216); no gradients, always in eval mode.
 
     ``weights`` as in ``build_backbone``; ``seed`` initialises random weights; ``input_size`` is the side the
-    images are resized to. ``fingerprint()`` hashes the weights and the preprocessing (the cache key).
+    images are resized to. ``fingerprint()`` hashes the weights and the preprocessing (the cache key); ``name``
+    names the feature cache's folder (``alexnet-<fingerprint>``) and its log lines.
     """
+
+    name = "AlexNet"
 
     def __init__(
         self,
@@ -175,6 +179,7 @@ class FrozenAlexNet(nn.Module):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
+        check_int("input_size", input_size)
         if input_size < 63:
             raise ConfigError(f"input_size must be >= 63 for AlexNet's layers, got {input_size}")
         self.input_size, self.channels_last = input_size, channels_last
