@@ -1,7 +1,7 @@
 """Lightning callbacks: the lecture's console line and the pictures of what the network learns."""
 
 from cnnfeat.callbacks.atlas import AtlasCallback
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback
+from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback
 from cnnfeat.callbacks.dead_relu import DeadReluCallback
 from cnnfeat.callbacks.divergence import DivergenceGuard
 from cnnfeat.callbacks.epoch_summary import EpochSummary
@@ -17,6 +17,7 @@ from cnnfeat.callbacks.umap_embedding import EmbeddingCallback
 __all__ = [
     "LECTURE_IMAGE_IDS",
     "AtlasCallback",
+    "CallbackOptions",
     "CrossModelCKACallback",
     "DeadReluCallback",
     "DivergenceGuard",

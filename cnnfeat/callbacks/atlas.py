@@ -18,7 +18,15 @@ from torch import nn
 from typing_extensions import override
 
 from cnnfeat import atlas
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_bool, check_names, device_of, inference
+from cnnfeat.callbacks.base import (
+    CallbackOptions,
+    Pictures,
+    VisualizationCallback,
+    check_bool,
+    check_names,
+    device_of,
+    inference,
+)
 from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback, check_top_k
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import Graph, activation_after, capture, trace_graph
@@ -100,7 +108,18 @@ class AtlasCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, False, True, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=False,
+                during_training=True,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         for name, value, none_ok in (
             ("max_units", max_units, True),
             ("top_k", top_k, False),

@@ -1,10 +1,12 @@
 """What every cnnfeat picture callback shares: when to run, which images, where pictures go, module hygiene.
 
 A subclass implements ``check`` (validate its arguments against the model and the probe before training) and
-``render`` (compute pictures and numbers from a module and the probe). In ``setup`` the callback gets the run's
-probe (``cnnfeat.probe.ProbeSet``: built once per DataModule and split, shared by all callbacks). The base
-class runs ``render`` on the untrained network and every ``every_n_epochs`` epochs, on rank 0 only, under
-``torch.no_grad()`` with every submodule's train/eval mode restored afterwards, never during the sanity check.
+``render`` (compute pictures and numbers from a module and the probe), and hands the arguments every picture
+callback shares to the base class as one ``CallbackOptions`` (validated once, kept as ``options``). In ``setup``
+the callback gets the run's probe (``cnnfeat.probe.ProbeSet``: built once per DataModule and split, shared by all
+callbacks). The base class runs ``render`` on the untrained network and every ``every_n_epochs`` epochs, on rank 0
+only, under ``torch.no_grad()`` with every submodule's train/eval mode restored afterwards, never during the sanity
+check.
 
 **One step axis.** Everything a callback writes carries ``step`` = epochs trained (0 = the untrained network,
 N = after N epochs): images, histograms and text to TensorBoard (warning once when there is no TensorBoard
@@ -23,6 +25,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
@@ -213,8 +216,13 @@ def log_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-class VisualizationCallback(pl.Callback):
-    """Base class: schedule, probe, output and module hygiene for picture callbacks (see the module docstring).
+@dataclass(frozen=True, kw_only=True)
+class CallbackOptions:
+    """What every picture callback takes besides its own arguments: when it renders, where pictures go, which probe.
+
+    Validated once, here (a bad value is refused with the argument's name); ``mean``, ``std`` and ``class_names`` are
+    kept as tuples (a number as a 1-tuple), so equal options compare and hash equal. ``probe_spec`` is derived from
+    ``split``, ``mean``, ``std`` and ``class_names``.
 
     Args:
         every_n_epochs: render after every N-th epoch (and after the last one).
@@ -228,42 +236,86 @@ class VisualizationCallback(pl.Callback):
         class_names: class names when the dataset has no ``classes``.
     """
 
+    every_n_epochs: int = 1
+    log_untrained: bool = True
+    save_png: bool = False
+    during_training: bool = True
+    split: str = "test"
+    mean: Sequence[float] | float | None = None
+    std: Sequence[float] | float | None = None
+    class_names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_int("every_n_epochs", self.every_n_epochs)
+        for name in ("log_untrained", "save_png", "during_training"):
+            check_bool(name, getattr(self, name))
+        _check_floats("mean", self.mean)
+        _check_floats("std", self.std)
+        check_names("class_names", self.class_names, allow_none=True)
+        spec = self.probe_spec  # checks split and mean/std
+        for name, value in (("mean", spec.mean), ("std", spec.std), ("class_names", spec.class_names)):
+            object.__setattr__(self, name, value)
+
+    @cached_property
+    def probe_spec(self) -> ProbeSpec:
+        """The probe these options ask for (``shared_probe`` builds it once per DataModule and spec)."""
+        return ProbeSpec.of(self.split, self.mean, self.std, self.class_names)
+
+
+class VisualizationCallback(pl.Callback):
+    """Base class: schedule, probe, output and module hygiene for picture callbacks (see the module docstring).
+
+    Args:
+        options: the arguments every picture callback shares (``CallbackOptions``); a subclass takes them as flat
+            keyword arguments (the config's keys) and builds the options by keyword. Kept as ``options``;
+            ``every_n_epochs``, ``log_untrained``, ``save_png``, ``during_training``, ``split`` and ``probe_spec``
+            read them.
+    """
+
     #: whether the callback reads probe images (the filters callback does not)
     needs_probe: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        every_n_epochs: int = 1,
-        log_untrained: bool = True,
-        save_png: bool = False,
-        during_training: bool = True,
-        split: str = "test",
-        mean: Sequence[float] | float | None = None,
-        std: Sequence[float] | float | None = None,
-        class_names: Sequence[str] | None = None,
-    ) -> None:
-        check_int("every_n_epochs", every_n_epochs)
-        for name, flag in (
-            ("log_untrained", log_untrained),
-            ("save_png", save_png),
-            ("during_training", during_training),
-        ):
-            check_bool(name, flag)
-        _check_floats("mean", mean)
-        _check_floats("std", std)
-        check_names("class_names", class_names, allow_none=True)
-        self.every_n_epochs = every_n_epochs
-        self.log_untrained = log_untrained
-        self.save_png = save_png
-        self.during_training = during_training
-        self.probe_spec = ProbeSpec.of(split, mean, std, class_names)
-        self.split = split
+    def __init__(self, options: CallbackOptions) -> None:
+        if not isinstance(options, CallbackOptions):
+            raise TypeError(f"{type(self).__name__}: VisualizationCallback takes a CallbackOptions, got {options!r}")
+        #: the shared arguments, validated (frozen)
+        self.options = options
         #: the shared probe, set in ``setup`` (or by ``prepare``)
         self.probe: ProbeSet | None = None
         self._run_dir: Path | None = None
         self._warned: set[str] = set()
         #: wall seconds of each emission (render + write), for cost accounting in benchmarks
         self.seconds: list[float] = []
+
+    @property
+    def every_n_epochs(self) -> int:
+        """``options.every_n_epochs``."""
+        return self.options.every_n_epochs
+
+    @property
+    def log_untrained(self) -> bool:
+        """``options.log_untrained``."""
+        return self.options.log_untrained
+
+    @property
+    def save_png(self) -> bool:
+        """``options.save_png``."""
+        return self.options.save_png
+
+    @property
+    def during_training(self) -> bool:
+        """``options.during_training``."""
+        return self.options.during_training
+
+    @property
+    def split(self) -> str:
+        """``options.split``."""
+        return self.options.split
+
+    @property
+    def probe_spec(self) -> ProbeSpec:
+        """``options.probe_spec``: the probe this callback reads."""
+        return self.options.probe_spec
 
     # -- to implement --------------------------------------------------------------------------------
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
@@ -275,7 +327,7 @@ class VisualizationCallback(pl.Callback):
 
     def should_render(self, writer: SummaryWriter | None) -> bool:
         """Rendering is pointless without a destination; callbacks with scalars override this."""
-        return writer is not None or self.save_png
+        return writer is not None or self.options.save_png
 
     # -- shared API ----------------------------------------------------------------------------------
     def prepare(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
@@ -304,22 +356,23 @@ class VisualizationCallback(pl.Callback):
         if stage != "fit":
             return
         self._run_dir = Path(trainer.strategy.broadcast(log_dir(trainer)))  # the one collective, on every rank
-        probe = shared_probe(trainer.datamodule, self.probe_spec, pl_module) if self.needs_probe else None
+        probe = shared_probe(trainer.datamodule, self.options.probe_spec, pl_module) if self.needs_probe else None
         self.prepare(pl_module, probe)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed fit restores its epoch counter only after this hook: the checkpoint path tells it apart
-        if self.log_untrained and trainer.ckpt_path is None and trainer.current_epoch == 0 and trainer.global_step == 0:
+        untrained = trainer.ckpt_path is None and trainer.current_epoch == 0 and trainer.global_step == 0
+        if self.options.log_untrained and untrained:
             self._emit(trainer, pl_module, step=0)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.during_training:
+        if not self.options.during_training:
             return
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs == 0 or last:
+        if epoch % self.options.every_n_epochs == 0 or last:
             self._emit(trainer, pl_module, step=epoch)
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -335,7 +388,7 @@ class VisualizationCallback(pl.Callback):
 
     def png_dir(self) -> Path | None:
         """``<run dir>/images`` when ``save_png`` (the run directory is resolved in ``setup``)."""
-        return (self._run_dir or Path(".")) / "images" if self.save_png else None
+        return (self._run_dir or Path(".")) / "images" if self.options.save_png else None
 
     def finish(self, out_dir: Path | None) -> dict[int, Pictures]:
         """End-of-run outputs built from what ``render`` accumulated: files under ``out_dir`` (``None``: write no

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_names, device_of
+from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, check_names, device_of
 from cnnfeat.errors import check_int
 from cnnfeat.graph import capture, relu_family_nodes, trace_graph, unknown_names
 from cnnfeat.probe import ProbeSet, batches
@@ -43,7 +43,18 @@ class DeadReluCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, False, True, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=False,
+                during_training=True,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         check_int("probe_size", probe_size)
         check_int("batch_size", batch_size)
         check_int("hist_samples", hist_samples, 0)

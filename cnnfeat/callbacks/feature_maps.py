@@ -9,6 +9,7 @@ from torch import nn
 
 from cnnfeat import viz
 from cnnfeat.callbacks.base import (
+    CallbackOptions,
     Pictures,
     VisualizationCallback,
     check_indices,
@@ -84,7 +85,18 @@ class FeatureMapCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=during_training,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         if scale not in ("channel", "image"):
             raise ConfigError(f"scale must be 'channel' or 'image', got {scale!r}")
         self.image_ids = check_indices("image_ids", image_ids)

@@ -10,6 +10,7 @@ from torch import nn
 
 from cnnfeat import atlas, featviz, viz
 from cnnfeat.callbacks.base import (
+    CallbackOptions,
     Pictures,
     VisualizationCallback,
     check_bool,
@@ -67,7 +68,18 @@ class FeatureVisCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=True,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow)):
             check_int(name, value)
         check_int("min_cell", min_cell)

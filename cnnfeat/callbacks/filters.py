@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from cnnfeat import viz
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, check_bool, check_names, nonfinite_rows
+from cnnfeat.callbacks.base import (
+    CallbackOptions,
+    Pictures,
+    VisualizationCallback,
+    check_bool,
+    check_names,
+    nonfinite_rows,
+)
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.layers import resolve_layers
 from cnnfeat.probe import ProbeSet
@@ -44,10 +51,12 @@ class FilterCallback(VisualizationCallback):
         during_training: bool = True,
     ) -> None:
         super().__init__(
-            every_n_epochs=every_n_epochs,
-            log_untrained=log_untrained,
-            save_png=save_png,
-            during_training=during_training,
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=during_training,
+            )
         )
         if scale not in ("layer", "filter"):
             raise ConfigError(f"scale must be 'layer' or 'filter', got {scale!r}")

@@ -35,6 +35,7 @@ from typing_extensions import override
 from cnnfeat import lightning_api as pl
 from cnnfeat import plots
 from cnnfeat.callbacks.base import (
+    CallbackOptions,
     Pictures,
     VisualizationCallback,
     check_bool,
@@ -170,7 +171,18 @@ class RepresentationCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=True,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         check_int("probe_size", probe_size, 4)
         check_int("batch_size", batch_size, 1)
         check_int("seed", seed, 0)
@@ -604,7 +616,18 @@ class CrossModelCKACallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=during_training,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         check_int("probe_size", probe_size, 4)
         check_int("batch_size", batch_size, 1)
         check_int("seed", seed, 0)

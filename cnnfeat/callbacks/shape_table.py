@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnnfeat.callbacks.base import Pictures, VisualizationCallback, device_of
+from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, device_of
 from cnnfeat.errors import ConfigError
 from cnnfeat.layers import resolve_layers, trace
 from cnnfeat.probe import ProbeSet
@@ -34,7 +34,7 @@ class ShapeTableCallback(VisualizationCallback):
     needs_probe = False
 
     def __init__(self, module: str | None = None, input_shape: Sequence[int] | None = None) -> None:
-        super().__init__(log_untrained=True, during_training=False)
+        super().__init__(CallbackOptions(log_untrained=True, during_training=False))
         self.module, self.input_shape = module, list(input_shape) if input_shape is not None else None
 
     def _target(self, pl_module: nn.Module) -> tuple[nn.Module, list[int]]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from cnnfeat import viz
 from cnnfeat.callbacks.base import (
+    CallbackOptions,
     Pictures,
     VisualizationCallback,
     check_indices,
@@ -102,7 +103,18 @@ class TopPatchesCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, save_png, during_training, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=during_training,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         check_top_k("top_k", top_k)
         for name, value in (("max_channels", max_channels), ("batch_size", batch_size), ("min_cell", min_cell)):
             check_int(name, value)

@@ -16,6 +16,7 @@ from typing_extensions import override
 from cnnfeat import embedding, viz
 from cnnfeat import lightning_api as pl
 from cnnfeat.callbacks.base import (
+    CallbackOptions,
     Pictures,
     VisualizationCallback,
     check_bool,
@@ -89,7 +90,18 @@ class EmbeddingCallback(VisualizationCallback):
         std: Sequence[float] | float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, log_untrained, save_png, True, split, mean, std, class_names)
+        super().__init__(
+            CallbackOptions(
+                every_n_epochs=every_n_epochs,
+                log_untrained=log_untrained,
+                save_png=save_png,
+                during_training=True,
+                split=split,
+                mean=mean,
+                std=std,
+                class_names=class_names,
+            )
+        )
         for name, value, minimum in (
             ("probe_size", probe_size, 1),
             ("n_neighbors", n_neighbors, 2),
