@@ -6,9 +6,7 @@ python -m cnnfeat.figures dead-relu outputs/multirun/DATE/TIME [-o dead_relu.png
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
-import os
 from pathlib import Path
 
 import matplotlib
@@ -16,22 +14,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-DEAD_PREFIX = "relu/dead_fraction/"
+from cnnfeat import tags
+from cnnfeat.events import read_scalars  # the one event reader (a resumed run's newer write of a step wins)
+
+__all__ = ["dead_relu_figure", "main", "multirun_jobs", "read_scalars"]
+
 log = logging.getLogger("cnnfeat")
-
-
-def read_scalars(run_dir: Path | str, prefix: str = "") -> dict[str, list[tuple[int, float]]]:
-    """All scalars under ``run_dir`` whose tag starts with ``prefix``: ``{tag: [(step, value), ...]}`` by step."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        ea = EventAccumulator(f, size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ea.Tags().get("scalars", []):
-            if tag.startswith(prefix):
-                out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return {t: sorted(v) for t, v in out.items()}
 
 
 def multirun_jobs(sweep_dir: Path | str) -> dict[str, Path]:
@@ -70,16 +59,17 @@ def multirun_jobs(sweep_dir: Path | str) -> dict[str, Path]:
 def dead_relu_figure(sweep_dir: Path | str, out: Path | str) -> Path:
     """Dead fraction per epoch (all ReLUs) and per layer after the last epoch, one colour per job."""
     jobs = multirun_jobs(sweep_dir)
-    series = {label: read_scalars(job, DEAD_PREFIX) for label, job in jobs.items()}
+    prefix, every = tags.DEAD_FRACTION.prefix, tags.DEAD_FRACTION_ALL.name  # relu/dead_fraction/<node>, .../all
+    series = {label: read_scalars(job, prefix) for label, job in jobs.items()}
     if not any(series.values()):
-        raise ValueError(f"No {DEAD_PREFIX}* scalars under {sweep_dir}: was the dead_relu callback on?")
-    layer_names = sorted({t.removeprefix(DEAD_PREFIX) for s in series.values() for t in s} - {"all"})
+        raise ValueError(f"No {prefix}* scalars under {sweep_dir}: was the dead_relu callback on?")
+    layer_names = sorted({t.removeprefix(prefix) for s in series.values() for t in s} - {every.removeprefix(prefix)})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]})
     width = 0.8 / len(series)
     for k, (label, sc) in enumerate(series.items()):
-        values = [v for _, v in sc.get(DEAD_PREFIX + "all", [])]
+        values = [v for _, v in sc.get(every, [])]
         ax1.plot(range(len(values)), values, marker="o", label=label)  # steps sorted: 0 = untrained
-        final = [sc[DEAD_PREFIX + n][-1][1] if DEAD_PREFIX + n in sc else 0.0 for n in layer_names]
+        final = [sc[prefix + n][-1][1] if prefix + n in sc else 0.0 for n in layer_names]
         ax2.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(layer_names))], final, width, label=label)
     ax1.set(
         xlabel="epochs trained (0 = untrained)",

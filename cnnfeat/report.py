@@ -32,7 +32,6 @@ import re
 import secrets
 import shutil
 import stat
-import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cnnfeat import events, tags
 from cnnfeat.atlas import ATLAS_DIR, MANIFEST, Atlas, LayerInfo, anchor, slug
 from cnnfeat.errors import CnnfeatError, ConfigError, DataError
 from cnnfeat.lecture import LECTURE_LOG
@@ -56,8 +56,13 @@ MARKER = ".cnnfeat-report"
 #: written by cnnfeat-explore beside its pictures: the epochs it drew, those without a checkpoint, their files
 EXPLORED = "explored.json"
 #: TensorBoard image tags shown on the overview, by prefix (the representation callbacks' pictures)
-IMAGE_PREFIXES = ("cka/", "probe/", "units/raster/")
+IMAGE_PREFIXES = (tags.CKA_NAMESPACE, tags.PROBE_NAMESPACE, tags.UNITS_RASTER.prefix)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_TRAIN_ACC, _TRAIN_LOSS = tags.TRAIN_ACC.name, tags.TRAIN_LOSS.name
+_VAL_ACC, _VAL_LOSS, _TEST_ACC = tags.VAL_ACC.name, tags.VAL_LOSS.name, tags.TEST_ACC.name
+_KNN_ACC = tags.UMAP_QUALITY.format(metric="knn_acc")
+#: the metrics of status.json shown first on the overview, in this order
+_STATUS_METRICS = (_VAL_ACC, _TEST_ACC, _TRAIN_ACC, _TRAIN_LOSS, _VAL_LOSS)
 _LINK = "a symbolic link; skipped (the report reads only regular files inside the run directory)"
 _IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
@@ -145,63 +150,9 @@ class RunFiles:
         return None if data is None else data.decode("utf-8", errors="replace")
 
 
-def _frames(path: Path) -> tuple[int, bool]:
-    """TFRecord frames in an event file, counted from their length headers, and whether they fill it exactly."""
-    size, offset, count = path.stat().st_size, 0, 0
-    with open(path, "rb") as f:
-        while offset + 12 <= size:
-            f.seek(offset)
-            (length,) = struct.unpack("<Q", f.read(8))
-            offset += 12 + length + 4
-            count += offset <= size
-    return count, offset == size
-
-
-def read_events(
-    run_dir: Path, image_prefixes: Sequence[str] = IMAGE_PREFIXES, files: RunFiles | None = None
-) -> tuple[dict, dict]:
-    """Scalars ``{tag: [(step, value)]}`` and the latest image per wanted tag ``{tag: (step, png bytes)}``.
-
-    Reads the raw event records (no TensorBoard accumulator) and decodes only what it keeps; later files win
-    for the same tag and step (a resumed run). Only files that ``files`` allows are read; a corrupt or truncated
-    file gives what it holds before the damage, and a note.
-    """
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-    from tensorboard.util import tensor_util
-
-    files = files or RunFiles(run_dir)
-    scalars: dict[str, dict[int, float]] = {}
-    images: dict[str, tuple[int, bytes]] = {}
-    found = [
-        f
-        for f in run_dir.rglob("events.out.tfevents.*")
-        if REPORT_DIR not in f.relative_to(run_dir).parts[:-1] and files.ok(f)
-    ]
-    for f in sorted(found, key=lambda p: (p.stat().st_mtime, p.name)):
-        read = 0
-        try:
-            for event in LegacyEventFileLoader(str(f)).Load():
-                read += 1
-                if not event.HasField("summary"):
-                    continue
-                for v in event.summary.value:
-                    kind = v.WhichOneof("value")
-                    if kind == "simple_value":
-                        scalars.setdefault(v.tag, {})[event.step] = float(v.simple_value)
-                    elif kind == "image" and v.tag.startswith(tuple(image_prefixes)):
-                        if v.tag not in images or event.step >= images[v.tag][0]:
-                            images[v.tag] = (event.step, v.image.encoded_image_string)
-                    elif kind == "tensor" and v.metadata.plugin_data.plugin_name == "scalars":
-                        arr = tensor_util.make_ndarray(v.tensor)
-                        if arr.size == 1 and arr.dtype.kind in "fiub":
-                            scalars.setdefault(v.tag, {})[event.step] = float(arr.reshape(()))
-            frames, exact = _frames(f)
-        except OSError as e:
-            files.skip(f, f"cannot be read ({e.strerror or e}); skipped")
-            continue
-        if read < frames or not exact:
-            files.skip(f, f"corrupt or truncated event file: read its first {read} records, skipped the rest")
-    return {t: sorted(d.items()) for t, d in scalars.items()}, images
+def _wanted(tag: str, kind: str) -> bool:
+    """What the report decodes of the event files: every scalar, and the pictures shown by prefix."""
+    return kind == tags.Kind.SCALAR or (kind == tags.Kind.IMAGE and tag.startswith(IMAGE_PREFIXES))
 
 
 def _yaml(text: str | None) -> Any:
@@ -436,7 +387,10 @@ class RunData:
         for o in overrides:
             if o.startswith("experiment="):
                 experiment = o.split("=", 1)[1]
-        scalars, images = read_events(run_dir, files=files)
+        # the event files that ``files`` allows (regular files inside the run, none of a report folder), merged in
+        # the order they were written: a resumed run's newer write of a step wins
+        logged = events.read_run(run_dir, _wanted, files.skip, accept=files.ok, skip_dirs=(REPORT_DIR,))
+        scalars, images = logged.scalars, logged.latest_images()
         gif, gif_data, gif_size = run_dir / "umap_embedding.gif", None, None
         if (data := files.read_bytes(gif)) is not None:
             try:
@@ -482,7 +436,7 @@ class RunData:
     def per_epoch(self, tag: str) -> dict[int, float]:
         """An epoch-level metric by epoch (1-based), mapping Lightning's global steps through its ``epoch`` scalar."""
         values = self.scalars.get(tag, [])
-        epochs = {s: e for s, e in self.scalars.get("epoch", []) if math.isfinite(e)}
+        epochs = {s: e for s, e in self.scalars.get(tags.EPOCH.name, []) if math.isfinite(e)}
         out: dict[int, float] = {}
         for i, (step, v) in enumerate(values):
             out[int(epochs[step]) + 1 if step in epochs else i + 1] = v
@@ -852,8 +806,8 @@ class _Writer:
         if self.data.overrides:
             rows.append(("overrides", esc(" ".join(self.data.overrides))))
         metrics = st.get("metrics") or {}
-        keys = [k for k in ("val/acc", "test/acc", "train/acc", "train/loss", "val/loss") if k in metrics]
-        keys += sorted(k for k in metrics if k.startswith(("umap/knn_acc", "relu/dead_fraction/all")))
+        keys = [k for k in _STATUS_METRICS if k in metrics]
+        keys += sorted(k for k in metrics if k.startswith((_KNN_ACC, tags.DEAD_FRACTION_ALL.name)))
         for k in keys:
             v = _number(metrics[k])
             rows.append((esc(k), pct(v) if "acc" in k else fmt(v)))
@@ -865,12 +819,12 @@ class _Writer:
 
     def curves_section(self) -> str:
         d = self.data
-        loss = {t: sorted(d.per_epoch(t).items()) for t in ("train/loss", "val/loss") if t in d.scalars}
-        acc = {t: sorted(d.per_epoch(t).items()) for t in ("train/acc", "val/acc") if t in d.scalars}
-        if "test/acc" in d.scalars and acc:
+        loss = {t: sorted(d.per_epoch(t).items()) for t in (_TRAIN_LOSS, _VAL_LOSS) if t in d.scalars}
+        acc = {t: sorted(d.per_epoch(t).items()) for t in (_TRAIN_ACC, _VAL_ACC) if t in d.scalars}
+        if _TEST_ACC in d.scalars and acc:
             last = max(x for s in acc.values() for x, _ in s)
-            acc["test/acc (final)"] = [(last, d.scalars["test/acc"][-1][1])]
-        lr = {"lr": sorted(d.per_epoch("lr").items())} if "lr" in d.scalars else {}
+            acc[f"{_TEST_ACC} (final)"] = [(last, d.scalars[_TEST_ACC][-1][1])]
+        lr = {tags.LR.name: sorted(d.per_epoch(tags.LR.name).items())} if tags.LR.name in d.scalars else {}
         if not (loss or acc):
             return "<h2>Training curves</h2><p class='muted'>No train/val scalars in the event files.</p>"
         figs = [svg_chart(loss, "Loss", "epoch", "cross-entropy"), svg_chart(acc, "Accuracy", "epoch", "accuracy")]
@@ -880,7 +834,7 @@ class _Writer:
 
     def lecture_section(self) -> str:
         d = self.data
-        tr_acc, tr_loss, va_acc = d.per_epoch("train/acc"), d.per_epoch("train/loss"), d.per_epoch("val/acc")
+        tr_acc, tr_loss, va_acc = d.per_epoch(_TRAIN_ACC), d.per_epoch(_TRAIN_LOSS), d.per_epoch(_VAL_ACC)
         if not tr_acc:
             return ""
         rows = []
@@ -905,7 +859,7 @@ class _Writer:
 
     def umap_section(self) -> str:
         d = self.data
-        umap = {t: v for t, v in d.scalars.items() if t.startswith("umap/")}
+        umap = {t: v for t, v in d.scalars.items() if t.startswith(tags.UMAP_NAMESPACE)}
         if not umap and d.gif is None:
             return ""
         parts = ["<h2>UMAP of the last-layer features</h2>"]
@@ -913,15 +867,16 @@ class _Writer:
             self.asset("umap_embedding.gif").write_bytes(d.gif_data)  # the bytes read and checked, not the path again
             w, h = d.gif_size
             parts.append(img_tag("assets/umap_embedding.gif", "UMAP animation, epoch by epoch", (h, w), "smooth"))
-        metrics = ["knn_acc", "knn_acc_2d", "trustworthiness", "silhouette"]
+        metrics = tags.UMAP_METRICS
         rows = []
-        pixel = [umap.get(f"umap/pixels/{m}") for m in metrics]
+        pixel = [umap.get(tags.UMAP_PIXEL_QUALITY.format(metric=m)) for m in metrics]
         if any(pixel):
             rows.append(["raw pixels"] + [fmt(p[-1][1]) if p else "&ndash;" for p in pixel])
-        steps = sorted({s for m in metrics for s, _ in umap.get(f"umap/{m}", [])})
+        feature = [tags.UMAP_QUALITY.format(metric=m) for m in metrics]
+        steps = sorted({s for t in feature for s, _ in umap.get(t, [])})
         every = list(rows)
         for s in steps:
-            vals = [dict(umap.get(f"umap/{m}", [])).get(s) for m in metrics]
+            vals = [dict(umap.get(t, [])).get(s) for t in feature]
             row = [("untrained network" if s == 0 else f"after epoch {s}")] + [fmt(v) for v in vals]
             every.append(row)
             if s in (0, 1, steps[-1]) or s % 5 == 0:
@@ -934,7 +889,7 @@ class _Writer:
         return "".join(parts)
 
     def dead_relu_section(self) -> str:
-        prefix = "relu/dead_fraction/"
+        prefix = tags.DEAD_FRACTION.prefix  # relu/dead_fraction/<node> and .../all
         series = {t.removeprefix(prefix): v for t, v in self.data.scalars.items() if t.startswith(prefix)}
         if not series:
             return ""
@@ -969,17 +924,18 @@ class _Writer:
     def representation_section(self) -> str:
         d = self.data
         parts = []
-        cka = {t: v for t, v in d.images.items() if t.startswith("cka/")}
+        cka = {t: v for t, v in d.images.items() if t.startswith(tags.CKA_NAMESPACE)}
         if cka:
             parts.append("<h3>CKA</h3><div class='figs'>" + self.tb_figures(cka) + "</div>")
-        probe = {t.removeprefix("probe/acc/"): v for t, v in d.scalars.items() if t.startswith("probe/acc/")}
+        probe_acc = tags.PROBE_ACC.prefix
+        probe = {t.removeprefix(probe_acc): v for t, v in d.scalars.items() if t.startswith(probe_acc)}
         if probe:
             steps = sorted({s for v in probe.values() for s, _ in v})
             rows = [[esc(layer)] + [pct(dict(v).get(s)) for s in steps] for layer, v in probe.items()]
             parts.append(
                 "<h3>Linear probe accuracy per layer</h3>" + table(["layer"] + [f"step {s}" for s in steps], rows)
             )
-        others = {t: v for t, v in d.images.items() if t.startswith(("probe/", "units/raster/"))}
+        others = {t: v for t, v in d.images.items() if t.startswith((tags.PROBE_NAMESPACE, tags.UNITS_RASTER.prefix))}
         if others:
             parts.append("<div class='figs'>" + self.tb_figures(others) + "</div>")
         if not parts:
@@ -1422,13 +1378,13 @@ def write_sweep_report(sweep_dir: Path | str, jobs_too: bool = True, out: Path |
             *[(esc(d.status["status"]) if d.status and "status" in d.status else "&ndash;") for _, _, _, d in columns],
         ],
     ]
-    for key in ("val/acc", "test/acc", "train/acc", "relu/dead_fraction/all", "umap/knn_acc"):
+    for key in (_VAL_ACC, _TEST_ACC, _TRAIN_ACC, tags.DEAD_FRACTION_ALL.name, _KNN_ACC):
         vals = [_number(((d.status or {}).get("metrics") or {}).get(key)) for _, _, _, d in columns]
         if any(v is not None for v in vals):
             rows.append([esc(key), *[pct(v) for v in vals]])
     curves = []
     for _, job, _, d in columns:
-        series = {t: sorted(d.per_epoch(t).items()) for t in ("train/acc", "val/acc") if t in d.scalars}
+        series = {t: sorted(d.per_epoch(t).items()) for t in (_TRAIN_ACC, _VAL_ACC) if t in d.scalars}
         curves.append(svg_chart(series, f"job {job.name}", "epoch", "accuracy", width=360, height=220))
     rows.append(["accuracy", *curves])
     thumbs = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +10,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import (
+    HistogramEvent,
+    HistogramValue,
+    ImageEvent,
+    TensorEvent,
+)
 
 from cnnfeat.cli import CONFIG_DIR
 from cnnfeat.data import ENV_DATA, FashionMNISTDataModule
+from cnnfeat.events import event_files, records
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -88,18 +93,23 @@ def make_cfg(tmp_path: Path, data_dir: Path, cache_dir: Path) -> Callable[..., D
 
 
 def read_events(run_dir: Path | str) -> dict[str, dict]:
-    """Every event under ``run_dir``, by kind and tag: ``{"scalars": {tag: [(step, value)]}, ...}``."""
+    """Every event under ``run_dir``, by kind and tag: ``{"scalars": {tag: [(step, value)]}, ...}``, images, histograms
+    and tensors as TensorBoard's ``EventAccumulator`` gives them. Every write is kept (a step written twice is listed
+    twice), in the order written across the run's files (``cnnfeat.events.records``)."""
     out: dict[str, dict] = {"scalars": {}, "images": {}, "histograms": {}, "tensors": {}}
-    for f in sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        ea = EventAccumulator(f, size_guidance={"images": 0, "scalars": 0, "histograms": 0, "tensors": 0})
-        ea.Reload()
-        tags = ea.Tags()
-        for tag in tags.get("scalars", []):
-            out["scalars"].setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-        for tag in tags.get("images", []):
-            out["images"].setdefault(tag, []).extend(ea.Images(tag))
-        for tag in tags.get("histograms", []):
-            out["histograms"].setdefault(tag, []).extend(ea.Histograms(tag))
-        for tag in tags.get("tensors", []):
-            out["tensors"].setdefault(tag, []).extend(ea.Tensors(tag))
+    for r in records(event_files(run_dir)):
+        v, kind = r.value, r.value.WhichOneof("value")
+        if kind == "simple_value":
+            out["scalars"].setdefault(r.tag, []).append((r.step, v.simple_value))
+        elif kind == "image":
+            i = v.image
+            out["images"].setdefault(r.tag, []).append(
+                ImageEvent(r.wall_time, r.step, i.encoded_image_string, i.width, i.height)
+            )
+        elif kind == "histo":
+            h = v.histo
+            value = HistogramValue(h.min, h.max, h.num, h.sum, h.sum_squares, list(h.bucket_limit), list(h.bucket))
+            out["histograms"].setdefault(r.tag, []).append(HistogramEvent(r.wall_time, r.step, value))
+        elif kind == "tensor":
+            out["tensors"].setdefault(r.tag, []).append(TensorEvent(r.wall_time, r.step, v.tensor))
     return out
