@@ -1,0 +1,500 @@
+"""One run's report: the overview and a page per layer (``_Writer``), written into a safe folder (``write_report``)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cnnfeat import tags
+from cnnfeat.atlas import LayerInfo, anchor, slug
+from cnnfeat.errors import ConfigError
+from cnnfeat.lecture import LECTURE_LOG
+from cnnfeat.report.data import (
+    _IMAGE_ERRORS,
+    _KNN_ACC,
+    _TEST_ACC,
+    _TRAIN_ACC,
+    _TRAIN_LOSS,
+    _VAL_ACC,
+    _VAL_LOSS,
+    RunData,
+    _number,
+)
+from cnnfeat.report.draw import _grid, _save, crop_image, image_cell, kernel_cell, labelled, row_labelled
+from cnnfeat.report.files import REPORT_DIR
+from cnnfeat.report.html import PALETTE, esc, fmt, img_tag, page, pct, svg_chart, table, thumb_row
+from cnnfeat.report.output import _build, report_folder
+from cnnfeat.units import fires
+
+log = logging.getLogger("cnnfeat")
+
+#: the metrics of status.json shown first on the overview, in this order
+_STATUS_METRICS = (_VAL_ACC, _TEST_ACC, _TRAIN_ACC, _TRAIN_LOSS, _VAL_LOSS)
+
+
+class _Writer:
+    """Builds one report folder (assets referenced relative to the page)."""
+
+    def __init__(self, data: RunData, out: Path) -> None:
+        self.data, self.out = data, out
+        self.assets = out / "assets"
+        self.files: list[Path] = []
+        #: per layer, its units' optimised inputs: (anchor, src, (h, w), flagged), for the overview
+        self.thumbs: dict[str, list[tuple[str, str, tuple[int, int], bool]]] = {}
+
+    def asset(self, rel: str) -> Path:
+        p = self.assets / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.files.append(p)
+        return p
+
+    def png(self, arr: np.ndarray, rel: str) -> tuple[str, tuple[int, int]]:
+        _save(arr, self.asset(rel))
+        return f"assets/{rel}", arr.shape[:2]
+
+    # -- pages --
+    def nav(self, current: str = "") -> str:
+        links = ['<a href="index.html">overview</a>']
+        if self.data.atlas:
+            for info in self.data.atlas.layers:
+                name = f"<b>{esc(info.name)}</b>" if info.name == current else esc(info.name)
+                links.append(f'<a href="{esc(info.slug)}.html">{name}</a>')
+        return " ".join(links)
+
+    def write(self) -> list[Path]:
+        pages = {}
+        if self.data.atlas:
+            for info in self.data.atlas.layers:
+                pages[f"{info.slug}.html"] = self.layer_page(info)
+        pages["index.html"] = self.overview()  # after the layers: it shows their optimised inputs
+        for name, text in pages.items():
+            (self.out / name).write_text(text, encoding="utf-8")
+        return [self.out / n for n in pages]
+
+    def overview(self) -> str:
+        d = self.data
+        parts = [self.status_section(), self.layers_section(), self.curves_section()]
+        if d.experiment == "seed":
+            parts.append(self.lecture_section())
+        parts += [self.umap_section(), self.dead_relu_section(), self.representation_section()]
+        parts.append(self.config_section())
+        if d.notes:
+            parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in d.notes) + "</ul>")
+        return page(f"cnnfeat report · {d.run_dir.name}", "".join(p for p in parts if p), self.nav())
+
+    def explored_line(self) -> str:
+        """Which epochs ``cnnfeat-explore`` drew and which it could not (no checkpoint); empty without explored.json."""
+        e = self.data.explored
+        return f"<p class='explored'>{e.describe()}</p>" if e is not None else ""
+
+    def status_section(self) -> str:
+        st = self.data.status or {}
+        rows = [("run directory", esc(self.data.run_dir.resolve()))]
+        if st:
+            rows.append(("status", f"<b>{esc(st.get('status'))}</b> ({esc(st.get('time', ''))})"))
+            for key in ("epoch", "step", "error", "resumed_from"):
+                if st.get(key) not in (None, ""):
+                    rows.append((key, esc(st[key])))
+        else:
+            rows.append(("status", "no status.json (not written by cnnfeat-train)"))
+        if self.data.experiment:
+            rows.append(("experiment", esc(self.data.experiment)))
+        if self.data.overrides:
+            rows.append(("overrides", esc(" ".join(self.data.overrides))))
+        metrics = st.get("metrics") or {}
+        keys = [k for k in _STATUS_METRICS if k in metrics]
+        keys += sorted(k for k in metrics if k.startswith((_KNN_ACC, tags.DEAD_FRACTION_ALL.name)))
+        for k in keys:
+            v = _number(metrics[k])
+            rows.append((esc(k), pct(v) if "acc" in k else fmt(v)))
+        e = self.data.explored
+        if e is not None and e.checkpoints:
+            ckpts = table(["epoch", "checkpoint"], [(k, esc(v)) for k, v in sorted(e.checkpoints.items())])
+            rows.append(("checkpoints", f"<details><summary>{len(e.checkpoints)} explored</summary>{ckpts}</details>"))
+        return "<h2>Run</h2>" + self.explored_line() + table(None, rows, left=2)
+
+    def curves_section(self) -> str:
+        d = self.data
+        loss = {t: sorted(d.per_epoch(t).items()) for t in (_TRAIN_LOSS, _VAL_LOSS) if t in d.scalars}
+        acc = {t: sorted(d.per_epoch(t).items()) for t in (_TRAIN_ACC, _VAL_ACC) if t in d.scalars}
+        if _TEST_ACC in d.scalars and acc:
+            last = max(x for s in acc.values() for x, _ in s)
+            acc[f"{_TEST_ACC} (final)"] = [(last, d.scalars[_TEST_ACC][-1][1])]
+        lr = {tags.LR.name: sorted(d.per_epoch(tags.LR.name).items())} if tags.LR.name in d.scalars else {}
+        if not (loss or acc):
+            return "<h2>Training curves</h2><p class='muted'>No train/val scalars in the event files.</p>"
+        figs = [svg_chart(loss, "Loss", "epoch", "cross-entropy"), svg_chart(acc, "Accuracy", "epoch", "accuracy")]
+        if lr:
+            figs.append(svg_chart(lr, "Learning rate", "epoch", "lr"))
+        return "<h2>Training curves</h2><div class='figs'>" + "".join(figs) + "</div>"
+
+    def lecture_section(self) -> str:
+        d = self.data
+        tr_acc, tr_loss, va_acc = d.per_epoch(_TRAIN_ACC), d.per_epoch(_TRAIN_LOSS), d.per_epoch(_VAL_ACC)
+        if not tr_acc:
+            return ""
+        rows = []
+        for e in sorted({*range(1, len(LECTURE_LOG) + 1), *tr_acc}):  # every epoch the run has, not a range to it
+            lt, ll, lv = LECTURE_LOG[e - 1] if e <= len(LECTURE_LOG) else (float("nan"),) * 3
+            rows.append(
+                (
+                    e,
+                    pct(tr_acc.get(e)),
+                    f"{lt:.2f}%" if math.isfinite(lt) else "&ndash;",
+                    fmt(tr_loss.get(e)),
+                    f"{ll:.4f}" if math.isfinite(ll) else "&ndash;",
+                    pct(va_acc.get(e)),
+                    f"{lv:.2f}%" if math.isfinite(lv) else "&ndash;",
+                )
+            )
+        head = ["epoch", "train acc", "lecture", "train avgLoss", "lecture", "valid (=test) acc", "lecture"]
+        return (
+            "<h2>The lecture's table beside this run</h2><p class='muted'>experiment=seed validates on the official "
+            '10k test set, as the lecture\'s "valid" column does.</p>' + table(head, rows)
+        )
+
+    def umap_section(self) -> str:
+        d = self.data
+        umap = {t: v for t, v in d.scalars.items() if t.startswith(tags.UMAP_NAMESPACE)}
+        if not umap and d.gif is None:
+            return ""
+        parts = ["<h2>UMAP of the last-layer features</h2>"]
+        if d.gif_data is not None and d.gif_size is not None:
+            self.asset("umap_embedding.gif").write_bytes(d.gif_data)  # the bytes read and checked, not the path again
+            w, h = d.gif_size
+            parts.append(img_tag("assets/umap_embedding.gif", "UMAP animation, epoch by epoch", (h, w), "smooth"))
+        metrics = tags.UMAP_METRICS
+        rows = []
+        pixel = [umap.get(tags.UMAP_PIXEL_QUALITY.format(metric=m)) for m in metrics]
+        if any(pixel):
+            rows.append(["raw pixels"] + [fmt(p[-1][1]) if p else "&ndash;" for p in pixel])
+        feature = [tags.UMAP_QUALITY.format(metric=m) for m in metrics]
+        steps = sorted({s for t in feature for s, _ in umap.get(t, [])})
+        every = list(rows)
+        for s in steps:
+            vals = [dict(umap.get(t, [])).get(s) for t in feature]
+            row = [("untrained network" if s == 0 else f"after epoch {s}")] + [fmt(v) for v in vals]
+            every.append(row)
+            if s in (0, 1, steps[-1]) or s % 5 == 0:
+                rows.append(row)
+        head = ["", "k-NN acc (features)", "k-NN acc (2-D map)", "trustworthiness", "silhouette"]
+        if rows:
+            parts.append(table(head, rows))
+        if len(every) > len(rows):
+            parts.append(f"<details><summary>every epoch</summary>{table(head, every)}</details>")
+        return "".join(parts)
+
+    def dead_relu_section(self) -> str:
+        prefix = tags.DEAD_FRACTION.prefix  # relu/dead_fraction/<node> and .../all
+        series = {t.removeprefix(prefix): v for t, v in self.data.scalars.items() if t.startswith(prefix)}
+        if not series:
+            return ""
+        chart = svg_chart(series, "Dead ReLU units", "epochs trained (0 = untrained)", "dead fraction", (0.0, 1.0))
+        final = [(esc(k), pct(v[-1][1]), esc(v[-1][0])) for k, v in series.items()]
+        return (
+            "<h2>Dying ReLU</h2><div class='figs'>"
+            + chart
+            + table(["ReLU", "dead at the end", "step"], final)
+            + "</div>"
+        )
+
+    def tb_figures(self, images: Mapping[str, tuple[int, bytes]]) -> str:
+        """TensorBoard pictures (tag -> (step, PNG bytes)) copied to the assets, as captioned figures in tag order."""
+        figs = []
+        for tag, (step, png) in sorted(images.items()):
+            try:
+                with Image.open(io.BytesIO(png)) as im:
+                    (w, h), kind = im.size, im.format
+            except _IMAGE_ERRORS:
+                kind = None
+            if kind != "PNG":
+                self.data.note(f"TensorBoard picture {tag} (step {step}): not a PNG image; skipped")
+                continue
+            self.asset(f"tb/{slug(tag)}.png").write_bytes(png)
+            figs.append(
+                f"<figure>{img_tag(f'assets/tb/{slug(tag)}.png', tag, (h, w), 'smooth', 0.75)}"
+                f"<figcaption>{esc(tag)} (step {step})</figcaption></figure>"
+            )
+        return "".join(figs)
+
+    def representation_section(self) -> str:
+        d = self.data
+        parts = []
+        cka = {t: v for t, v in d.images.items() if t.startswith(tags.CKA_NAMESPACE)}
+        if cka:
+            parts.append("<h3>CKA</h3><div class='figs'>" + self.tb_figures(cka) + "</div>")
+        probe_acc = tags.PROBE_ACC.prefix
+        probe = {t.removeprefix(probe_acc): v for t, v in d.scalars.items() if t.startswith(probe_acc)}
+        if probe:
+            steps = sorted({s for v in probe.values() for s, _ in v})
+            rows = [[esc(layer)] + [pct(dict(v).get(s)) for s in steps] for layer, v in probe.items()]
+            parts.append(
+                "<h3>Linear probe accuracy per layer</h3>" + table(["layer"] + [f"step {s}" for s in steps], rows)
+            )
+        others = {t: v for t, v in d.images.items() if t.startswith((tags.PROBE_NAMESPACE, tags.UNITS_RASTER.prefix))}
+        if others:
+            parts.append("<div class='figs'>" + self.tb_figures(others) + "</div>")
+        if not parts:
+            return ""
+        return "<h2>Representations (CKA, linear probes)</h2>" + "".join(parts)
+
+    def layers_section(self) -> str:
+        a = self.data.atlas
+        if a is None:
+            return (
+                "<h2>Units</h2><p class='muted'>No atlas in this run (add the atlas callback: "
+                "<code>callbacks=[default,atlas]</code>), so there are no unit pages.</p>"
+            )
+        rows = []
+        for info in a.layers:
+            s = self.layer_summary(info)
+            rows.append(
+                [
+                    f'<a href="{esc(info.slug)}.html">{esc(info.name)}</a>',
+                    esc(info.kind),
+                    f"{len(info.shown)} of {info.units}" if len(info.shown) < info.units else str(info.units),
+                    "&times;".join(map(str, info.rf_size)) if info.rf_size else "whole image",
+                    s["dead"],
+                    s["fidelity"],
+                    *(["frozen: recorded once" if info.frozen else ""] if any(i.frozen for i in a.layers) else []),
+                ]
+            )
+        fv = (a.manifest.get("settings") or {}).get("featviz_settings") or {}
+        fc = (a.manifest.get("settings") or {}).get("featviz_fc_settings") or {}
+        diff = {k: v for k, v in fc.items() if fv.get(k) != v}
+        fc_note = ""
+        if diff and any(i.kind == "fc" for i in a.layers):
+            fc_note = "; fully connected units: " + ", ".join(f"{esc(k)} {esc(v)}" for k, v in diff.items())
+        note = (
+            f"<p class='muted'>Optimised inputs: objective <b>{esc(fv.get('objective', '?'))}</b>, "
+            f"{esc(fv.get('steps', '?'))} steps, {esc(fv.get('parametrization', '?'))} parametrisation, seed "
+            f"{esc(fv.get('seed', '?'))}{fc_note}. Fidelity = the unit's activation on its optimised input / on its "
+            f"best real patch ({esc((a.manifest.get('probe') or {}).get('describe', ''))}); below 1.0 is flagged on "
+            "the card.</p>"
+        )
+        head = ["layer", "kind", "units", "receptive field", "dead at the end", "fidelity ≥ 1"]
+        head += [""] if any(i.frozen for i in a.layers) else []
+        rows_fv = "".join(
+            f"<h3><a href='{esc(info.slug)}.html'>{esc(info.name)}</a></h3>"
+            + thumb_row(self.thumbs[info.name][:32], f"{info.slug}.html", info.name, 40)
+            for info in a.layers
+            if self.thumbs.get(info.name)
+        )
+        fv_title = "<h2>Optimised inputs (click one for its unit card; ⚑ outlined: fidelity below 1)</h2>"
+        return "<h2>Units (the atlas)</h2>" + table(head, rows) + note + (fv_title + rows_fv if rows_fv else "")
+
+    def field_figures(
+        self,
+        info: LayerInfo,
+        fv: dict[str, np.ndarray],
+        i: int,
+        patches: dict[int, dict[str, np.ndarray]],
+        j: int,
+        base: str,
+        aid: str,
+    ) -> str:
+        """The optimised input cut to the unit's receptive field where the objective read it, beside the unit's best
+        real patch at the same scale: what fidelity compares."""
+        if info.box(0, 0) is None:  # no receptive field (a fully connected unit sees the whole image)
+            return ""
+        row, col = (int(v) for v in fv["targets"][i])
+        if row < 0:  # the channel objective: where the activation peaks
+            row, col = (int(v) for v in fv["peaks"][i])
+        box = info.box(row, col)
+        if box is None:
+            return ""
+        cut = crop_image(fv["images"][i], box)
+        side = max(56, cut.shape[-1])
+        src, size = self.png(image_cell(cut, side), f"{base}_featviz_field.png")
+        figs = [
+            f"<figure>{img_tag(src, f'optimised input of {info.name} {aid} at its receptive field', size)}"
+            f"<figcaption>its field at {row},{col}</figcaption></figure>"
+        ]
+        if patches:
+            best = patches[max(patches)]["crops"][j][0]
+            src, size = self.png(image_cell(best, max(side, best.shape[-1])), f"{base}_best_real.png")
+            figs.append(
+                f"<figure>{img_tag(src, f'best real patch of {info.name} {aid}', size)}"
+                "<figcaption>best real</figcaption></figure>"
+            )
+        return "".join(figs)
+
+    def layer_summary(self, info: LayerInfo) -> dict[str, str]:
+        a = self.data.atlas
+        assert a is not None
+        steps, data = a.step_data(info)
+        dead = "&ndash;"
+        if steps:
+            m = data[steps[-1]]["unit_max"]
+            dead = f"{int((~fires(m)).sum())} of {len(m)}"
+        fv = a.featviz(info)
+        fid = "&ndash;"
+        if fv is not None:
+            fid = f"{int((~fv['flagged']).sum())} of {len(fv['units'])}"
+        return {"dead": dead, "fidelity": fid}
+
+    def config_section(self) -> str:
+        d = self.data
+        if not d.config_text:
+            return "<h2>Config</h2><p class='muted'>No config recorded.</p>"
+        return (
+            f"<h2>Config</h2><details><summary>{esc(d.config_source)}</summary><pre>{esc(d.config_text)}</pre>"
+            "</details>"
+        )
+
+    # -- a layer page --
+    def layer_page(self, info: LayerInfo) -> str:
+        a = self.data.atlas
+        assert a is not None
+        names = a.class_names
+        steps, data = a.step_data(info)
+        patch_steps = a.patch_steps(info)
+        patches = {s: a.patches(info, s) for s in patch_steps}
+        classes, fv = a.classes(info), a.featviz(info)
+        fv_row = {int(u): i for i, u in enumerate(fv["units"])} if fv is not None else {}
+        maxima = np.stack([data[s]["unit_max"] for s in steps]) if steps else None  # (S, U)
+        fired = fires(maxima) if maxima is not None else None  # (S, U): alive at each step
+        weights = [data[s]["weights"] for s in steps if "weights" in data[s]]
+        w_steps = [s for s in steps if "weights" in data[s]]
+        cards, thumbs = [], []
+        for j, unit in enumerate(info.shown):
+            aid = anchor(info.kind, unit)
+            base = f"{info.slug}/{aid}"
+            parts: list[str] = []
+            badges = []
+            if fired is not None:
+                alive = fired[:, j]
+                if alive[-1]:
+                    badges.append('<span class="badge ok">alive</span>')
+                else:
+                    died = next((steps[i] for i in range(len(steps)) if not alive[i:].any()), steps[-1])
+                    badges.append(f'<span class="badge dead">dead since step {died}</span>')
+            fig_fv = ""
+            if unit in fv_row:
+                i = fv_row[unit]
+                fid, act, ref = float(fv["fidelity"][i]), float(fv["activation"][i]), float(fv["reference"][i])
+                flagged = bool(fv["flagged"][i])
+                if flagged:
+                    why = "never fires on real images" if not math.isfinite(fid) else "below its best real patch"
+                    badges.append(f'<span class="badge flag" title="{esc(why)}">fidelity {fmt(fid, 3)} ⚑</span>')
+                else:
+                    badges.append(f'<span class="badge ok">fidelity {fmt(fid, 3)}</span>')
+                src, size = self.png(image_cell(fv["images"][i], 112), f"{base}_featviz.png")
+                thumbs.append((aid, src, size, flagged))
+                fig_fv = (
+                    f"<div class='row'><figure>{img_tag(src, f'optimised input of {info.name} {aid}', size)}"
+                    f"<figcaption>optimised input</figcaption></figure>"
+                    f"{self.field_figures(info, fv, i, patches, j, base, aid)}</div>"
+                    f"<div class='muted'>activation {fmt(act, 3)} on it / {fmt(ref, 3)} on its best real patch: "
+                    f"fidelity <b>{fmt(fid, 3)}</b>{' (flagged: below 1)' if flagged else ''}</div>"
+                )
+            elif info.featviz_units or fv is not None:
+                fig_fv = "<p class='muted'>not optimised (beyond featviz_max_units)</p>"
+            fig_w = ""
+            if weights:
+                ws = [w[j] for w in weights]
+                scale = max(float(np.abs(w).max()) for w in ws) or 1.0
+                cells = [kernel_cell(w, scale) for w in ws]
+                per_row = 8 if cells[0].shape[1] <= 60 else 4
+                src, size = self.png(labelled(cells, [f"ep {s}" for s in w_steps], per_row), f"{base}_filters.png")
+                what = "filter" if info.kind == "conv" else "incoming weights (row by row)"
+                fig_w = (
+                    f"<figure>{img_tag(src, f'{what} of {info.name} {aid} across epochs', size)}<figcaption>{what} "
+                    f"across epochs (blue &lt; 0 &lt; red, one scale ±{fmt(scale, 3)})"
+                    f"{' — frozen' if info.frozen else ''}</figcaption></figure>"
+                )
+            parts.append(fig_fv + fig_w)
+            if patches:
+                rows, labels = [], []
+                for s in patch_steps:
+                    crops = patches[s]["crops"][j]  # (k, C, s, s)
+                    cell_side = max(36, crops.shape[-1])
+                    rows.append(_grid([image_cell(c, cell_side) for c in crops], len(crops), gap=2, fill=255))
+                    labels.append(f"ep {s}")
+                src, size = self.png(row_labelled(rows, labels), f"{base}_patches.png")
+                last = patches[patch_steps[-1]]
+                labels_of = last["labels"][j] if "labels" in last else np.full(len(last["ids"][j]), -1)
+                top = ", ".join(
+                    f"#{int(i)}{' ' + esc(names[int(lab)]) if 0 <= lab < len(names) else ''} ({fmt(float(v), 3)})"
+                    for i, v, lab in zip(last["ids"][j][:3], last["values"][j][:3], labels_of[:3], strict=True)
+                    if i >= 0
+                )
+                what = (
+                    f"receptive field {'&times;'.join(map(str, info.rf_size))} px" if info.rf_size else "whole images"
+                )
+                parts.append(
+                    f"<figure>{img_tag(src, f'top patches of {info.name} {aid}', size)}<figcaption>top "
+                    f"{patches[patch_steps[-1]]['crops'].shape[1]} probe patches per kept epoch ({what})"
+                    f"{'; best: ' + top if top else ''}</figcaption></figure>"
+                )
+            if classes is not None and names:
+                counts = classes["counts"][j]
+                total = int(counts.sum()) or 1
+                bars = "".join(
+                    f"<div class='bar'><span class='n'>{esc(n)}</span><span class='b' style='width:"
+                    f"{180 * c / total:.0f}px;background:{PALETTE[k % len(PALETTE)]}'></span><span class='c'>{c}"
+                    "</span></div>"
+                    for k, (n, c) in enumerate(zip(names, counts.tolist(), strict=False))
+                )
+                parts.append(
+                    f"<div class='bars'><span class='muted'>classes of its top {total} activations (step "
+                    f"{int(classes['step'])})</span>{bars}</div>"
+                )
+            if maxima is not None and fired is not None:
+                cells = "".join(
+                    f"<span class='{'a' if on else 'd'}' title='epoch {s}: {'alive' if on else 'dead'}, max "
+                    f"{fmt(float(m), 3)}'></span>"
+                    for s, m, on in zip(steps, maxima[:, j].tolist(), fired[:, j].tolist(), strict=True)
+                )
+                when = f"epochs {steps[0]}&ndash;{steps[-1]}" if len(steps) > 1 else f"epoch {steps[0]}"
+                parts.append(
+                    f"<div class='muted'>alive/dead, {when}{' (frozen: recorded once)' if info.frozen else ''} "
+                    f"(green = fired on "
+                    f"{esc((a.manifest.get('probe') or {}).get('alive_images', '?'))} probe images)</div>"
+                    f"<div class='tl'>{cells}</div>"
+                )
+            cards.append(
+                f"<section class='card' id='{aid}'><h3><a href='#{aid}'>{esc(info.name)} · {aid}</a>"
+                f"{''.join(badges)}</h3>{''.join(parts)}</section>"
+            )
+        s = self.layer_summary(info)
+        intro = (
+            f"<p>{esc(info.kind)} layer, {info.units} units"
+            f"{f' ({len(info.shown)} shown: max_units)' if len(info.shown) < info.units else ''}; "
+            f"alive/dead read at {esc(info.activation or info.name)}; "
+            f"receptive field {'&times;'.join(map(str, info.rf_size)) + ' px' if info.rf_size else 'the whole image'}"
+            f"{' of ' + esc(info.frame) + ' output' if info.frame else ''}; dead at the end: {s['dead']}; optimised "
+            f"inputs reaching their best real patch: {s['fidelity']}{'; frozen (recorded once)' if info.frozen else ''}"
+            ".</p>"
+        )
+        self.thumbs[info.name] = thumbs
+        thumbs_html = f"<h2>Optimised inputs</h2>{thumb_row(thumbs, '', info.name, 56)}" if thumbs else ""
+        body = (
+            intro + self.explored_line() + thumbs_html + "<h2>Units</h2><div class='cards'>" + "".join(cards) + "</div>"
+        )
+        return page(f"{info.name} · {self.data.run_dir.name}", body, self.nav(info.name))
+
+
+def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Write ``<run dir>/report/index.html`` (or ``out/index.html``) and its pages and assets; returns index.html.
+
+    ``out`` must be new, empty, or a previous report (see ``report_folder``); a ``ConfigError`` says why not."""
+    start = time.perf_counter()
+    dest = Path(out) if out is not None else Path(run_dir) / REPORT_DIR
+    target = report_folder(dest)
+    data = RunData.read(run_dir)
+    if not data.has_anything():
+        raise ConfigError(
+            f"{run_dir}: nothing to report (no status.json, config, TensorBoard events or atlas); is it a cnnfeat run "
+            "directory?"
+        )
+    _build(target, lambda tmp: _Writer(data, tmp).write())
+    log.info("Report: %s (%.1f s)", dest / "index.html", time.perf_counter() - start)
+    return dest / "index.html"
