@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnfeat import lightning_api as pl
 from cnnfeat.atomic import atomic_write
 from cnnfeat.callbacks import VisualizationCallback
-from cnnfeat.callbacks.base import inference, shared_probe
+from cnnfeat.callbacks.base import inference, share_probe_pass, shared_probe
 from cnnfeat.checkpoint_io import nonfinite_tensors
 from cnnfeat.checkpoints import load_model, read_checkpoint
 from cnnfeat.cli import CONFIG_DIR, entry_point, instantiate_group, run_cli
@@ -159,6 +161,17 @@ def explore_device(name: object) -> torch.device:
     return torch.device(name)
 
 
+@contextmanager
+def _named(cb: VisualizationCallback) -> Iterator[None]:
+    """A layer or image the model/data lack: the error names the callback."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(
+            f"{type(cb).__name__}: {e} (for a TransferClassifier checkpoint use callbacks=transfer)"
+        ) from e
+
+
 def explore(cfg: DictConfig) -> Path:
     """Render every picture callback of ``cfg.callbacks`` for each checkpoint; returns the output directory."""
     files = checkpoints_in(cfg.ckpt)
@@ -180,17 +193,15 @@ def explore(cfg: DictConfig) -> Path:
     try:
         for i, net in enumerate(explored):
             model = net.model.to(device)
-            for cb in callbacks:
-                try:
-                    if i == 0:  # the same probe and checks as in training
+            if i == 0:  # the same probe and checks as in training, then one probe pass per step for its consumers
+                for cb in callbacks:
+                    with _named(cb):
                         probe = shared_probe(datamodule, cb.probe_spec, model) if cb.needs_probe else None
                         cb.prepare(model, probe)
-                    with inference(model):
-                        pictures = cb.render(model, cb.probe, net.step)
-                except ConfigError as e:  # a layer or image the model/data lack: name the callback
-                    raise ConfigError(
-                        f"{type(cb).__name__}: {e} (for a TransferClassifier checkpoint use callbacks=transfer)"
-                    ) from e
+                share_probe_pass(callbacks)
+            for cb in callbacks:
+                with _named(cb), inference(model):
+                    pictures = cb.render(model, cb.probe, net.step)
                 pictures.write(writer, net.step, png_dir)  # images and scalars at step = epochs trained
             log.info("Pictures for step %d (%s)", net.step, net.file.name if net.file else "untrained")
             model.to("cpu")

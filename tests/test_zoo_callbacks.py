@@ -35,6 +35,7 @@ from cnnfeat.callbacks import (
     TopPatchesCallback,
 )
 from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.embedding import stratified_ids
 from tests.conftest import read_events
 from tests.helpers.gradient_support import clipped, measured_boxes
 from tests.helpers.lightning_zoo import Padded, ZooModule
@@ -42,7 +43,7 @@ from tests.helpers.zoo import zoo
 
 ZOO = zoo()
 IMAGE_IDS = [0, 3]  # test images 0 (ankle boot) and 3 (trouser)
-PROBE = 64  # dead ReLU and top-patch probe: the first 64 test images
+PROBE = 64  # dead ReLU probe: 64 stratified test images (the shared probe pass); top patches: the first 64
 relu, gelu, silu = F.relu, F.gelu, F.silu
 
 
@@ -322,7 +323,9 @@ def test_zoo_network_pictures_equal_ground_truth(name: str, small_dm: FashionMNI
                         )
 
     # dead units: one scalar per application, equal to per-call counts, and "all" weighting every unit once
-    probe_x, _ = small_dm.images("test", range(PROBE))
+    dead_cb = next(c for c in callbacks if isinstance(c, DeadReluCallback))
+    assert dead_cb.probe is not None  # the shared probe pass reads the stratified selection, not the first images
+    probe_x, _ = small_dm.images("test", dead_cb.probe.ids[stratified_ids(dead_cb.probe.labels, PROBE)])
     logged = sorted(t.removeprefix("relu/dead_fraction/") for t in scalars if t.startswith("relu/dead_fraction/"))
     assert logged == sorted([*spec.relus, "all"] if spec.relus else []), logged
     for step, model in ((0, untrained), (1, module)):

@@ -31,6 +31,7 @@ from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback, check_top_k
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import Graph, activation_after, capture, trace_graph
 from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probe_pass import PassBatch, PassRequest, ProbePass, shared_positions
 from cnnfeat.progress import task_progress
 from cnnfeat.receptive_field import crop, graph_receptive_fields
 from cnnfeat.units import FiringAccumulator
@@ -56,11 +57,25 @@ class _Queue:
         self.calls.clear()
 
 
+class _AliveAccumulator:
+    """Each recorded layer's largest activation per unit over the pass (``cnnfeat.units.FiringAccumulator``)."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.nodes, self.firing = nodes, FiringAccumulator()
+
+    def update(self, batch: PassBatch) -> None:
+        self.firing.update({name: batch.outputs[node] for name, node in self.nodes.items()})
+
+
 class AtlasCallback(VisualizationCallback):
     """Records, per unit, what the report's unit cards show (format: ``cnnfeat.atlas``).
 
+    ``uses_probe_pass``: the per-epoch alive test reads the shared pass; the top-k search over the larger probe runs
+    on its own schedule (``patches_every_n_epochs``) over other images, so it runs the model itself.
+
     Every epoch (and for the untrained network, step 0): each unit's incoming weights and its largest activation on
-    the first ``alive_probe_size`` probe images (alive = fired somewhere; the dead-ReLU callback's default probe).
+    ``alive_probe_size`` probe images (alive = fired somewhere), read from the probe pass shared with the dead-ReLU
+    and representation callbacks (``cnnfeat.probe_pass``: the same stratified images, one forward pass).
     Every ``patches_every_n_epochs`` epochs: the ``top_k`` probe patches that excite each unit most, cropped by its
     receptive field (whole images for fully connected units), shrunk to at most ``max_cell`` pixels. At the end of
     fit (``finish``): the final patches, the classes of each unit's ``class_top`` strongest probe images, and its
@@ -80,6 +95,8 @@ class AtlasCallback(VisualizationCallback):
             optimised image replaces as ``(x - featviz_mean) / featviz_std`` (``None``: the model's
             input, through the affine map the probe's images and inputs define).
     """
+
+    uses_probe_pass = True
 
     def __init__(
         self,
@@ -167,6 +184,9 @@ class AtlasCallback(VisualizationCallback):
         self._model: weakref.ref[nn.Module] | None = None  # the last rendered network, for ``finish``
         self._last_step: int | None = None
         self._finished: dict[str, Any] = {}
+        self._alive_todo: list[atlas.LayerInfo] | None = None  # the layers a render of its own asks the pass for
+        #: probe IDs of the images the last alive test read, in order
+        self.pass_ids: torch.Tensor | None = None
 
     @staticmethod
     def _floats(v: Sequence[float] | float | None) -> list[float] | None:
@@ -301,7 +321,7 @@ class AtlasCallback(VisualizationCallback):
         writer = self._atlas()
         self._model, self._last_step = weakref.ref(pl_module), step
         todo = [i for i in self.infos if not (i.frozen and self._has(i, "step"))]
-        maxima = self._unit_max(pl_module, probe, todo)
+        maxima = self._unit_max(pl_module, probe, todo, step)
         modules = dict(pl_module.named_modules())
         for info in todo:
             weights = None
@@ -317,18 +337,37 @@ class AtlasCallback(VisualizationCallback):
         self.write_manifest(probe)
         return Pictures()
 
-    def _unit_max(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo]) -> dict[str, torch.Tensor]:
+    def _unit_max(
+        self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], step: int
+    ) -> dict[str, torch.Tensor]:
         """Each unit's largest activation (after its activation function) on the alive probe: ``cnnfeat.units``'s
-        ``unit_max``, whose ``fires`` is the unit's alive/dead."""
+        ``unit_max``, whose ``fires`` is the unit's alive/dead; read from the shared probe pass."""
         if not infos:
             return {}
-        nodes = {i.name: i.activation or i.name for i in infos}
-        device, firing = device_of(model), FiringAccumulator()
-        with capture(model, set(nodes.values())) as acts:
-            for ids in batches(torch.arange(self.alive_size), self.batch_size):
-                model(probe.inputs[ids].to(device))
-                firing.update({name: acts[node] for name, node in nodes.items()})
-        return firing.maxima()
+        self._alive_todo = infos
+        try:
+            result = self.pass_result(model, probe, step)
+            assert result is not None
+            maxima = result.accumulator.firing.maxima()
+            if any(i.name not in maxima for i in infos):  # fed for other layers: a pass of its own for these
+                result = ProbePass([self]).collect(self, model, probe, step)
+                assert result is not None
+                maxima = result.accumulator.firing.maxima()
+        finally:
+            self._alive_todo = None
+        self.pass_ids = result.ids
+        return {i.name: maxima[i.name] for i in infos}
+
+    def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest | None:
+        """The activations of the recorded layers on the shared stratified probe (``cnnfeat.probe_pass``)."""
+        todo = self._alive_todo
+        if todo is None:
+            todo = [i for i in self.infos if not (i.frozen and self._has(i, "step"))]
+        if not todo:
+            return None
+        nodes = {i.name: i.activation or i.name for i in todo}
+        positions = shared_positions(probe, self.alive_size)
+        return PassRequest(positions, self.batch_size, _AliveAccumulator(nodes), outputs=list(set(nodes.values())))
 
     def _top(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], k: int) -> dict[str, Any]:
         """Top-k per unit: ``{layer: (TopK, TopPatchesCallback or None)}`` (fc layers: one whole image each)."""

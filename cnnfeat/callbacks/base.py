@@ -14,6 +14,11 @@ logger), PNG files ``step_NNN.png``, and scalars to every logger through ``log_m
 (as Lightning's ``LearningRateMonitor`` passes its step). Scalars of an epoch end are also put into
 ``trainer.callback_metrics`` (``pl_module.log(..., logger=False)``) for HParams and the run summary.
 ``render`` is public so that ``cnnfeat-explore`` draws the same pictures from checkpoints without a Trainer.
+
+**One probe pass per step.** A callback that sets ``uses_probe_pass`` runs no model over the probe: it implements
+``pass_request`` (the nodes it needs and an accumulator, ``cnnfeat.probe_pass``) and reads its fed accumulator with
+``pass_result`` in ``render``. ``share_probe_pass`` (in ``setup``, and by ``cnnfeat-explore``) gives all such callbacks
+of one probe one ``ProbePass``: the first that renders at a step runs the model once for all of them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from cnnfeat import viz
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
+from cnnfeat.probe_pass import PassResult, ProbePass
 
 log = logging.getLogger("cnnfeat")
 
@@ -208,6 +214,18 @@ def shared_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = Non
     return probes[spec]
 
 
+def share_probe_pass(callbacks: Sequence[Any]) -> None:
+    """Give every pass consumer among ``callbacks`` (``uses_probe_pass``) one ``ProbePass`` per probe spec, so that
+    one forward pass per step feeds them all: called in ``setup`` (with the trainer's callbacks) and by
+    ``cnnfeat-explore``. Each call starts fresh passes."""
+    passes: dict[ProbeSpec, ProbePass] = {}
+    for cb in callbacks:
+        if isinstance(cb, VisualizationCallback) and cb.uses_probe_pass:
+            shared = passes.setdefault(cb.probe_spec, ProbePass())
+            shared.join(cb)
+            cb.probe_pass = shared
+
+
 def log_dir(trainer: pl.Trainer) -> Path:
     """Where ``trainer.log_dir`` points, read without its hidden broadcast (the caller broadcasts once)."""
     if trainer.loggers:
@@ -274,6 +292,8 @@ class VisualizationCallback(pl.Callback):
 
     #: whether the callback reads probe images (the filters callback does not)
     needs_probe: ClassVar[bool] = True
+    #: whether the callback reads the shared probe pass (implements ``pass_request``) instead of running the model
+    uses_probe_pass: ClassVar[bool] = False
 
     def __init__(self, options: CallbackOptions) -> None:
         if not isinstance(options, CallbackOptions):
@@ -286,6 +306,8 @@ class VisualizationCallback(pl.Callback):
         self._warned: set[str] = set()
         #: wall seconds of each emission (render + write), for cost accounting in benchmarks
         self.seconds: list[float] = []
+        #: the pass shared with the other consumers of the probe (``share_probe_pass``); ``None``: a pass of its own
+        self.probe_pass: ProbePass | None = None
 
     @property
     def every_n_epochs(self) -> int:
@@ -335,6 +357,13 @@ class VisualizationCallback(pl.Callback):
         self.probe = probe
         self.check(pl_module, probe)
 
+    def pass_result(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> PassResult | None:
+        """This callback's accumulator fed by the shared probe pass at ``step`` (the first consumer to ask runs the
+        model once for all; a callback without peers gets a pass of its own)."""
+        if self.probe_pass is None:
+            self.probe_pass = ProbePass([self])
+        return self.probe_pass.collect(self, pl_module, probe, step)
+
     def warn_once(self, key: str, message: str) -> None:
         """A warning prefixed with the callback's name, once per callback and ``key``."""
         if key not in self._warned:
@@ -358,6 +387,8 @@ class VisualizationCallback(pl.Callback):
         self._run_dir = Path(trainer.strategy.broadcast(log_dir(trainer)))  # the one collective, on every rank
         probe = shared_probe(trainer.datamodule, self.options.probe_spec, pl_module) if self.needs_probe else None
         self.prepare(pl_module, probe)
+        if self.uses_probe_pass:
+            share_probe_pass(trainer.callbacks)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

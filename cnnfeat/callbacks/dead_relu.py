@@ -9,8 +9,9 @@ from torch import nn
 
 from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, check_names, device_of
 from cnnfeat.errors import check_int
-from cnnfeat.graph import capture, relu_family_nodes, trace_graph, unknown_names
-from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.graph import relu_family_nodes, trace_graph, unknown_names
+from cnnfeat.probe import ProbeSet
+from cnnfeat.probe_pass import PassBatch, PassRequest, shared_positions
 from cnnfeat.units import FiringAccumulator, fires
 
 
@@ -25,10 +26,14 @@ class DeadReluCallback(VisualizationCallback):
     of every application counted once) and ``relu/zero_fraction/<node>`` (share of all activations that do not
     fire: the ReLU outputs 0, or NaN); histograms ``relu/preact/<node>`` of the activation's inputs (a fixed sample
     of ``hist_samples`` values). When training diverges, ``relu/nonfinite_fraction/<node>`` reports the share of
-    NaN/inf inputs and the histograms keep the finite values. The probe is the first ``probe_size`` images of the
-    split; inputs are cloned when each application is called, before an inplace ReLU changes them. A model without
-    a ReLU-family activation gets a warning and the callback does nothing.
+    NaN/inf inputs and the histograms keep the finite values. The probe is the stratified selection of ``probe_size``
+    images that every pass consumer shares (``cnnfeat.probe_pass.shared_positions``: the UMAP and representation
+    callbacks' images for the same size); the callback runs no model itself but reads the shared probe pass, whose
+    inputs are cloned when each application is called, before an inplace ReLU changes them. A model without a
+    ReLU-family activation gets a warning and the callback does nothing.
     """
+
+    uses_probe_pass = True
 
     def __init__(
         self,
@@ -63,6 +68,8 @@ class DeadReluCallback(VisualizationCallback):
         self.hist_samples = hist_samples
         #: the applications counted (set in ``check``; empty: the model has none and nothing is logged)
         self.names: list[str] = []
+        #: probe IDs of the images the last render counted, in order
+        self.pass_ids: torch.Tensor | None = None
 
     def relu_names(self, pl_module: nn.Module, x: torch.Tensor) -> list[str]:
         """The ReLU-family applications to count (all, or ``layers``); unknown names list the valid ones."""
@@ -88,44 +95,63 @@ class DeadReluCallback(VisualizationCallback):
     def should_render(self, writer: object) -> bool:
         return bool(self.names)  # scalars go to every logger
 
+    def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest | None:
+        """The inputs of the counted applications on the shared stratified probe (``cnnfeat.probe_pass``)."""
+        if not self.names:
+            return None
+        positions = shared_positions(probe, self.probe_size)
+        return PassRequest(positions, self.batch_size, _DeadReluAccumulator(self, len(positions)), inputs=self.names)
+
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         assert probe is not None
-        names, device = self.names, device_of(pl_module)
+        names = self.names
         if not names:
             return Pictures()
-        firing = FiringAccumulator()
-        zeros = dict.fromkeys(names, 0)
-        nonfinite = dict.fromkeys(names, 0)
-        total = dict.fromkeys(names, 0)
-        samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        gen = torch.Generator().manual_seed(0)
-        per_batch = max(1, self.hist_samples * self.batch_size // self.probe_size)
-        with capture(pl_module, names, inputs=True) as pre:
-            for ids in batches(torch.arange(self.probe_size), self.batch_size):
-                pl_module(probe.inputs[ids].to(device))
-                firing.update({n: pre[n] for n in names})
-                for n in names:
-                    a = pre[n]
-                    zeros[n] += a.numel() - int(torch.count_nonzero(fires(a)))
-                    nonfinite[n] += a.numel() - int(torch.count_nonzero(torch.isfinite(a)))
-                    total[n] += a.numel()
-                    if self.hist_samples:
-                        flat = a.flatten()
-                        idx = torch.randint(len(flat), (min(per_batch, len(flat)),), generator=gen)
-                        samples[n].append(flat[idx.to(flat.device)].float().cpu())
+        result = self.pass_result(pl_module, probe, step)
+        assert result is not None
+        acc: _DeadReluAccumulator = result.accumulator
+        self.pass_ids = result.ids
         pictures = Pictures()
-        alive = firing.finish()
+        alive = acc.firing.finish()
         dead_units = all_units = 0
         for n in names:
             dead = ~alive[n]
             dead_units, all_units = dead_units + int(dead.sum()), all_units + dead.numel()
             pictures.scalars[f"relu/dead_fraction/{n}"] = float(dead.float().mean())
-            pictures.scalars[f"relu/zero_fraction/{n}"] = zeros[n] / total[n]
-            if nonfinite[n]:  # a diverged network: say so instead of failing
-                pictures.scalars[f"relu/nonfinite_fraction/{n}"] = nonfinite[n] / total[n]
-            values = torch.cat(samples[n]) if samples[n] else torch.empty(0)
+            pictures.scalars[f"relu/zero_fraction/{n}"] = acc.zeros[n] / acc.total[n]
+            if acc.nonfinite[n]:  # a diverged network: say so instead of failing
+                pictures.scalars[f"relu/nonfinite_fraction/{n}"] = acc.nonfinite[n] / acc.total[n]
+            values = torch.cat(acc.samples[n]) if acc.samples[n] else torch.empty(0)
             values = values[torch.isfinite(values)]
             if len(values):
                 pictures.histograms[f"relu/preact/{n}"] = values
         pictures.scalars["relu/dead_fraction/all"] = dead_units / all_units
         return pictures
+
+
+class _DeadReluAccumulator:
+    """Firing, zero and non-finite counts and a histogram sample of each application's inputs, batch by batch."""
+
+    def __init__(self, cb: DeadReluCallback, size: int) -> None:
+        names = cb.names
+        self.names, self.size, self.hist_samples = names, size, cb.hist_samples
+        self.firing = FiringAccumulator()
+        self.zeros = dict.fromkeys(names, 0)
+        self.nonfinite = dict.fromkeys(names, 0)
+        self.total = dict.fromkeys(names, 0)
+        self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def update(self, batch: PassBatch) -> None:
+        pre = batch.inputs
+        per_batch = max(1, self.hist_samples * batch.batch_size // self.size)
+        self.firing.update({n: pre[n] for n in self.names})
+        for n in self.names:
+            a = pre[n]
+            self.zeros[n] += a.numel() - int(torch.count_nonzero(fires(a)))
+            self.nonfinite[n] += a.numel() - int(torch.count_nonzero(torch.isfinite(a)))
+            self.total[n] += a.numel()
+            if self.hist_samples:
+                flat = a.flatten()
+                idx = torch.randint(len(flat), (min(per_batch, len(flat)),), generator=self.gen)
+                self.samples[n].append(flat[idx.to(flat.device)].float().cpu())

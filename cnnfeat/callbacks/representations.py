@@ -56,6 +56,7 @@ from cnnfeat.graph import (
     unknown_names,
 )
 from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probe_pass import PassBatch, PassRequest
 from cnnfeat.probes import linear_probe, probe_split
 from cnnfeat.similarity import CKAHistory, SignatureAccumulator, cka_matrix
 from cnnfeat.units import FiringAccumulator, UnitHistory
@@ -121,8 +122,33 @@ def _slug(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+class _Measurement:
+    """The representation callback's accumulator for one pass: CKA signatures (and the probes' data) and firing."""
+
+    def __init__(
+        self,
+        nodes: list[str],
+        unit_layers: list[str],
+        acc: SignatureAccumulator | None,
+        fire: FiringAccumulator | None,
+    ) -> None:
+        self.nodes, self.unit_layers, self.acc, self.fire = nodes, unit_layers, acc, fire
+
+    def update(self, batch: PassBatch) -> None:
+        out = batch.outputs
+        if self.acc is not None:
+            self.acc.update(
+                {name: out[name] for name in self.nodes}, torch.arange(batch.start, batch.start + len(batch.positions))
+            )
+        if self.fire is not None:
+            self.fire.update({name: out[name] for name in self.unit_layers})
+
+
 class RepresentationCallback(VisualizationCallback):
     """CKA across epochs and layers, linear probes and unit history from one probe pass per epoch.
+
+    The callback runs no model over its probe: it reads the pass shared with the other consumers
+    (``cnnfeat.probe_pass``), which captures its layers beside theirs.
 
     Args:
         layers: node names (``cnnfeat.graph``) and/or ``"pixels"`` (the model's input); ``None``: ``pixels`` plus
@@ -144,6 +170,8 @@ class RepresentationCallback(VisualizationCallback):
             that memory and checkpoints do not grow with layers x epochs; ``False`` keeps them in memory.
         batch_size: images per forward pass.
     """
+
+    uses_probe_pass = True
 
     def __init__(
         self,
@@ -229,7 +257,9 @@ class RepresentationCallback(VisualizationCallback):
         self._images_at: set[int] = set()
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._fitting = False  # inside Trainer.fit: probes follow probe_every_n_epochs (explore probes every step)
-        self._last_epoch = False
+        self._max_epochs: int | None = None  # the fit's max_epochs: probes are also fitted after the last epoch
+        #: probe IDs of the images the last render measured, in order
+        self.pass_ids: torch.Tensor | None = None
         #: seconds of each render by part (pass = forward, capture and signatures), for benchmarks
         self.timings: list[dict[str, float]] = []
 
@@ -282,32 +312,30 @@ class RepresentationCallback(VisualizationCallback):
         return probe.positions(self.probe_ids)
 
     # -- one pass ----------------------------------------------------------------------------------------
-    def measure(
-        self, pl_module: nn.Module, probe: ProbeSet, keep: bool = True
-    ) -> tuple[dict[str, torch.Tensor], dict, dict]:
-        """One forward pass over the probe: (CKA signatures, data for the probes if ``keep``, alive units) per layer."""
-        pos, device = self.positions(probe), device_of(pl_module)
-        n = len(pos)
+    def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest:
+        """The chosen layers' outputs on the stratified probe (``cnnfeat.probe_pass``), into CKA signatures (with the
+        probes' data when they are fitted at ``step``) and firing counts."""
+        pos = self.positions(probe)
+        keep = self._probes_now(step) and self.linear_probes
         acc = None
-        keep = keep and self.linear_probes
         if self.cka or keep:
-            acc = SignatureAccumulator(n, self.unbiased, self.block_size, self.pool, keep=keep)
+            acc = SignatureAccumulator(len(pos), self.unbiased, self.block_size, self.pool, keep=keep)
         fire = FiringAccumulator() if self.unit_layers else None
         if self._pixels is None and acc is not None:  # the input does not change: measured once per run
             self._pixels = self._measure_pixels(probe, pos)
-        start = 0
-        with capture(pl_module, self.nodes) as out:
-            for b in batches(pos, self.batch_size):
-                pl_module(probe.inputs[b].to(device))
-                ids = torch.arange(start, start + len(b))
-                start += len(b)
-                if acc is not None:
-                    acc.update({name: out[name] for name in self.nodes}, ids)
-                if fire is not None:
-                    fire.update({name: out[name] for name in self.unit_layers})
-        sigs = acc.finish() if acc is not None else {}
-        kept = acc.kept if acc is not None else {}
-        return sigs, kept, fire.finish() if fire is not None else {}
+        return PassRequest(pos, self.batch_size, _Measurement(self.nodes, self.unit_layers, acc, fire), self.nodes)
+
+    def measure(
+        self, pl_module: nn.Module, probe: ProbeSet, step: int = 0
+    ) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """The probe pass's results at ``step``: (CKA signatures, data for the probes, alive units) per layer."""
+        result = self.pass_result(pl_module, probe, step)
+        assert result is not None
+        self.pass_ids = result.ids
+        m: _Measurement = result.accumulator
+        sigs = m.acc.finish() if m.acc is not None else {}
+        kept = m.acc.kept if m.acc is not None else {}
+        return sigs, kept, m.fire.finish() if m.fire is not None else {}
 
     def _measure_pixels(self, probe: ProbeSet, pos: torch.Tensor) -> dict[str, Any]:
         if PIXELS not in self.names:
@@ -329,6 +357,12 @@ class RepresentationCallback(VisualizationCallback):
             self._split = probe_split(self._labels(probe), self.probe_train_fraction, self.seed)
         return self._split
 
+    def _probes_now(self, step: int) -> bool:
+        """Whether the linear probes are fitted at ``step``: always outside fit, else every ``probe_every_n_epochs``
+        and after the last epoch."""
+        last = self._max_epochs is not None and step >= self._max_epochs
+        return self.linear_probes and (not self._fitting or step % self.probe_every_n_epochs == 0 or last)
+
     # -- render: the numbers of one step ------------------------------------------------------------------
     @override
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
@@ -341,10 +375,8 @@ class RepresentationCallback(VisualizationCallback):
             clock.append(time.perf_counter())
             timing[what] = clock[-1] - clock[-2]
 
-        probes_now = self.linear_probes and (
-            not self._fitting or step % self.probe_every_n_epochs == 0 or self._last_epoch
-        )
-        sigs, kept, alive = self.measure(pl_module, probe, keep=probes_now)
+        probes_now = self._probes_now(step)
+        sigs, kept, alive = self.measure(pl_module, probe, step)
         lap("pass")
         if self.cka and sigs:
             layer_sigs = {k: v for k, v in sigs.items() if k != PIXELS}
@@ -508,18 +540,18 @@ class RepresentationCallback(VisualizationCallback):
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # known before any consumer of the shared pass asks at an epoch end
+            self._max_epochs = trainer.max_epochs
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fitting = True
         # Lightning restores the epoch and step counters only after on_fit_start: a resumed fit (ckpt_path) would
         # look untrained here and record its restored weights as step 0
         if trainer.ckpt_path is None:
             super().on_fit_start(trainer, pl_module)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        self._last_epoch = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        super().on_train_epoch_end(trainer, pl_module)
 
     @override
     def finish(self, out_dir: Path | None) -> dict[int, Pictures]:

@@ -60,6 +60,10 @@ class EmbeddingCallback(VisualizationCallback):
     the warm start are part of the callback's ``state_dict``, so a resumed run continues its trajectory.
     The stratified probe is drawn from the probe's labels (the split's first ``cnnfeat.probe.MAX_IMAGES``).
     Feature vectors holding NaN or infinity get no map at that step (a warning names the layer).
+
+    It runs the model itself rather than reading the shared probe pass (``cnnfeat.probe_pass``): its default vectors
+    come from ``features(x)``, a method rather than a node of the forward pass (and from the cached backbone features
+    of a frozen-feature DataModule), so the pass cannot capture them; its images are the same stratified selection.
     """
 
     def __init__(

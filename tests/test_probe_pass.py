@@ -1,0 +1,241 @@
+"""One probe pass per step: the dead-ReLU, representation and atlas callbacks read one forward pass over the same
+stratified probe images (``cnnfeat.probe_pass``), and get bit for bit what each computed with its own pass before.
+
+The ``old_*`` functions below are the per-callback loops the pass replaces, run here on the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cnnfeat.callbacks import AtlasCallback, DeadReluCallback
+from cnnfeat.callbacks.base import inference, share_probe_pass
+from cnnfeat.callbacks.representations import RepresentationCallback
+from cnnfeat.graph import capture
+from cnnfeat.models import SmallCNN
+from cnnfeat.probe import ProbeSet, batches, probe_from_tensors
+from cnnfeat.probe_pass import ProbePass, shared_positions
+from cnnfeat.similarity import SignatureAccumulator
+from cnnfeat.train import build
+from cnnfeat.units import FiringAccumulator, fires
+
+SIZE = 120  # stratified probe images every consumer reads
+
+
+@pytest.fixture
+def probe() -> ProbeSet:
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(300, 1, 28, 28, generator=g)
+    labels = torch.arange(300) % 10
+    return probe_from_tensors(images, labels)
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+def callbacks(tmp_path: Path) -> tuple[DeadReluCallback, RepresentationCallback, AtlasCallback]:
+    dead = DeadReluCallback(probe_size=SIZE, batch_size=32, hist_samples=500)
+    rep = RepresentationCallback(probe_size=SIZE, block_size=40, batch_size=50, spill=False)
+    atlas = AtlasCallback(alive_probe_size=SIZE, batch_size=64, featviz=False, atlas_dir=str(tmp_path / "atlas"))
+    return dead, rep, atlas
+
+
+class Forwards:
+    """Counts calls of the model's forward (a hook on the root module)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_hook(self.hook)
+
+    def hook(self, *_: object) -> None:
+        self.calls += 1
+
+
+# -- the per-callback computations the pass replaces ---------------------------------------------------------------
+def old_dead_relu(cb: DeadReluCallback, model: nn.Module, probe: ProbeSet, pos: torch.Tensor, batch: int) -> dict:
+    names, firing = cb.names, FiringAccumulator()
+    zeros, total, samples = dict.fromkeys(names, 0), dict.fromkeys(names, 0), {n: [] for n in names}
+    gen = torch.Generator().manual_seed(0)
+    per_batch = max(1, cb.hist_samples * batch // len(pos))
+    with capture(model, names, inputs=True) as pre:
+        for ids in batches(pos, batch):
+            model(probe.inputs[ids])
+            firing.update({n: pre[n] for n in names})
+            for n in names:
+                a = pre[n]
+                zeros[n] += a.numel() - int(torch.count_nonzero(fires(a)))
+                total[n] += a.numel()
+                flat = a.flatten()
+                idx = torch.randint(len(flat), (min(per_batch, len(flat)),), generator=gen)
+                samples[n].append(flat[idx])
+    alive = firing.finish()
+    out = {f"relu/dead_fraction/{n}": float((~alive[n]).float().mean()) for n in names}
+    out |= {f"relu/zero_fraction/{n}": zeros[n] / total[n] for n in names}
+    dead = sum(int((~alive[n]).sum()) for n in names)
+    out["relu/dead_fraction/all"] = dead / sum(alive[n].numel() for n in names)
+    return {"scalars": out, "histograms": {f"relu/preact/{n}": torch.cat(samples[n]) for n in names}}
+
+
+def old_representations(cb: RepresentationCallback, model: nn.Module, probe: ProbeSet, pos: torch.Tensor) -> tuple:
+    acc = SignatureAccumulator(len(pos), cb.unbiased, cb.block_size, cb.pool, keep=True)
+    fire, start = FiringAccumulator(), 0
+    with capture(model, cb.nodes) as out:
+        for b in batches(pos, cb.batch_size):
+            model(probe.inputs[b])
+            acc.update({n: out[n] for n in cb.nodes}, torch.arange(start, start + len(b)))
+            fire.update({n: out[n] for n in cb.unit_layers})
+            start += len(b)
+    return acc.finish(), acc.kept, fire.finish()
+
+
+def old_atlas_unit_max(cb: AtlasCallback, model: nn.Module, probe: ProbeSet, pos: torch.Tensor, batch: int) -> dict:
+    nodes = {i.name: i.activation or i.name for i in cb.infos}
+    firing = FiringAccumulator()
+    with capture(model, set(nodes.values())) as acts:
+        for ids in batches(pos, batch):
+            model(probe.inputs[ids])
+            firing.update({name: acts[node] for name, node in nodes.items()})
+    return firing.maxima()
+
+
+def atlas_unit_max(tmp_path: Path, layer: str, step: int) -> np.ndarray:
+    return np.load(tmp_path / "atlas" / layer / f"step_{step:03d}.npz")["unit_max"]
+
+
+# -- tests ---------------------------------------------------------------------------------------------------------
+def test_one_pass_feeds_every_callback_what_its_own_pass_gave(
+    model: nn.Module, probe: ProbeSet, tmp_path: Path
+) -> None:
+    dead, rep, atlas = cbs = callbacks(tmp_path)
+    for cb in cbs:
+        cb.prepare(model, probe)
+    share_probe_pass(cbs)
+    shared = dead.probe_pass
+    assert shared is not None and rep.probe_pass is shared and atlas.probe_pass is shared
+    pos = shared_positions(probe, SIZE)
+    batch = min(dead.batch_size, rep.batch_size, atlas.batch_size)
+    counter = Forwards(model)
+    with inference(model):
+        sigs, kept, alive = rep.measure(model, probe, 0)  # the first to ask runs the pass for all three
+        dead_pictures = dead.render(model, probe, 0)
+        assert counter.calls == len(range(0, SIZE, batch)), "one forward pass over the probe for all three"
+        atlas.render(model, probe, 0)  # its alive test reads the pass; its top-k search (step 0) runs on its own
+    assert shared.runs == 1 and shared.forward_calls == len(range(0, SIZE, batch))
+    counter.handle.remove()
+    with inference(model):
+        want_dead = old_dead_relu(dead, model, probe, pos, batch)
+        want_sigs, want_kept, want_alive = old_representations(rep, model, probe, pos)
+        want_max = old_atlas_unit_max(atlas, model, probe, pos, batch)
+    assert dead_pictures.scalars == want_dead["scalars"]
+    assert dead_pictures.histograms.keys() == want_dead["histograms"].keys()
+    for tag, values in want_dead["histograms"].items():
+        assert torch.equal(dead_pictures.histograms[tag], values), tag
+    assert sigs.keys() == want_sigs.keys() and kept.keys() == want_kept.keys() and alive.keys() == want_alive.keys()
+    for name in want_sigs:
+        assert torch.equal(sigs[name], want_sigs[name]), name
+    for name in want_kept:
+        for field in ("features", "gram"):
+            got, want = getattr(kept[name], field), getattr(want_kept[name], field)
+            assert got is want is None or torch.equal(got, want), (name, field)
+    for name in want_alive:
+        assert torch.equal(alive[name], want_alive[name]), name
+    for info in atlas.infos:
+        assert np.array_equal(atlas_unit_max(tmp_path, info.name, 0), want_max[info.name][info.shown].numpy())
+
+
+def test_the_pass_served_callbacks_see_the_same_images(model: nn.Module, probe: ProbeSet, tmp_path: Path) -> None:
+    dead, rep, atlas = cbs = callbacks(tmp_path)
+    for cb in cbs:
+        cb.prepare(model, probe)
+    share_probe_pass(cbs)
+    with inference(model):
+        for step in (0, 1):
+            for cb in cbs:
+                cb.render(model, probe, step)
+    assert dead.pass_ids is not None and len(dead.pass_ids) == SIZE
+    assert torch.equal(dead.pass_ids, rep.pass_ids), "dead-ReLU and representations read other images"
+    assert torch.equal(dead.pass_ids, atlas.pass_ids), "dead-ReLU and the atlas read other images"
+    assert torch.equal(rep.pass_ids, probe.ids[rep.positions(probe)])
+    assert len(set(probe.labels[probe.positions(dead.pass_ids)].tolist())) == 10, "stratified, not the first images"
+    assert dead.probe_pass is not None and dead.probe_pass.runs == 2, "one pass per step"
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_callback_alone_gets_a_pass_of_its_own(which: int, model: nn.Module, probe: ProbeSet, tmp_path: Path) -> None:
+    cb = callbacks(tmp_path)[which]
+    cb.prepare(model, probe)
+    counter = Forwards(model)
+    with inference(model):
+        pictures = cb.render(model, probe, 0)
+    if not isinstance(cb, AtlasCallback):  # the atlas's top-k search runs the model too at step 0
+        assert counter.calls == len(range(0, SIZE, cb.batch_size))
+    assert cb.probe_pass is not None and cb.probe_pass.forward_calls == len(range(0, SIZE, cb.batch_size))
+    assert cb.probe_pass is not None and cb.probe_pass.members == [cb]
+    assert torch.equal(cb.pass_ids, probe.ids[shared_positions(probe, SIZE)])
+    if isinstance(cb, DeadReluCallback):
+        with inference(model):
+            want = old_dead_relu(cb, model, probe, shared_positions(probe, SIZE), cb.batch_size)
+        assert pictures.scalars == want["scalars"]
+    elif isinstance(cb, RepresentationCallback):
+        assert "units/dead/relu1" in pictures.scalars and "probe/acc/fc3" in pictures.scalars
+    else:
+        assert (tmp_path / "atlas" / "conv1" / "step_000.npz").is_file()
+
+
+def test_other_selections_get_their_own_pass(model: nn.Module, probe: ProbeSet, tmp_path: Path) -> None:
+    """A consumer reading other images (another probe_size) is not fed the shared ones."""
+    dead = DeadReluCallback(probe_size=60, batch_size=32)
+    rep = RepresentationCallback(probe_size=SIZE, block_size=40, batch_size=50, spill=False)
+    for cb in (dead, rep):
+        cb.prepare(model, probe)
+    share_probe_pass([dead, rep])
+    with inference(model):
+        dead.render(model, probe, 0)
+        rep.render(model, probe, 0)
+    assert dead.pass_ids is not None and len(dead.pass_ids) == 60 and len(rep.pass_ids) == SIZE
+    assert dead.probe_pass is not None and dead.probe_pass.runs == 1
+    assert dead.probe_pass.forward_calls == len(range(0, 60, 32)) + len(range(0, SIZE, 50)), "each its own batches"
+
+
+def test_one_forward_pass_per_epoch_in_a_real_fit(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(
+        "callbacks=[none,dead_relu,representations,atlas]",
+        "trainer.max_epochs=2",
+        "callbacks.dead_relu.probe_size=200",
+        "callbacks.representations.probe_size=200",
+        "callbacks.representations.block_size=50",
+        "callbacks.atlas.alive_probe_size=200",
+        "callbacks.atlas.probe_size=300",
+        "callbacks.atlas.featviz=false",
+        "callbacks.atlas.patches_every_n_epochs=100",
+    )
+    dm, model, trainer = build(cfg)
+    kinds = DeadReluCallback | RepresentationCallback | AtlasCallback
+    served = [cb for cb in trainer.callbacks if isinstance(cb, kinds)]
+    assert len(served) == 3
+    starts: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        if not torch.is_grad_enabled() and not module.training:
+            starts.append(args[0])  # no tensor op here: the graph is traced through this hook too
+
+    model.register_forward_hook(hook)
+    trainer.fit(model, datamodule=dm)
+    shared = served[0].probe_pass
+    assert isinstance(shared, ProbePass) and all(cb.probe_pass is shared for cb in served)
+    assert shared.runs == 3, "steps 0, 1 and 2: one pass each"
+    ids = [cb.pass_ids for cb in served]
+    assert all(i is not None and torch.equal(i, ids[0]) for i in ids)
+    probe = served[0].probe
+    assert probe is not None
+    first = probe.inputs[probe.positions(ids[0][:1])]
+    pass_starts = sum(torch.equal(s[:1], first) for s in starts)
+    assert pass_starts == 3, f"the probe's first image went through the model {pass_starts} times, not once a step"
