@@ -26,7 +26,7 @@ from torchvision.datasets import FashionMNIST
 
 from cnnfeat import lightning_api as pl
 from cnnfeat.atomic import atomic_write, is_disk_full, remove_orphans
-from cnnfeat.errors import ConfigError, DataError, check_int
+from cnnfeat.errors import ConfigError, DataError, check_bool, check_int
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             ("download", download),
             ("verify", verify),
         ):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"data.{name} must be true or false, got {flag!r}")
+            check_bool(f"data.{name}", flag)
         self.save_hyperparameters()
         env_dir = os.environ.get(ENV_DATA)
         self.data_dir = Path(data_dir or env_dir or default_cache_dir()).expanduser()

@@ -27,6 +27,12 @@ def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False)
         raise ConfigError(f"{name} must be an integer >= {minimum}{' or null' if allow_none else ''}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Refuse anything but ``True``/``False`` (a string ``"false"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 class DataError(CnnfeatError, RuntimeError):
     """Data files are missing, unreadable or corrupt, or a cache could not be written."""
 

@@ -42,18 +42,12 @@ from typing_extensions import override
 
 from cnnfeat import lightning_api as pl
 from cnnfeat import viz
-from cnnfeat.errors import ConfigError, check_int
+from cnnfeat.errors import ConfigError, check_bool, check_int
 from cnnfeat.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 from cnnfeat.probe_pass import PassResult, ProbePass
 
 log = logging.getLogger("cnnfeat")
-
-
-def check_bool(name: str, value: Any) -> None:
-    """Refuse anything but ``True``/``False`` (a string ``"false"`` would count as true)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def check_number(name: str, value: Any, minimum: float = -math.inf, above: bool = False) -> None:
