@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from cnnfeat.callbacks import VisualizationCallback
-from cnnfeat.figures import read_scalars
-from cnnfeat.train import CONFIG_DIR, build
+from cnnfeat.report.figures import read_scalars
+from cnnfeat.run.train import CONFIG_DIR, build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -49,7 +49,7 @@ def seed_run(out: Path, dry_run: bool) -> dict[str, object]:
     args = ["experiment=seed", f"hydra.run.dir={run_dir}", "callbacks.progress_log.every_s=10"]
     args += ["trainer=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=20"] if dry_run else ["trainer=gpu"]
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cnnfeat.train", *args], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "cnnfeat.run.train", *args], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     log = r.stdout + r.stderr
     (out / "seed_run.log").write_text(log)

@@ -38,7 +38,7 @@ LIMITS = {"report_seconds": 20.0, "report_mb": 25.0, "featviz_seconds_per_channe
 
 def train(run_dir: Path, callbacks: str, extra: list[str]) -> float:
     """``cnnfeat-train experiment=seed`` with the atlas into ``run_dir``; returns its wall time."""
-    cmd = [sys.executable, "-m", "cnnfeat.train", "experiment=seed", f"callbacks={callbacks}"]
+    cmd = [sys.executable, "-m", "cnnfeat.run.train", "experiment=seed", f"callbacks={callbacks}"]
     cmd += [f"hydra.run.dir={run_dir}", *extra]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)

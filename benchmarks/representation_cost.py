@@ -81,7 +81,7 @@ def watch_memory(cb: object) -> list[dict[str, float]]:
 def child(out: Path, overrides: list[str]) -> dict:
     """One fit in this process: wall time, peak RSS, the representation callback's own timers and memory."""
     from cnnfeat.callbacks.representations import RepresentationCallback
-    from cnnfeat.train import build
+    from cnnfeat.run.train import build
 
     cfg = compose_config(["experiment=seed", "test=false", "callbacks.rich_progress_bar=null", *overrides], out)
     dm, model, trainer = build(cfg)

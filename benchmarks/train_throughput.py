@@ -31,13 +31,13 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import ToTensor
 
-from cnnfeat.data import FashionMNISTDataModule, to_float
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule, to_float
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compose_config
 
 from cnnfeat.models import SmallCNN
-from cnnfeat.train import build
+from cnnfeat.run.train import build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP = 20

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json
 
-from cnnfeat.feature_cache import FrozenFeatureDataModule
+from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.models import FrozenAlexNet, TransferClassifier
 
 EPOCH_IMAGES = 55_000

@@ -4,7 +4,7 @@ Both do the same work (benchmarks/plain_train.py: same data, network, optimizer,
 set evaluated every epoch and at the end). Each measurement is a fresh process timed from outside, start-up
 included; the variants of one repeat run back to back (plain, cnnfeat, plain channels_last) and the median over
 repeats is reported, because whole runs on these machines vary by about +-12%. Also measured: the import cost
-(torch, torch + Lightning, ``cnnfeat.train``), cnnfeat's time from process start to the first training batch
+(torch, torch + Lightning, ``cnnfeat.run.train``), cnnfeat's time from process start to the first training batch
 and per epoch (from its log's timestamps), and a cProfile of a 2-epoch run (top functions by own time).
 
     python benchmarks/whole_process.py --epochs 2 15 --repeats 3
@@ -47,7 +47,7 @@ def cnnfeat_cmd(epochs: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list
         sys.executable,
         *extra,
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "experiment=seed",
         "callbacks=none",
         "trainer=cpu",
@@ -85,7 +85,7 @@ def import_costs(repeats: int) -> dict[str, float]:
         "python": "pass",
         "torch": "import torch",
         "torch + pytorch_lightning": "import torch, pytorch_lightning",
-        "cnnfeat.train": "import cnnfeat.train",
+        "cnnfeat.run.train": "import cnnfeat.run.train",
     }
     return {
         k: round(statistics.median(timed([sys.executable, "-c", s], REPO)[0] for _ in range(repeats)), 2)

@@ -1,6 +1,6 @@
 """cnnfeat: see what a convolutional network learns, with PyTorch Lightning, Hydra and TensorBoard."""
 
-from cnnfeat.data import CLASSES, FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import CLASSES, FashionMNISTDataModule
 from cnnfeat.models import ImageClassifier, SmallCNN
 
 __all__ = ["CLASSES", "FashionMNISTDataModule", "ImageClassifier", "SmallCNN"]

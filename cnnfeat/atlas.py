@@ -48,10 +48,9 @@ import torch
 from torch import nn
 
 from cnnfeat import featviz
-from cnnfeat.atomic import atomic_write
 from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.graph import Graph, activation_after, conv_nodes, split_call, unknown_names
-from cnnfeat.status import json_safe
+from cnnfeat.run.atomic import atomic_write, json_safe
 
 FORMAT = 1
 ATLAS_DIR = "atlas"

@@ -1,8 +1,8 @@
 """Every TensorBoard tag a cnnfeat run writes: its name (or family), kind, step axis and writer, in one place.
 
-The readers (the report, ``cnnfeat.figures``) name tags through this module; the writers (the callbacks, the
-LightningModule, ``cnnfeat.train``) still spell theirs out, and ``tests/test_tags_events.py`` holds both to it: it fails
-when a run with every callback logs a tag that no entry names, or misses an entry. A family has placeholders:
+The readers (the report, ``cnnfeat.report.figures``) name tags through this module; the writers (the callbacks,
+the LightningModule, ``cnnfeat.run.train``) still spell theirs out, and ``tests/test_tags_events.py`` holds both to it:
+it fails when a run with every callback logs a tag that no entry names, or misses an entry. A family has placeholders:
 ``DEAD_FRACTION.format(node="conv1")`` is ``relu/dead_fraction/conv1``, and ``parse`` takes a logged tag back to its
 family and fields. Placeholders stand for one path segment (no ``/``; node names use ``.`` and ``:``), except those a
 ``Tag`` lists in ``spans`` (``hp/{metric}``: the metric's own tag).
@@ -35,7 +35,7 @@ __all__ = ["ALL", "Axis", "Kind", "Tag", "family", "parse"]
 
 
 class Kind(str, Enum):
-    """How a tag is stored in the event file (what ``cnnfeat.events`` files it under)."""
+    """How a tag is stored in the event file (what ``cnnfeat.report.events`` files it under)."""
 
     SCALAR = "scalar"
     IMAGE = "image"
@@ -172,7 +172,7 @@ HP_METRIC = Tag(
     "hp/{metric}",
     _S,
     Axis.ZERO,
-    "cnnfeat.train.log_hparams (TensorBoardLogger.log_hyperparams)",
+    "cnnfeat.run.train.log_hparams (TensorBoardLogger.log_hyperparams)",
     "a final metric of the run for the HParams tab (metric: train.HPARAM_METRICS, e.g. val/acc)",
     spans=("metric",),
 )
@@ -180,7 +180,7 @@ HPARAMS = Tag(
     "_hparams_/{record}",
     Kind.HPARAMS,
     Axis.ZERO,
-    "cnnfeat.train.log_hparams (TensorBoardLogger.log_hyperparams)",
+    "cnnfeat.run.train.log_hparams (TensorBoardLogger.log_hyperparams)",
     "the HParams plugin's records of the run's config (experiment, session_start_info, session_end_info)",
     choices={"record": ("experiment", "session_start_info", "session_end_info")},
 )

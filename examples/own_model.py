@@ -31,7 +31,7 @@ from cnnfeat.callbacks import (
     FilterCallback,
     TopPatchesCallback,
 )
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 
 
 def block(c_in: int, c_out: int) -> nn.Sequential:

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cnnfeat.callbacks import DeadReluCallback, FeatureMapCallback, FilterCallback, TopPatchesCallback
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 
 CONVS = ["conv1", "layer1.0.conv1", "layer2.1.conv1"]
 

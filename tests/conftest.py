@@ -17,9 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import (
     TensorEvent,
 )
 
-from cnnfeat.cli import CONFIG_DIR
-from cnnfeat.data import ENV_DATA, FashionMNISTDataModule
-from cnnfeat.events import event_files, records
+from cnnfeat.data.fashion_mnist import ENV_DATA, FashionMNISTDataModule
+from cnnfeat.report.events import event_files, records
+from cnnfeat.run.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -95,7 +95,7 @@ def make_cfg(tmp_path: Path, data_dir: Path, cache_dir: Path) -> Callable[..., D
 def read_events(run_dir: Path | str) -> dict[str, dict]:
     """Every event under ``run_dir``, by kind and tag: ``{"scalars": {tag: [(step, value)]}, ...}``, images, histograms
     and tensors as TensorBoard's ``EventAccumulator`` gives them. Every write is kept (a step written twice is listed
-    twice), in the order written across the run's files (``cnnfeat.events.records``)."""
+    twice), in the order written across the run's files (``cnnfeat.report.events.records``)."""
     out: dict[str, dict] = {"scalars": {}, "images": {}, "histograms": {}, "tensors": {}}
     for r in records(event_files(run_dir)):
         v, kind = r.value, r.value.WhichOneof("value")

@@ -11,17 +11,18 @@ import torch
 from omegaconf import DictConfig
 from torchvision.models import alexnet
 
-from cnnfeat import feature_cache, layers
+from cnnfeat import layers
 from cnnfeat.callbacks.shape_table import shape_table
-from cnnfeat.checkpoints import load_model
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data import feature_cache
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
+from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.errors import ConfigError
-from cnnfeat.feature_cache import FrozenFeatureDataModule
 from cnnfeat.models import SmallCNN, TransferClassifier
 from cnnfeat.models.alexnet import FrozenAlexNet, WeightsError, imagenet_weights_file
 from cnnfeat.probe import ProbeSpec, check_batch_inputs
 from cnnfeat.receptive_field import receptive_fields
-from cnnfeat.train import train
+from cnnfeat.run.checkpoints import load_model
+from cnnfeat.run.train import train
 from tests.conftest import read_events
 
 MakeCfg = Callable[..., DictConfig]

@@ -17,17 +17,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cnnfeat.callbacks.representations import CrossModelCKACallback
-from cnnfeat.checkpoints import reference_model
-from cnnfeat.cli import instantiate_node
+from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.errors import CheckpointError, ConfigError
-from cnnfeat.feature_cache import FrozenFeatureDataModule
 from cnnfeat.models import FrozenAlexNet, SmallCNN, TransferClassifier
 from cnnfeat.probe import probe_from_tensors
+from cnnfeat.run.checkpoints import reference_model
+from cnnfeat.run.cli import instantiate_node
 
 MakeCfg = Callable[..., DictConfig]
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnfeat"
 #: the data side of the architecture: the DataModules and the probe they hand to callbacks
-DATA_SIDE = ("cnnfeat.data", "cnnfeat.feature_cache", "cnnfeat.probe")
+DATA_SIDE = ("cnnfeat.data.fashion_mnist", "cnnfeat.data.feature_cache", "cnnfeat.probe")
 CALLBACKS = tuple(sorted(f"cnnfeat.callbacks.{p.stem}" for p in (PACKAGE / "callbacks").glob("*.py")))
 
 
@@ -91,7 +91,7 @@ def test_the_import_graph_reader_sees_the_edges_it_must() -> None:
         from cnnfeat import errors
 
         def late():
-            from .. import checkpoints
+            from ..run import checkpoints
             from cnnfeat.models.alexnet import FrozenAlexNet
             import cnnfeat.graph
         """
@@ -99,13 +99,14 @@ def test_the_import_graph_reader_sees_the_edges_it_must() -> None:
     found = imports_in(source, "cnnfeat.callbacks")
     assert found == {
         "cnnfeat.errors",
-        "cnnfeat.checkpoints",
+        "cnnfeat.run",
+        "cnnfeat.run.checkpoints",
         "cnnfeat.graph",
         "cnnfeat.models",
         "cnnfeat.models.alexnet",
     }
     assert {"cnnfeat.callbacks", "cnnfeat.callbacks.base"} <= _imports("cnnfeat.callbacks.filters")
-    assert "cnnfeat.models" in import_closure("cnnfeat.checkpoints")
+    assert "cnnfeat.models" in import_closure("cnnfeat.run.checkpoints")
 
 
 @pytest.mark.parametrize("module", DATA_SIDE)
@@ -116,8 +117,8 @@ def test_data_never_imports_models(module: str) -> None:
 
 @pytest.mark.parametrize("module", CALLBACKS)
 def test_callbacks_never_import_checkpoint_loading(module: str) -> None:
-    assert "cnnfeat.checkpoints" not in import_closure(module), (
-        f"{module} reaches cnnfeat.checkpoints: callbacks receive modules; load checkpoints at the edge (the config)"
+    assert "cnnfeat.run.checkpoints" not in import_closure(module), (
+        f"{module} reaches cnnfeat.run.checkpoints: callbacks receive modules; checkpoints are loaded by the config"
     )
 
 
@@ -130,11 +131,37 @@ def test_importing_the_data_side_loads_no_model() -> None:
         facade.__path__ = [{str(PACKAGE)!r}]
         sys.modules["cnnfeat"] = facade
         import {", ".join(DATA_SIDE)}
-        print(sorted(m for m in sys.modules if m.startswith("cnnfeat.models") or m == "cnnfeat.checkpoints"))
+        print(sorted(m for m in sys.modules if m.startswith("cnnfeat.models") or m == "cnnfeat.run.checkpoints"))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+#: the analysis core: the top-level modules (tensors in, tensors out)
+CORE = tuple(sorted(f"cnnfeat.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"))
+#: what the core may import besides itself: the error types and the stdlib-only atomic file writer
+CORE_MAY_USE = {"cnnfeat.errors", "cnnfeat.run", "cnnfeat.run.atomic"}
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_core_imports_only_the_core(module: str) -> None:
+    """No Lightning adapter, run plumbing, model, data module or report reaches the analysis core."""
+    outside = sorted(m for m in import_closure(module) - CORE_MAY_USE if m.count(".") > 1 or m not in CORE)
+    assert not outside, f"{module} (analysis core) reaches {outside}"
+    source = (PACKAGE / f"{module.split('.')[1]}.py").read_text()
+    assert "lightning" not in imports_of_packages(source), f"{module} (analysis core) imports Lightning"
+
+
+def imports_of_packages(source: str) -> set[str]:
+    """Top-level package names that ``source`` imports (any depth of the AST)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0].replace("pytorch_", "") for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0].replace("pytorch_", ""))
+    return names
 
 
 # -- the feature cache is given its backbone ------------------------------------------------------------------

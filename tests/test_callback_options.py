@@ -30,9 +30,9 @@ from cnnfeat.callbacks import (
     TopPatchesCallback,
     VisualizationCallback,
 )
-from cnnfeat.cli import CONFIG_DIR, instantiate_node
 from cnnfeat.errors import ConfigError
 from cnnfeat.probe import ProbeSpec
+from cnnfeat.run.cli import CONFIG_DIR, instantiate_node
 
 FIELDS = [f.name for f in dataclasses.fields(CallbackOptions)]
 

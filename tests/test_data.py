@@ -12,7 +12,7 @@ import torch
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import ToTensor
 
-from cnnfeat.data import CLASSES, ENV_DATA, DataError, FashionMNISTDataModule, to_float
+from cnnfeat.data.fashion_mnist import CLASSES, ENV_DATA, DataError, FashionMNISTDataModule, to_float
 
 STEMS = [
     "train-images-idx3-ubyte",

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from cnnfeat.figures import dead_relu_figure, multirun_jobs, read_scalars
-from cnnfeat.train import CONFIG_DIR
+from cnnfeat.report.figures import dead_relu_figure, multirun_jobs, read_scalars
+from cnnfeat.run.train import CONFIG_DIR
 
 MakeCfg = Callable[..., DictConfig]
 
@@ -52,7 +52,7 @@ def test_dying_relu_multirun_and_figure(tmp_path: Path, data_dir: Path, cache_di
     args = [
         sys.executable,
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "-m",
         "experiment=dying_relu",
         "trainer=cpu",

@@ -16,15 +16,15 @@ from omegaconf import DictConfig
 from cnnfeat import viz
 from cnnfeat.callbacks import EmbeddingCallback, FeatureMapCallback, FilterCallback, TopPatchesCallback
 from cnnfeat.callbacks.base import inference, shared_probe
-from cnnfeat.checkpoints import load_model
-from cnnfeat.cli import CONFIG_DIR, EXIT_USER_ERROR, run_cli
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import CheckpointError
-from cnnfeat.explore import LAST, checkpoints_in, explore, networks
 from cnnfeat.models import SmallCNN
+from cnnfeat.run.checkpoints import load_model
+from cnnfeat.run.cli import CONFIG_DIR, EXIT_USER_ERROR, run_cli
+from cnnfeat.run.explore import LAST, checkpoints_in, explore, networks
+from cnnfeat.run.train import train
 from cnnfeat.similarity import CKAHistory, signature
-from cnnfeat.train import train
 from cnnfeat.units import UnitHistory
 from tests.conftest import REPO, read_events
 

@@ -23,10 +23,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from cnnfeat import atomic
-from cnnfeat.checkpoint_io import AtomicCheckpointIO
-from cnnfeat.checkpoints import load_model
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -35,9 +32,12 @@ from cnnfeat.errors import (
     RunDirectoryBusy,
     TrainingDiverged,
 )
-from cnnfeat.explore import checkpoints_in
 from cnnfeat.models import SmallCNN
-from cnnfeat.train import build, train
+from cnnfeat.run import atomic
+from cnnfeat.run.checkpoint_io import AtomicCheckpointIO
+from cnnfeat.run.checkpoints import load_model
+from cnnfeat.run.explore import checkpoints_in
+from cnnfeat.run.train import build, train
 from tests.conftest import read_events
 from tests.helpers.procs import Proc, run, strict_json, wait_for
 
@@ -85,14 +85,14 @@ def test_a_checkpoint_naming_code_runs_nothing(tmp_path: Path, data_dir: Path, c
     with pytest.raises(CheckpointError, match=r"'subprocess.Popen', which is not one of the imported cnnfeat models"):
         load_model(bad)
     r = run(
-        "cnnfeat.explore",
+        "cnnfeat.run.explore",
         f"ckpt={bad}",
         f"data.data_dir={data_dir}",
         f"data.cache_dir={cache_dir}",
         f"hydra.run.dir={tmp_path / 'explore'}",
     )
     assert r.returncode == 2 and "not one of the imported cnnfeat models" in r.stderr, r.stderr[-2000:]
-    r = run("cnnfeat.train", *_common(data_dir, cache_dir, tmp_path / "run"), f"ckpt_path={bad}")
+    r = run("cnnfeat.run.train", *_common(data_dir, cache_dir, tmp_path / "run"), f"ckpt_path={bad}")
     assert r.returncode == 2 and "was not saved from SmallCNN" in r.stderr, r.stderr[-2000:]
     assert not marker.exists(), "a command named in a checkpoint was executed"
 
@@ -264,7 +264,7 @@ def test_a_diverged_run_exits_3_with_valid_json_and_no_bad_checkpoint(
 ) -> None:
     run_dir = tmp_path / "run"
     r = run(
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         *_common(data_dir, cache_dir, run_dir),
         "model.optimizer.lr=50",
         "trainer.limit_train_batches=40",
@@ -290,7 +290,7 @@ def test_sigterm_in_any_phase_exits_143_and_says_interrupted(
 ) -> None:
     run_dir = tmp_path / "run"
     args = [*_common(data_dir, cache_dir, run_dir), *(e.format(fresh=tmp_path / "fresh-cache") for e in extra)]
-    p = Proc("cnnfeat.train", *args)
+    p = Proc("cnnfeat.run.train", *args)
     p.wait_for_line(line)
     p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 143, p.output[-3000:]
@@ -301,7 +301,7 @@ def test_sigterm_in_any_phase_exits_143_and_says_interrupted(
 def test_a_failing_job_still_gets_a_multirun_summary(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
     sweep = tmp_path / "sweep"
     common = [a for a in _common(data_dir, cache_dir, sweep) if not a.startswith("hydra.run.dir")]
-    r = run("cnnfeat.train", "-m", *common, f"hydra.sweep.dir={sweep}", "model.optimizer.lr=0,0.1")
+    r = run("cnnfeat.run.train", "-m", *common, f"hydra.sweep.dir={sweep}", "model.optimizer.lr=0,0.1")
     assert r.returncode == 1, "a failed job fails the sweep"
     summary = strict_json(sweep / "summary.json")
     assert [(j["job"], j["status"]) for j in summary] == [(0, "failed"), (1, "finished")]
@@ -312,10 +312,10 @@ def test_a_failing_job_still_gets_a_multirun_summary(tmp_path: Path, data_dir: P
 def test_one_run_directory_refuses_a_second_live_process(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
     common = _common(data_dir, cache_dir, run_dir)
-    first = Proc("cnnfeat.train", *common, "seed=5", "trainer.max_epochs=3", "trainer.limit_train_batches=100")
+    first = Proc("cnnfeat.run.train", *common, "seed=5", "trainer.max_epochs=3", "trainer.limit_train_batches=100")
     wait_for(lambda: (run_dir / "status.json").exists() or first.p.poll() is not None, 240, "the first run to start")
     config = (run_dir / ".hydra" / "config.yaml").read_text()
-    second = run("cnnfeat.train", *common, "seed=6")
+    second = run("cnnfeat.run.train", *common, "seed=6")
     assert second.returncode == 2 and f"The run directory {run_dir.resolve()} is in use by PID {first.p.pid}" in (
         second.stderr + second.stdout
     ), second.stderr[-2000:]
@@ -329,7 +329,7 @@ def test_train_takes_the_lock_too(make_cfg: MakeCfg, tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from cnnfeat.status import RunLock; "
+            "import sys, time; from cnnfeat.run.status import RunLock; "
             f"RunLock.acquire({str(tmp_path)!r}); print('locked', flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
@@ -349,24 +349,24 @@ def test_train_takes_the_lock_too(make_cfg: MakeCfg, tmp_path: Path) -> None:
 def test_resume_is_faithful_or_refuses(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
     common = [*_common(data_dir, cache_dir, run_dir), "test=false"]
-    assert run("cnnfeat.train", *common).returncode == 0
+    assert run("cnnfeat.run.train", *common).returncode == 0
     record = (run_dir / ".hydra" / "config.yaml").read_text()
     status = (run_dir / "status.json").read_text()
 
-    refused = run("cnnfeat.train", *common, "trainer.max_epochs=2", "resume=true", "model.optimizer.lr=0.001")
+    refused = run("cnnfeat.run.train", *common, "trainer.max_epochs=2", "resume=true", "model.optimizer.lr=0.001")
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "Refusing to resume" in refused.stderr and "model.optimizer.lr: 0.2 -> 0.001" in refused.stderr
     for override, message in (
         ("model.num_classes=5", "model.num_classes=5, but the data has 10 classes"),
         ("model.optimizer._target_=torch.optim.Adam", "model.optimizer._target_ changed"),
     ):
-        r = run("cnnfeat.train", *common, "trainer.max_epochs=2", "resume=true", "resume_overrides=allow", override)
+        r = run("cnnfeat.run.train", *common, "trainer.max_epochs=2", "resume=true", "resume_overrides=allow", override)
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert (run_dir / ".hydra" / "config.yaml").read_text() == record, "the original record is never overwritten"
     assert (run_dir / "status.json").read_text() == status
 
     ok = run(
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         *common,
         "trainer.max_epochs=2",
         "resume=true",
@@ -403,7 +403,7 @@ def test_cache_write_failures_name_the_directory_and_variable(
 def test_a_truncated_feature_cache_is_named_removed_and_rebuilt(
     data_dir: Path, cache_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from cnnfeat.feature_cache import FrozenFeatureDataModule
+    from cnnfeat.data.feature_cache import FrozenFeatureDataModule
     from cnnfeat.models import FrozenAlexNet
 
     def dm() -> FrozenFeatureDataModule:
@@ -467,7 +467,7 @@ def test_labels_out_of_range_are_refused_even_unverified(data_dir: Path, tmp_pat
 
 def test_an_internal_error_keeps_its_traceback(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
     """A ValueError from inside torch is a bug to report, not a one-line 'user error' with exit code 2."""
-    r = run("cnnfeat.train", *_common(data_dir, cache_dir, tmp_path / "run"), "+model.optimizer.momentum=-1")
+    r = run("cnnfeat.run.train", *_common(data_dir, cache_dir, tmp_path / "run"), "+model.optimizer.momentum=-1")
     assert r.returncode == 1 and "ValueError: Invalid momentum value: -1" in r.stderr, r.stderr[-2000:]
     assert "HYDRA_FULL_ERROR=1 for a complete stack trace" in r.stderr and "CnnfeatError" not in r.stderr
     assert strict_json(tmp_path / "run" / "status.json")["status"] == "failed"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnfeat import featviz, viz
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.models import SmallCNN, TransferClassifier
 from cnnfeat.models.alexnet import IMAGENET_MEAN, IMAGENET_STD
 

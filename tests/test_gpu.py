@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from cnnfeat.train import build
+from cnnfeat.run.train import build
 from tests.conftest import read_events
 
 MakeCfg = Callable[..., DictConfig]

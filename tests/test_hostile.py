@@ -19,12 +19,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cnnfeat.checkpoints import load_model
-from cnnfeat.cli import CONFIG_DIR, entry_point, instantiate_node
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.errors import CheckpointError, ConfigError
 from cnnfeat.models import SmallCNN, optim
-from cnnfeat.status import EXIT_USER_ERROR
+from cnnfeat.run.checkpoints import load_model
+from cnnfeat.run.cli import CONFIG_DIR, entry_point, instantiate_node
+from cnnfeat.run.status import EXIT_USER_ERROR
 from tests.helpers.procs import Proc, run
 
 SMALL_CNN = "cnnfeat.models.small_cnn.SmallCNN"
@@ -159,7 +159,7 @@ def test_a_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_hydra_refusals_exit_2_and_run_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str], message: str
 ) -> None:
-    from cnnfeat.train import main
+    from cnnfeat.run.train import main
 
     monkeypatch.setattr(sys, "argv", ["cnnfeat-train", *args])
     with pytest.raises(SystemExit) as info:
@@ -187,7 +187,7 @@ def test_bad_values_exit_2_with_one_line(
     tmp_path: Path, data_dir: Path, cache_dir: Path, args: list[str], message: str
 ) -> None:
     r = run(
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "trainer=cpu",
         "callbacks=none",
         "report=false",
@@ -240,12 +240,12 @@ def test_a_second_sweep_into_a_live_sweeps_folder_is_refused_before_it_writes(
         f"data.cache_dir={cache_dir}",
         f"hydra.sweep.dir={sweep}",
     ]
-    first = Proc("cnnfeat.train", *common, "model.optimizer.lr=0.1")
+    first = Proc("cnnfeat.run.train", *common, "model.optimizer.lr=0.1")
     try:
         first.wait_for_line("epoch 2")  # job 0 is training
         record = {p.name: p.read_bytes() for p in (sweep / "0" / ".hydra").iterdir()}
         assert b"model.optimizer.lr=0.1" in record["overrides.yaml"]
-        second = run("cnnfeat.train", *common, "model.optimizer.lr=0.05")
+        second = run("cnnfeat.run.train", *common, "model.optimizer.lr=0.05")
         assert second.returncode == EXIT_USER_ERROR, second.stderr[-3000:]
         assert "RunDirectoryBusy" in second.stderr and str(sweep) in second.stderr
         assert "Traceback" not in second.stderr
@@ -265,7 +265,7 @@ def test_a_full_disk_before_the_run_starts_is_one_line_and_exit_2(tmp_path: Path
     try:
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
         (mnt / "filler").write_bytes(b"\0" * max(0, free - 8192))
-        r = run("cnnfeat.train", "trainer=cpu", "callbacks=none", f"hydra.run.dir={mnt / 'run'}")
+        r = run("cnnfeat.run.train", "trainer=cpu", "callbacks=none", f"hydra.run.dir={mnt / 'run'}")
         assert r.returncode == EXIT_USER_ERROR, r.stderr[-3000:]
         assert "the disk is full" in r.stderr and "nothing was run" in r.stderr and "Traceback" not in r.stderr
         assert not (mnt / "run" / ".hydra").exists()
@@ -299,13 +299,13 @@ def test_a_full_disk_inside_hydra_becomes_exit_2(capsys: pytest.CaptureFixture) 
 
 # -- cnnfeat-explore: what it is given is checked before anything is drawn ------------------------------------
 def test_explore_without_ckpt_exits_2_saying_what_to_give(tmp_path: Path) -> None:
-    r = run("cnnfeat.explore", f"hydra.run.dir={tmp_path / 'x'}")
+    r = run("cnnfeat.run.explore", f"hydra.run.dir={tmp_path / 'x'}")
     assert r.returncode == EXIT_USER_ERROR, r.stderr[-3000:]
     assert "ckpt=... is required" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_explore_devices_are_checked() -> None:
-    from cnnfeat.explore import explore_device
+    from cnnfeat.run.explore import explore_device
 
     assert explore_device("cpu") == torch.device("cpu")
     assert explore_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -319,7 +319,7 @@ def test_explore_devices_are_checked() -> None:
 
 @pytest.mark.parametrize("epoch", ["3", -1, 1.5, True, 10**12])
 def test_explore_refuses_an_epoch_that_is_not_an_epoch_number(tmp_path: Path, epoch: object) -> None:
-    from cnnfeat.explore import finite_model
+    from cnnfeat.run.explore import finite_model
 
     f = _checkpoint(tmp_path / "x.ckpt", epoch=epoch)
     with pytest.raises(CheckpointError, match=r"is not an epoch number"):
@@ -330,7 +330,7 @@ def test_explore_refuses_an_epoch_that_is_not_an_epoch_number(tmp_path: Path, ep
 def test_a_broken_run_config_only_loses_the_untrained_network(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str
 ) -> None:
-    from cnnfeat.explore import untrained_model
+    from cnnfeat.run.explore import untrained_model
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text(text)
@@ -341,8 +341,8 @@ def test_a_broken_run_config_only_loses_the_untrained_network(
 
 
 def test_a_sweep_summary_does_not_read_a_job_folder_linked_from_elsewhere(tmp_path: Path) -> None:
-    from cnnfeat.hydra_callbacks import write_summary
-    from cnnfeat.status import write_status
+    from cnnfeat.run.hydra_callbacks import write_summary
+    from cnnfeat.run.status import write_status
 
     sweep, private = tmp_path / "sweep", tmp_path / "private"
     (sweep / "0").mkdir(parents=True)
@@ -358,7 +358,7 @@ def test_a_sweep_summary_does_not_read_a_job_folder_linked_from_elsewhere(tmp_pa
 def test_a_looping_chain_of_causes_is_not_a_full_disk() -> None:
     """A sweep's failing job re-raises an exception whose context chain loops back to itself: the exit-code edge
     must still end (it hung on it)."""
-    from cnnfeat.atomic import is_disk_full
+    from cnnfeat.run.atomic import is_disk_full
 
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__context__, b.__context__ = b, a

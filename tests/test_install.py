@@ -100,7 +100,9 @@ def _run(installed: Path, cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
 def test_the_wheel_trains_and_explores_from_an_unrelated_directory(
     installed: Path, tmp_path: Path, data_dir: Path, cache_dir: Path
 ) -> None:
-    where = _run(installed, tmp_path, sys.executable, "-c", "import cnnfeat.cli as c; print(c.__file__, c.CONFIG_DIR)")
+    where = _run(
+        installed, tmp_path, sys.executable, "-c", "import cnnfeat.run.cli as c; print(c.__file__, c.CONFIG_DIR)"
+    )
     module_file, config_dir = where.stdout.split()
     assert module_file.startswith(str(installed)) and config_dir == str(installed / "cnnfeat" / "conf"), where.stderr
     data = [f"data.data_dir={data_dir}", f"data.cache_dir={cache_dir}", "trainer=cpu"]

@@ -16,8 +16,8 @@ from textwrap import dedent
 
 import pytest
 
-from cnnfeat import lightning_api
 from cnnfeat.errors import ConfigError
+from cnnfeat.run import lightning_api
 from tests.conftest import read_events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ from cnnfeat.callbacks import (
     DeadReluCallback, DivergenceGuard, EmbeddingCallback, EpochSummary, FeatureMapCallback, FilterCallback,
     ProgressLog, TopPatchesCallback,
 )
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.models import SmallCNN
 
 out, data, cache = sys.argv[1:4]
@@ -85,7 +85,7 @@ def test_callbacks_models_and_data_under_lightning_pytorch(tmp_path: Path, data_
 @needs_lightning
 def test_the_command_line_under_lightning_pytorch(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
     code = (
-        "import sys, cnnfeat.train as t; t.main(); "
+        "import sys, cnnfeat.run.train as t; t.main(); "
         "print('pytorch_lightning imported:', 'pytorch_lightning' in sys.modules)"
     )
     r = subprocess.run(

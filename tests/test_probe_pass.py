@@ -20,8 +20,8 @@ from cnnfeat.graph import capture
 from cnnfeat.models import SmallCNN
 from cnnfeat.probe import ProbeSet, batches, probe_from_tensors
 from cnnfeat.probe_pass import ProbePass, shared_positions
+from cnnfeat.run.train import build
 from cnnfeat.similarity import SignatureAccumulator
-from cnnfeat.train import build
 from cnnfeat.units import FiringAccumulator, fires
 
 SIZE = 120  # stratified probe images every consumer reads

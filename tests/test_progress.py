@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cnnfeat import progress
-from cnnfeat.feature_cache import FrozenFeatureDataModule
+from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.models import FrozenAlexNet
+from cnnfeat.run import progress
 
 
 def test_log_lines_carry_count_rate_and_eta(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

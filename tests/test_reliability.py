@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from cnnfeat.callbacks import EmbeddingCallback
-from cnnfeat.train import build, train
+from cnnfeat.run.train import build, train
 from tests.conftest import read_events
 from tests.helpers.procs import Proc
 
@@ -37,7 +37,7 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _cli(run_dir: Path, data_dir: Path, cache_dir: Path, *args: str) -> Proc:
     return Proc(
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "trainer=cpu",
         f"data.data_dir={data_dir}",
         f"data.cache_dir={cache_dir}",
@@ -126,7 +126,7 @@ def test_divergence_stops_cleanly_and_the_sweep_goes_on(tmp_path: Path, data_dir
     cmd = [
         sys.executable,
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "-m",
         "trainer=cpu",
         "callbacks=none",
@@ -173,7 +173,7 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path: Path, d
     cmd = [
         sys.executable,
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "experiment=quick",
         "trainer=cpu",
         "trainer.limit_train_batches=2",

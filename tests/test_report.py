@@ -81,7 +81,7 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     cmd = [
         sys.executable,
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "experiment=seed",
         "callbacks=[none,atlas,dead_relu,umap]",
         "callbacks.rich_progress_bar=null",

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
-from cnnfeat import lightning_api as pl
 from cnnfeat import probes as pr
 from cnnfeat import similarity as sim
 from cnnfeat.callbacks.base import inference, shared_probe
@@ -27,14 +26,15 @@ from cnnfeat.callbacks.representations import (
     RepresentationCallback,
     default_layers,
 )
-from cnnfeat.checkpoints import load_model, reference_model
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import CheckpointError, ConfigError
-from cnnfeat.explore import untrained_model
 from cnnfeat.graph import LayerError, capture, trace_graph
 from cnnfeat.models import SmallCNN, TransferClassifier
-from cnnfeat.train import build, train
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.checkpoints import load_model, reference_model
+from cnnfeat.run.explore import untrained_model
+from cnnfeat.run.train import build, train
 from tests.conftest import read_events
 
 MakeCfg = Callable[..., DictConfig]
@@ -327,7 +327,7 @@ def test_ddp_rank_zero_measures_the_whole_probe(tmp_path: Path, data_dir: Path, 
     args = [
         sys.executable,
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",

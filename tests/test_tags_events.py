@@ -1,4 +1,4 @@
-"""One tag vocabulary (``cnnfeat.tags``) and one event reader (``cnnfeat.events``).
+"""One tag vocabulary (``cnnfeat.tags``) and one event reader (``cnnfeat.report.events``).
 
 A short real run with every callback logs only tags the vocabulary names, every entry of the vocabulary, each on the
 step axis it states; the reader merges a run's event files in the order they were written, so the newer write of a
@@ -20,14 +20,15 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnfeat import events, figures, report, tags
+from cnnfeat import report, tags
 from cnnfeat.callbacks import DeadReluCallback
 from cnnfeat.callbacks.base import inference
-from cnnfeat.cli import CONFIG_DIR
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.models.small_cnn import SmallCNN
 from cnnfeat.probe import probe_from_datamodule
-from cnnfeat.train import train
+from cnnfeat.report import events, figures
+from cnnfeat.run.cli import CONFIG_DIR
+from cnnfeat.run.train import train
 from tests.conftest import REPO
 
 EPOCHS = 2
@@ -247,7 +248,7 @@ def test_the_merge_follows_the_time_of_writing_not_file_names_or_dates(tmp_path:
 # -- (c) the report and the figure read what TensorBoard reads ------------------------------------------------
 def _accumulated(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, tuple[int, bytes]]]:
     """Scalars and the latest picture per tag read with TensorBoard's ``EventAccumulator`` one file at a time, a
-    later file's value of a step replacing an earlier one: an answer independent of ``cnnfeat.events``."""
+    later file's value of a step replacing an earlier one: an answer independent of ``cnnfeat.report.events``."""
     files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: EventAccumulator(str(p)).FirstEventTimestamp())
     scalars: dict[str, dict[int, float]] = {}
     images: dict[str, tuple[int, bytes]] = {}

@@ -15,10 +15,10 @@ import torch
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.errors import CheckpointError, ConfigError
 from cnnfeat.models import SmallCNN
-from cnnfeat.train import train
+from cnnfeat.run.train import train
 from tests.conftest import read_events
 
 MakeCfg = Callable[..., DictConfig]
@@ -91,7 +91,7 @@ def test_missing_checkpoint_is_a_clear_error(make_cfg: MakeCfg, tmp_path: Path) 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, "-m", "cnnfeat.train", *args],
+        [sys.executable, "-m", "cnnfeat.run.train", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -14,11 +14,11 @@ from PIL import Image
 from cnnfeat import embedding
 from cnnfeat.callbacks import EmbeddingCallback
 from cnnfeat.callbacks.base import inference, shared_probe
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.errors import ConfigError
 from cnnfeat.graph import LayerError
 from cnnfeat.models import SmallCNN
-from cnnfeat.train import train
+from cnnfeat.run.train import train
 from tests.conftest import read_events
 
 MakeCfg = Callable[..., DictConfig]

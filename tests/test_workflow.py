@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from cnnfeat.train import CONFIG_DIR, train
+from cnnfeat.run.train import CONFIG_DIR, train
 from tests.conftest import REPO, read_events
 
 MakeCfg = Callable[..., DictConfig]
@@ -85,7 +85,7 @@ def test_explore_rebuilds_every_picture_from_per_epoch_checkpoints(
     _run(
         [
             "-m",
-            "cnnfeat.explore",
+            "cnnfeat.run.explore",
             f"ckpt={run / 'checkpoints'}",
             f"data.data_dir={data_dir}",
             f"data.cache_dir={cache_dir}",
@@ -111,7 +111,7 @@ def test_explore_refuses_a_corrupt_checkpoint_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"\x80\x02 truncated")
     r = subprocess.run(
-        [sys.executable, "-m", "cnnfeat.explore", f"ckpt={bad}"],
+        [sys.executable, "-m", "cnnfeat.run.explore", f"ckpt={bad}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -145,7 +145,7 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path: Path, data_dir:
     _run(
         [
             "-m",
-            "cnnfeat.train",
+            "cnnfeat.run.train",
             "-m",
             "hparams_search=optuna",
             "experiment=quick",
@@ -181,7 +181,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, data_dir: Path, cache_dir: Pat
     """Metrics synced, pictures written once by rank 0, gathered top patches equal a single process's."""
     common = [
         "-m",
-        "cnnfeat.train",
+        "cnnfeat.run.train",
         "trainer=cpu",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=10",

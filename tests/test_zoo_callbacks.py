@@ -34,7 +34,7 @@ from cnnfeat.callbacks import (
     FilterCallback,
     TopPatchesCallback,
 )
-from cnnfeat.data import FashionMNISTDataModule
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.embedding import stratified_ids
 from tests.conftest import read_events
 from tests.helpers.gradient_support import clipped, measured_boxes

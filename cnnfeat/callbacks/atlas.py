@@ -32,8 +32,8 @@ from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import Graph, activation_after, capture, trace_graph
 from cnnfeat.probe import ProbeSet, batches
 from cnnfeat.probe_pass import PassBatch, PassRequest, ProbePass, shared_positions
-from cnnfeat.progress import task_progress
 from cnnfeat.receptive_field import crop, graph_receptive_fields
+from cnnfeat.run.progress import task_progress
 from cnnfeat.units import FiringAccumulator
 
 if TYPE_CHECKING:  # Lightning names for the hooks' types only: cnnfeat picks the package (pytorch_lightning)

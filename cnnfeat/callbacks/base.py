@@ -40,12 +40,12 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
-from cnnfeat import lightning_api as pl
 from cnnfeat import viz
 from cnnfeat.errors import ConfigError, check_bool, check_int
-from cnnfeat.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 from cnnfeat.probe_pass import PassResult, ProbePass
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 
 log = logging.getLogger("cnnfeat")
 

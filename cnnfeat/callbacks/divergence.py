@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from cnnfeat import lightning_api as pl
 from cnnfeat.errors import TrainingDiverged, check_int
+from cnnfeat.run import lightning_api as pl
 
 
 class DivergenceGuard(pl.Callback):

@@ -6,7 +6,7 @@ import logging
 
 from typing_extensions import override
 
-from cnnfeat import lightning_api as pl
+from cnnfeat.run import lightning_api as pl
 
 log = logging.getLogger("cnnfeat")
 

@@ -22,7 +22,7 @@ from cnnfeat.callbacks.base import (
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import trace_graph
 from cnnfeat.probe import ProbeSet
-from cnnfeat.progress import task_progress
+from cnnfeat.run.progress import task_progress
 
 
 class FeatureVisCallback(VisualizationCallback):

@@ -9,10 +9,10 @@ from typing import Any
 
 from typing_extensions import override
 
-from cnnfeat import lightning_api as pl
 from cnnfeat.callbacks.base import check_bool, check_number
 from cnnfeat.errors import check_int
-from cnnfeat.progress import format_eta
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.progress import format_eta
 
 log = logging.getLogger("cnnfeat")
 

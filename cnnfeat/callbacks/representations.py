@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from cnnfeat import lightning_api as pl
 from cnnfeat import plots
 from cnnfeat.callbacks.base import (
     CallbackOptions,
@@ -58,6 +57,7 @@ from cnnfeat.graph import (
 from cnnfeat.probe import ProbeSet, batches
 from cnnfeat.probe_pass import PassBatch, PassRequest
 from cnnfeat.probes import linear_probe, probe_split
+from cnnfeat.run import lightning_api as pl
 from cnnfeat.similarity import CKAHistory, SignatureAccumulator, cka_matrix
 from cnnfeat.units import FiringAccumulator, UnitHistory
 
@@ -621,7 +621,7 @@ class CrossModelCKACallback(VisualizationCallback):
     model's) and the scalars ``cka/cross/<reference layer>/<layer>``. ``reference=None`` disables it.
 
     The callback receives the reference as a module and opens no file: ``conf/callbacks/cross_cka.yaml`` loads
-    ``reference_ckpt`` with ``cnnfeat.checkpoints.reference_model`` and passes both; ``reference_ckpt`` only names
+    ``reference_ckpt`` with ``cnnfeat.run.checkpoints.reference_model`` and passes both; ``reference_ckpt`` only names
     the file in the heatmap's title. The reference is run in eval mode under ``torch.no_grad()`` on the model's
     device and gets its own device and train/eval mode back afterwards.
     """
@@ -672,14 +672,14 @@ class CrossModelCKACallback(VisualizationCallback):
         if reference is not None and not isinstance(reference, nn.Module):
             raise ConfigError(
                 f"reference must be a network (an nn.Module) or null, got {type(reference).__name__} {reference!r}; "
-                "load a checkpoint with cnnfeat.checkpoints.reference_model(path) (the config does it for "
+                "load a checkpoint with cnnfeat.run.checkpoints.reference_model(path) (the config does it for "
                 "callbacks.cross_cka.reference_ckpt=...)"
             )
         self.reference_ckpt = None if reference_ckpt in (None, "", "null") else str(reference_ckpt)
         if reference is None and self.reference_ckpt is not None:
             raise ConfigError(
                 f"reference_ckpt={self.reference_ckpt} only names the reference's file; give the network itself as "
-                "reference= (cnnfeat.checkpoints.reference_model(path) loads it)"
+                "reference= (cnnfeat.run.checkpoints.reference_model(path) loads it)"
             )
         self.reference: nn.Module | None = reference
         self.layers = list(layers) if layers is not None else None

@@ -14,7 +14,6 @@ from torch import nn
 from typing_extensions import override
 
 from cnnfeat import embedding, viz
-from cnnfeat import lightning_api as pl
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -29,6 +28,7 @@ from cnnfeat.callbacks.base import (
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import capture, graph_node_names, trace_graph
 from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.run import lightning_api as pl
 
 log = logging.getLogger("cnnfeat")
 

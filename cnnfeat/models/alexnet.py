@@ -1,7 +1,7 @@
 """Transfer learning: torchvision's AlexNet convolutional part, frozen, with an MLP head for Fashion-MNIST.
 
 ``FrozenAlexNet`` is the frozen part as one object (resize, ImageNet normalisation, the conv layers, average
-pooling: images -> (N, 9216)) with the hash that keys cached features (a ``cnnfeat.feature_cache.FrozenBackbone``).
+pooling: images -> (N, 9216)) with the hash that keys cached features (a ``cnnfeat.data.feature_cache.FrozenBackbone``).
 ``TransferClassifier`` builds its frozen layers as a ``FrozenAlexNet``, and the feature cache is *given* one to
 extract with (``conf/data/alexnet_features.yaml``'s ``backbone`` node), both from the same three values (weights,
 seed, input size): the backbone lives with the models, and the data code imports no model.

@@ -21,10 +21,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cnnfeat import graph as cgraph
 from cnnfeat import layers
-from cnnfeat import lightning_api as pl
 from cnnfeat.errors import ConfigError
 from cnnfeat.models import optim
-from cnnfeat.rng import rng_states, set_rng_states
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.rng import rng_states, set_rng_states
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.2}
 DEFAULT_SCHEDULER: dict[str, Any] = {

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cnnfeat import events, tags
+from cnnfeat import tags
 from cnnfeat.atlas import ATLAS_DIR, MANIFEST, Atlas, LayerInfo
 from cnnfeat.errors import ConfigError, DataError
+from cnnfeat.report import events
 from cnnfeat.report.files import REPORT_DIR, RunFiles
 
 log = logging.getLogger("cnnfeat")

@@ -18,8 +18,8 @@ log = logging.getLogger("cnnfeat")
 
 
 def sweep_jobs(sweep_dir: Path) -> dict[str, Path]:
-    """A multirun's job directories labelled by their differing overrides (``cnnfeat.figures.multirun_jobs``)."""
-    from cnnfeat.figures import multirun_jobs
+    """A multirun's job directories labelled by their differing overrides (``cnnfeat.report.figures.multirun_jobs``)."""
+    from cnnfeat.report.figures import multirun_jobs
 
     return multirun_jobs(sweep_dir)
 

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from cnnfeat.checkpoint_io import AtomicCheckpointIO
+from cnnfeat.run.checkpoint_io import AtomicCheckpointIO
 
 
 class Big(pl.LightningModule):

@@ -19,8 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
-from cnnfeat import lightning_api as pl
 from cnnfeat.errors import CheckpointError
+from cnnfeat.run import lightning_api as pl
 
 log = logging.getLogger("cnnfeat")
 

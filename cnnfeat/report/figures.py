@@ -1,6 +1,6 @@
 """Figures drawn from finished runs (TensorBoard event files), e.g. the dying-ReLU multirun.
 
-python -m cnnfeat.figures dead-relu outputs/multirun/DATE/TIME [-o dead_relu.png]
+python -m cnnfeat.report.figures dead-relu outputs/multirun/DATE/TIME [-o dead_relu.png]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from cnnfeat import tags
-from cnnfeat.events import read_scalars  # the one event reader (a resumed run's newer write of a step wins)
+from cnnfeat.report.events import read_scalars  # the one event reader (a resumed run's newer write of a step wins)
 
 __all__ = ["dead_relu_figure", "main", "multirun_jobs", "read_scalars"]
 
@@ -92,7 +92,9 @@ def dead_relu_figure(sweep_dir: Path | str, out: Path | str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m cnnfeat.figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cnnfeat.report.figures",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="figure", required=True)
     d = sub.add_parser("dead-relu", help="dead-ReLU fraction of every job of a multirun")

@@ -15,11 +15,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnfeat.atomic import atomic_write, is_disk_full
 from cnnfeat.errors import CnnfeatError, RunDirectoryBusy
-from cnnfeat.lightning_api import rank_zero_only
 from cnnfeat.report import write_sweep_report
-from cnnfeat.status import EXIT_USER_ERROR, RunLock, json_safe, read_status, write_status
+from cnnfeat.run.atomic import atomic_write, is_disk_full, json_safe
+from cnnfeat.run.lightning_api import rank_zero_only
+from cnnfeat.run.status import EXIT_USER_ERROR, RunLock, read_status, write_status
 
 log = logging.getLogger("cnnfeat")
 

@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import FashionMNIST
 
-from cnnfeat import lightning_api as pl
-from cnnfeat.atomic import atomic_write, is_disk_full, remove_orphans
 from cnnfeat.errors import ConfigError, DataError, check_bool, check_int
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.atomic import atomic_write, is_disk_full, remove_orphans
 
 log = logging.getLogger(__name__)
 

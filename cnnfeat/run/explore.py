@@ -36,15 +36,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnfeat import lightning_api as pl
-from cnnfeat.atomic import atomic_write
 from cnnfeat.callbacks import VisualizationCallback
 from cnnfeat.callbacks.base import inference, share_probe_pass, shared_probe
-from cnnfeat.checkpoint_io import nonfinite_tensors
-from cnnfeat.checkpoints import load_model, read_checkpoint
-from cnnfeat.cli import CONFIG_DIR, entry_point, instantiate_group, run_cli
 from cnnfeat.errors import CheckpointError, ConfigError
 from cnnfeat.report import report_at_end
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.atomic import atomic_write
+from cnnfeat.run.checkpoint_io import nonfinite_tensors
+from cnnfeat.run.checkpoints import load_model, read_checkpoint
+from cnnfeat.run.cli import CONFIG_DIR, entry_point, instantiate_group, run_cli
 
 log = logging.getLogger("cnnfeat")
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from cnnfeat import lightning_api as pl
 from cnnfeat.errors import CheckpointError, CnnfeatError, ConfigError
 from cnnfeat.models import optim
 from cnnfeat.models.classifier import ImageClassifier
+from cnnfeat.run import lightning_api as pl
 
 _PLAIN = (str, int, float, bool, type(None))
 _SPEC_KINDS: dict[str, optim.Kind] = {"optimizer": "optimizer", "scheduler": "scheduler"}

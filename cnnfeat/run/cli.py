@@ -1,7 +1,7 @@
 """What the entry points (``cnnfeat-train``, ``cnnfeat-explore``) share: config location, resolvers, error edge.
 
 No entry point imports another; both import this module. Exit codes are documented in
-:mod:`cnnfeat.status`: 0 finished, 1 an unexpected error (with its traceback), 2 a :class:`CnnfeatError`
+:mod:`cnnfeat.run.status`: 0 finished, 1 an unexpected error (with its traceback), 2 a :class:`CnnfeatError`
 (a problem the message names: config, data, checkpoint, disk, a busy run directory), 3 diverged, 130 Ctrl-C,
 143 SIGTERM.
 """
@@ -33,10 +33,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cnnfeat.atomic import is_disk_full
 from cnnfeat.errors import CnnfeatError, ConfigError
-from cnnfeat.lightning_api import MisconfigurationException, target
-from cnnfeat.status import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+from cnnfeat.run.atomic import is_disk_full
+from cnnfeat.run.lightning_api import MisconfigurationException, target
+from cnnfeat.run.status import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 
 log = logging.getLogger("cnnfeat")
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def config_dir() -> str:
     for location in (spec.submodule_search_locations or []) if spec is not None else []:
         if (Path(location) / "train.yaml").is_file():
             return str(Path(location))
-    return str(Path(__file__).resolve().parent.parent / "conf")
+    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 CONFIG_DIR = config_dir()
@@ -67,7 +67,7 @@ def trainer_arguments() -> dict[str, Any]:
     """Every argument of the installed Lightning ``Trainer`` with its default (plain values only)."""
     import inspect
 
-    from cnnfeat import lightning_api as pl
+    from cnnfeat.run import lightning_api as pl
 
     args: dict[str, Any] = {}
     for name, p in inspect.signature(pl.Trainer.__init__).parameters.items():
@@ -242,7 +242,7 @@ def _advice(error: BaseException, program: str) -> str:
 
 def entry_point(hydra_main: Callable[[], Any], program: str) -> Callable[[], None]:
     """The console-script function around a ``@hydra.main`` function: exit codes as documented in
-    :mod:`cnnfeat.status` for what happens before the task runs too.
+    :mod:`cnnfeat.run.status` for what happens before the task runs too.
 
     Hydra prints its own refusal of a command line (an unknown key or option, a syntax error, a full disk
     when it records the config) and exits with 1; here that becomes exit code 2, with one line that says

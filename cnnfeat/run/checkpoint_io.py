@@ -3,7 +3,7 @@
 Lightning's own ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in
 ``$TMPDIR``; when the run directory is on another filesystem the final "move" is a copy, so a kill in the
 middle leaves a truncated ``last.ckpt`` (and a large orphan in ``$TMPDIR``). This plugin writes beside the
-destination instead (:mod:`cnnfeat.atomic`), turns a failed write (e.g. a full disk) into a
+destination instead (:mod:`cnnfeat.run.atomic`), turns a failed write (e.g. a full disk) into a
 :class:`~cnnfeat.errors.CheckpointWriteError` that leaves the previous file intact, refuses to save weights
 that hold NaN or infinity (so neither ``last.ckpt`` nor the best checkpoint is ever a diverged network), and
 loads with ``weights_only=True`` (nothing in a checkpoint file is executed).
@@ -20,9 +20,9 @@ import fsspec
 import torch
 from typing_extensions import override
 
-from cnnfeat.atomic import atomic_write, is_disk_full
 from cnnfeat.errors import CheckpointWriteError, TrainingDiverged
-from cnnfeat.lightning_api import TorchCheckpointIO
+from cnnfeat.run.atomic import atomic_write, is_disk_full
+from cnnfeat.run.lightning_api import TorchCheckpointIO
 
 _LIGHTNING_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(TorchCheckpointIO.load_checkpoint).parameters
 

@@ -15,36 +15,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cnnfeat.atomic import atomic_write
 from cnnfeat.errors import RunDirectoryBusy
+from cnnfeat.run.atomic import atomic_write, json_safe
 
 #: exit codes of cnnfeat-train / cnnfeat-explore
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_DIVERGED = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 _PAD = 2048  # bytes the first status file is padded to, for in-place updates on a full disk
-
-
-def json_safe(value: Any) -> Any:
-    """Plain JSON values: non-finite floats become strings, tensors/numpy scalars numbers, unknowns strings."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, bool) or value is None or isinstance(value, int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
-    return str(value)
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any] | None:

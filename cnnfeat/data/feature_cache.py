@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cnnfeat import lightning_api as pl
-from cnnfeat.data import FashionMNISTDataModule, keep_batch, to_float, write_cache
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule, keep_batch, to_float, write_cache
 from cnnfeat.errors import ConfigError, DataError, check_int
 from cnnfeat.probe import ProbeSet, ProbeSpec
-from cnnfeat.progress import task_progress
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.progress import task_progress
 
 log = logging.getLogger("cnnfeat")
 

@@ -1,6 +1,6 @@
 """Hydra entry point: compose the config, instantiate datamodule, model, callbacks, logger and trainer, fit.
 
-``cnnfeat-train experiment=seed`` (or ``python -m cnnfeat.train ...``) reproduces the lecture. How a run can
+``cnnfeat-train experiment=seed`` (or ``python -m cnnfeat.run.train ...``) reproduces the lecture. How a run can
 end, and the exit code and ``status.json`` of each ending, are described in README ("Resuming and failures").
 """
 
@@ -15,10 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cnnfeat import lightning_api as pl
-from cnnfeat.checkpoint_io import AtomicCheckpointIO
-from cnnfeat.checkpoints import check_compatible, read_checkpoint
-from cnnfeat.cli import (
+from cnnfeat.errors import CheckpointError, ConfigError, TrainingDiverged
+from cnnfeat.report import report_at_end
+from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.checkpoint_io import AtomicCheckpointIO
+from cnnfeat.run.checkpoints import check_compatible, read_checkpoint
+from cnnfeat.run.cli import (
     CONFIG_DIR,
     entry_point,
     instantiate_group,
@@ -27,8 +29,7 @@ from cnnfeat.cli import (
     run_cli,
     sigterm_raises,
 )
-from cnnfeat.errors import CheckpointError, ConfigError, TrainingDiverged
-from cnnfeat.lightning_api import (
+from cnnfeat.run.lightning_api import (
     CheckpointIO,
     LearningRateMonitor,
     ModelCheckpoint,
@@ -36,9 +37,8 @@ from cnnfeat.lightning_api import (
     TensorBoardLogger,
     rank_zero_only,
 )
-from cnnfeat.report import report_at_end
-from cnnfeat.resume import CONFIG_KEY, ApplyOverrides, RecordConfig, check_resume, training_config
-from cnnfeat.status import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, RunLock, read_status, write_status
+from cnnfeat.run.resume import CONFIG_KEY, ApplyOverrides, RecordConfig, check_resume, training_config
+from cnnfeat.run.status import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, RunLock, read_status, write_status
 
 __all__ = ["CONFIG_DIR", "build", "main", "train"]
 
@@ -102,7 +102,7 @@ def _callbacks_for(trainer_cfg: DictConfig, callbacks: list[Any], loggers: list[
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Check, seed, then instantiate the datamodule, model and trainer (with callbacks and loggers) from ``cfg``.
 
-    Checkpoints are written by :class:`~cnnfeat.checkpoint_io.AtomicCheckpointIO` unless the config names
+    Checkpoints are written by :class:`~cnnfeat.run.checkpoint_io.AtomicCheckpointIO` unless the config names
     another ``CheckpointIO`` in ``trainer.plugins``.
     """
     check_config(cfg)
@@ -293,7 +293,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return run_cli(_main, cfg)
 
 
-#: ``cnnfeat-train``: Hydra's refusals of the command line exit with code 2 too (see ``cnnfeat.cli.entry_point``)
+#: ``cnnfeat-train``: Hydra's refusals of the command line exit with code 2 too (see ``cnnfeat.run.cli.entry_point``)
 main = entry_point(hydra_main, "cnnfeat-train")
 
 
