@@ -1,8 +1,9 @@
 """Every TensorBoard tag a cnnfeat run writes: its name (or family), kind, step axis and writer, in one place.
 
-The readers (the report, ``cnnfeat.report.figures``) name tags through this module; the writers (the callbacks,
-the LightningModule, ``cnnfeat.run.train``) still spell theirs out, and ``tests/test_tags_events.py`` holds both to it:
-it fails when a run with every callback logs a tag that no entry names, or misses an entry. A family has placeholders:
+The writers (the picture callbacks) and the readers (the report, ``cnnfeat.report.figures``) name tags through this
+module; the LightningModule's ``{stage}/acc`` and ``{stage}/loss`` follow Lightning's own naming, and
+``tests/test_tags_events.py`` holds every writer to it: it fails when a run with every callback logs a tag that no
+entry names, or misses an entry. A family has placeholders:
 ``DEAD_FRACTION.format(node="conv1")`` is ``relu/dead_fraction/conv1``, and ``parse`` takes a logged tag back to its
 family and fields. Placeholders stand for one path segment (no ``/``; node names use ``.`` and ``:``), except those a
 ``Tag`` lists in ``spans`` (``hp/{metric}``: the metric's own tag).

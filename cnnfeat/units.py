@@ -21,6 +21,11 @@ import torch
 AllGather = Callable[[torch.Tensor], torch.Tensor]
 
 
+def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on the CPU: which items along dim 0 (probe images, filters) hold a NaN or infinite value."""
+    return ~torch.isfinite(t.detach().reshape(len(t), -1)).all(dim=1).cpu()
+
+
 def fires(acts: torch.Tensor) -> torch.Tensor:
     """Elementwise: whether each activation fires, i.e. is > 0. NaN, 0, negative values and -inf do not; +inf does."""
     return acts > 0

@@ -25,7 +25,8 @@ from cnnfeat.callbacks import (
     TopPatchesCallback,
     VisualizationCallback,
 )
-from cnnfeat.callbacks.base import inference, shared_probe
+from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.session import build_probe
 from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.errors import ConfigError
 from cnnfeat.models import SmallCNN
@@ -75,7 +76,7 @@ def test_all_pictures_logged_with_sizes_and_steps(make_cfg: MakeCfg, tmp_path: P
 def render(cb: VisualizationCallback, model: torch.nn.Module, dm: FashionMNISTDataModule, step: int = 0):
     """What a Trainer does for a callback, without one: the shared probe, the checks, one render."""
     with inference(model):
-        cb.prepare(model, shared_probe(dm, cb.probe_spec, model) if cb.needs_probe else None)
+        cb.prepare(model, build_probe(dm, cb.probe_spec, model) if cb.needs_probe else None)
         return cb.render(model, cb.probe, step)
 
 
@@ -125,7 +126,7 @@ def test_top_patches_streaming_matches_brute_force_and_crops_are_right(
     model = SmallCNN().eval()
     cb = TopPatchesCallback(layers=["conv1"], top_k=5, probe_size=300, batch_size=64)
     with inference(model):
-        top = cb.collect(model, shared_probe(datamodule, cb.probe_spec))["conv1"]
+        top = cb.collect(model, build_probe(datamodule, cb.probe_spec))["conv1"]
         x, _ = datamodule.images("test", range(300))
         with layers.capture(model, ["conv1"]) as out:
             model(x)

@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from cnnfeat import viz
 from cnnfeat.callbacks import EmbeddingCallback, FeatureMapCallback, FilterCallback, TopPatchesCallback
-from cnnfeat.callbacks.base import inference, shared_probe
+from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.session import build_probe
 from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import CheckpointError
@@ -189,7 +190,7 @@ def test_to_final_and_to_previous_are_measured_against_the_right_networks(
     sc = events["scalars"]
     ckpts = gappy / "checkpoints"
     model = {1: _load(_epoch_file(gappy, 0)), 3: _load(_epoch_file(gappy, 2)), 4: _load(ckpts / LAST)}
-    probe = shared_probe(datamodule, EmbeddingCallback(probe_size=PROBE).probe_spec)
+    probe = build_probe(datamodule, EmbeddingCallback(probe_size=PROBE).probe_spec)
     pos = probe.positions(probe.ids[stratified_ids(probe.labels, PROBE, 0)])  # the callback's stratified sample
     with torch.no_grad():
         logits = {s: m(probe.inputs[pos]) for s, m in model.items()}
@@ -282,7 +283,7 @@ def test_pictures_of_non_finite_layers_are_skipped_with_a_warning_naming_the_lay
     ]
     images: set[str] = set()
     for cb in callbacks:
-        cb.prepare(model, shared_probe(datamodule, cb.probe_spec) if cb.needs_probe else None)
+        cb.prepare(model, build_probe(datamodule, cb.probe_spec) if cb.needs_probe else None)
         with inference(model):
             images |= set(cb.render(model, cb.probe, step=7).images)
     assert {"filters/conv1", "top_patches/conv1", "feature_maps/conv1/relu/img22", "feature_maps/input/img22"} <= images

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cnnfeat.callbacks import AtlasCallback, DeadReluCallback
-from cnnfeat.callbacks.base import inference, share_probe_pass
+from cnnfeat.callbacks.base import inference, share_session
 from cnnfeat.callbacks.representations import RepresentationCallback
 from cnnfeat.graph import capture
 from cnnfeat.models import SmallCNN
@@ -117,7 +117,7 @@ def test_one_pass_feeds_every_callback_what_its_own_pass_gave(
     dead, rep, atlas = cbs = callbacks(tmp_path)
     for cb in cbs:
         cb.prepare(model, probe)
-    share_probe_pass(cbs)
+    share_session(cbs)
     shared = dead.probe_pass
     assert shared is not None and rep.probe_pass is shared and atlas.probe_pass is shared
     pos = shared_positions(probe, SIZE)
@@ -155,7 +155,7 @@ def test_the_pass_served_callbacks_see_the_same_images(model: nn.Module, probe: 
     dead, rep, atlas = cbs = callbacks(tmp_path)
     for cb in cbs:
         cb.prepare(model, probe)
-    share_probe_pass(cbs)
+    share_session(cbs)
     with inference(model):
         for step in (0, 1):
             for cb in cbs:
@@ -196,7 +196,7 @@ def test_other_selections_get_their_own_pass(model: nn.Module, probe: ProbeSet, 
     rep = RepresentationCallback(probe_size=SIZE, block_size=40, batch_size=50, spill=False)
     for cb in (dead, rep):
         cb.prepare(model, probe)
-    share_probe_pass([dead, rep])
+    share_session([dead, rep])
     with inference(model):
         dead.render(model, probe, 0)
         rep.render(model, probe, 0)

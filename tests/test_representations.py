@@ -19,13 +19,14 @@ from PIL import Image
 
 from cnnfeat import probes as pr
 from cnnfeat import similarity as sim
-from cnnfeat.callbacks.base import inference, shared_probe
+from cnnfeat.callbacks.base import inference
 from cnnfeat.callbacks.representations import (
     PIXELS,
     CrossModelCKACallback,
     RepresentationCallback,
     default_layers,
 )
+from cnnfeat.callbacks.session import build_probe
 from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import CheckpointError, ConfigError
@@ -242,7 +243,7 @@ def test_cross_model_cka_equals_the_core_function(datamodule: FashionMNISTDataMo
         block_size=20,
         batch_size=25,
     )
-    cb.prepare(transfer, shared_probe(datamodule, cb.probe_spec))
+    cb.prepare(transfer, build_probe(datamodule, cb.probe_spec))
     assert cb.ref_names == [PIXELS, *LAYERS]
     with inference(transfer):
         pictures = cb.render(transfer, cb.probe, 0)
@@ -264,7 +265,7 @@ def test_explore_path_renders_and_summarises_without_a_trainer(datamodule: Fashi
     torch.manual_seed(0)
     model = SmallCNN().eval()
     cb = RepresentationCallback(probe_size=100, block_size=25, probe_every_n_epochs=4, images_every_n_epochs=2)
-    cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+    cb.prepare(model, build_probe(datamodule, cb.probe_spec))
     assert cb.names == [PIXELS, *LAYERS] and cb.unit_layers == LAYERS[:5]
     for step in range(4):
         with inference(model):
@@ -305,10 +306,10 @@ def test_bad_arguments_fail_before_training_with_a_clear_message(datamodule: Fas
     model = SmallCNN()
     cb = RepresentationCallback(layers=["relu1", "conv9"], probe_size=100, block_size=25)
     with pytest.raises(LayerError, match=r"Unknown layer name\(s\) \['conv9'\] for SmallCNN; valid names: \['pixels'"):
-        cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+        cb.prepare(model, build_probe(datamodule, cb.probe_spec))
     big = RepresentationCallback(probe_size=20_000)
     with pytest.raises(ConfigError, match="probe_size=20000 is larger than"):
-        big.prepare(model, shared_probe(datamodule, big.probe_spec))
+        big.prepare(model, build_probe(datamodule, big.probe_spec))
     with pytest.raises(CheckpointError, match=r"/nonexistent/small\.ckpt does not exist"):
         reference_model("/nonexistent/small.ckpt")  # the config loads the reference; the callback gets a module
 
@@ -353,7 +354,7 @@ def test_ddp_rank_zero_measures_the_whole_probe(tmp_path: Path, data_dir: Path, 
     dm.prepare_data()
     dm.setup()
     cb = RepresentationCallback(probe_size=200, block_size=50, batch_size=100)
-    cb.prepare(final, shared_probe(dm, cb.probe_spec))
+    cb.prepare(final, build_probe(dm, cb.probe_spec))
     got = {}
     for step, model in ((0, untrained), (1, final)):
         with inference(model):

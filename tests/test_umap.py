@@ -13,7 +13,8 @@ from PIL import Image
 
 from cnnfeat import embedding
 from cnnfeat.callbacks import EmbeddingCallback
-from cnnfeat.callbacks.base import inference, shared_probe
+from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.session import build_probe
 from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
 from cnnfeat.errors import ConfigError
 from cnnfeat.graph import LayerError
@@ -80,7 +81,7 @@ def test_same_seed_same_map_and_warm_frames_stay_aligned(datamodule: FashionMNIS
     def maps(seed: int, steps: int) -> list[np.ndarray]:
         cb = EmbeddingCallback(probe_size=400, pixels=False, seed=seed)
         with inference(model):
-            cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+            cb.prepare(model, build_probe(datamodule, cb.probe_spec))
             for s in range(steps):
                 cb.render(model, cb.probe, s)
         return [cb.embeddings[s] for s in range(steps)]
@@ -98,7 +99,7 @@ def test_state_dict_round_trip_keeps_the_trajectory(datamodule: FashionMNISTData
     model = SmallCNN()
     cb = EmbeddingCallback(probe_size=300)
     with inference(model):
-        cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+        cb.prepare(model, build_probe(datamodule, cb.probe_spec))
         cb.render(model, cb.probe, 0)
     state = cb.state_dict()
     restored = EmbeddingCallback(probe_size=300)
@@ -173,7 +174,7 @@ def test_layer_embeds_any_node_flattened(datamodule: FashionMNISTDataModule) -> 
     model = _NoFeatures()
     cb = EmbeddingCallback(probe_size=100, layer="pool2", pixels=False)
     with inference(model):
-        cb.prepare(model, shared_probe(datamodule, cb.probe_spec))
+        cb.prepare(model, build_probe(datamodule, cb.probe_spec))
         cb.render(model, cb.probe, 0)
         x, _ = datamodule.images("test", cb.probe_ids)
         pooled = model.pool2(

@@ -1,15 +1,18 @@
 """The run atlas during training: per-unit data of every conv channel and last-hidden neuron, for the HTML report.
 
-A thin adapter around ``cnnfeat.atlas`` (the storage format and the feature-visualisation input) and the streaming
-top-k of ``TopPatchesCallback``. Files go to ``<run dir>/atlas/``; ``cnnfeat-report RUN_DIR`` draws them.
+A thin adapter around ``cnnfeat.atlas`` (the storage format and the feature-visualisation input), the streaming top-k
+search of ``cnnfeat.topk`` (the one the top-patches picture uses) and the layer plan (``cnnfeat.plan``). Files go to
+``<run dir>/atlas/``; ``cnnfeat-report RUN_DIR`` draws them.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from cnnfeat import atlas
+from cnnfeat import atlas, tags
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -27,34 +30,19 @@ from cnnfeat.callbacks.base import (
     device_of,
     inference,
 )
-from cnnfeat.callbacks.top_patches import TopK, TopPatchesCallback, check_top_k
+from cnnfeat.callbacks.top_patches import check_top_k
 from cnnfeat.errors import ConfigError, check_int
-from cnnfeat.graph import Graph, activation_after, capture, trace_graph
-from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.graph import activation_after
+from cnnfeat.plan import LayerPlan
+from cnnfeat.probe import ProbeSet
 from cnnfeat.probe_pass import PassBatch, PassRequest, ProbePass, shared_positions
-from cnnfeat.receptive_field import crop, graph_receptive_fields
+from cnnfeat.receptive_field import crop
 from cnnfeat.run.progress import task_progress
+from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_patches, search_vectors
 from cnnfeat.units import FiringAccumulator
 
 if TYPE_CHECKING:  # Lightning names for the hooks' types only: cnnfeat picks the package (pytorch_lightning)
     import pytorch_lightning as pl
-
-
-class _Queue:
-    """``AtlasWriter`` calls kept until the output folder is known, then replayed in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple, dict]] = []
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        if name.startswith("_") or not callable(getattr(atlas.AtlasWriter, name, None)):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
-
-    def flush(self, writer: atlas.AtlasWriter) -> None:
-        for name, args, kwargs in self.calls:
-            getattr(writer, name)(*args, **kwargs)
-        self.calls.clear()
 
 
 class _AliveAccumulator:
@@ -177,10 +165,9 @@ class AtlasCallback(VisualizationCallback):
         #: where the atlas goes: ``atlas_dir``, else ``<run dir>/atlas`` (set in ``setup``)
         self.atlas_dir: Path | None = Path(atlas_dir) if atlas_dir is not None else None
         self._max_epochs: int | None = None
-        self._tops: dict[int, TopPatchesCallback] = {}
         self._timings: dict[str, float] = {}
         self._recorded: set[tuple[str, str, int]] = set()  # (layer, "step" or "patches", step) written or queued
-        self._queue = _Queue()
+        self._staging: Path | None = None  # where files go until the output folder is known (explore)
         self._model: weakref.ref[nn.Module] | None = None  # the last rendered network, for ``finish``
         self._last_step: int | None = None
         self._finished: dict[str, Any] = {}
@@ -200,23 +187,11 @@ class AtlasCallback(VisualizationCallback):
         probe.check_size(self.probe_size)
         self.alive_size = min(self.alive_probe_size, len(probe))
         example = probe.inputs[:1].to(device_of(pl_module))
-        graph = trace_graph(pl_module, example)
-        names = atlas.resolve_layers(graph, self.layers)
-        convs = [n for n in names if atlas.layer_kind(graph, n) == "conv"]
-        fields = graph_receptive_fields(graph, convs)  # a node without geometry: an error naming what prevents it
-        self.infos = [self._info(pl_module, graph, n, fields.get(n)) for n in names]
-        self._tops = {}
-        for k in sorted({self.top_k, max(self.top_k, self.class_top)}) if convs else ():
-            tp = TopPatchesCallback(
-                layers=convs,
-                top_k=k,
-                max_channels=10**9,
-                split=self.split,
-                probe_size=self.probe_size,
-                batch_size=self.batch_size,
-            )
-            tp.prepare(pl_module, probe)
-            self._tops[k] = tp
+        plan = self.layer_plan(pl_module)
+        names = atlas.resolve_layers(plan.graph, self.layers)
+        convs = [n for n in names if atlas.layer_kind(plan.graph, n) == "conv"]
+        fields = plan.fields(convs)  # a node without geometry: an error naming what prevents it
+        self.infos = [self._info(pl_module, plan, n, fields.get(n)) for n in names]
         self.space = None
         if self.featviz:
             if self.featviz_input is not None:
@@ -230,12 +205,13 @@ class AtlasCallback(VisualizationCallback):
                 if info.featviz_units:
                     atlas.layer_fn(pl_module, info.name, self.space)
 
-    def _info(self, model: nn.Module, graph: Graph, name: str, rf: Any) -> atlas.LayerInfo:
-        kind = atlas.layer_kind(graph, name)
-        units = graph[name].output_shape[1]
+    def _info(self, model: nn.Module, plan: LayerPlan, name: str, rf: Any) -> atlas.LayerInfo:
+        layer = plan[name]
+        kind = atlas.layer_kind(plan.graph, name)
+        units = plan.graph[name].output_shape[1]
         shown = list(range(min(units, self.max_units or units)))
-        module = atlas.layer_module(graph, name)
-        act, _ = activation_after(graph, name)
+        module = atlas.layer_module(plan.graph, name)
+        act = layer.activation if layer.kind in ("conv", "linear") else activation_after(plan.graph, name)[0]
         frozen = module is not None and not any(p.requires_grad for p in module.parameters())
         if module is None:  # a functional op: frozen unless the model has anything trainable
             frozen = not any(p.requires_grad for p in model.parameters())
@@ -252,7 +228,7 @@ class AtlasCallback(VisualizationCallback):
             rf_jump=[float(v) for v in rf.jump] if rf is not None else None,
             rf_start=[float(v) for v in rf.start] if rf is not None else None,
             frame=rf.frame if rf is not None else None,
-            output_shape=list(graph[name].output_shape[1:]),
+            output_shape=list(layer.output_shape),
             featviz_units=fv,
         )
 
@@ -271,15 +247,18 @@ class AtlasCallback(VisualizationCallback):
         return True  # writes files, not pictures
 
     # -- recording -----------------------------------------------------------------------------------
-    def _atlas(self) -> atlas.AtlasWriter | _Queue:
-        """The writer; until the output folder is known (``cnnfeat-explore`` names it in ``finish``) a queue."""
-        return atlas.AtlasWriter(self.atlas_dir) if self.atlas_dir is not None else self._queue
+    def _atlas(self) -> atlas.AtlasWriter:
+        """The writer; until the output folder is known (``cnnfeat-explore`` names it in ``finish``) into a staging
+        folder of its own, moved there by ``finish``."""
+        if self.atlas_dir is None and self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="cnnfeat-atlas-"))
+        return atlas.AtlasWriter(self.atlas_dir if self.atlas_dir is not None else self._staging)
 
     def _has(self, info: atlas.LayerInfo, kind: str, step: int | None = None) -> bool:
         """Whether ``kind`` ("step" or "patches") was recorded for the layer (at ``step``; any step if None): in this
         process, or on disk from before a resume."""
         mine = {s for name, k, s in self._recorded if name == info.name and k == kind}
-        if self.atlas_dir is not None:
+        if self.atlas_dir is not None:  # a resumed fit: what the files hold
             mine |= {int(p.stem.rsplit("_", 1)[1]) for p in (self.atlas_dir / info.slug).glob(f"{kind}_*.npz")}
         return bool(mine) if step is None else step in mine
 
@@ -370,29 +349,17 @@ class AtlasCallback(VisualizationCallback):
         return PassRequest(positions, self.batch_size, _AliveAccumulator(nodes), outputs=list(set(nodes.values())))
 
     def _top(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], k: int) -> dict[str, Any]:
-        """Top-k per unit: ``{layer: (TopK, TopPatchesCallback or None)}`` (fc layers: one whole image each)."""
+        """Top-k per unit: ``{layer: (TopK, PatchSearch or None)}`` (fc layers: one whole image each), from the search
+        the top-patches picture uses (``cnnfeat.topk``)."""
         result: dict[str, Any] = {}
+        n = probe.check_size(self.probe_size)
         convs = [i.name for i in infos if i.kind == "conv"]
         if convs:
-            tp = self._tops[k]
-            tops = tp.collect(model, probe)
-            result.update({n: (tops[n], tp) for n in convs})
+            search = search_patches(model, probe, convs, k, n, self.batch_size)
+            result.update({name: (search.tops[name], search) for name in convs})
         fcs = [i.name for i in infos if i.kind == "fc"]
         if fcs:
-            n, device = probe.check_size(self.probe_size), device_of(model)
-            found: dict[str, TopK] = {}
-            with capture(model, fcs) as acts:
-                for ids in batches(torch.arange(n), self.batch_size):
-                    model(probe.inputs[ids].to(device))
-                    for name in fcs:
-                        a = acts[name].float()
-                        if name not in found:
-                            found[name] = TopK.empty(k, a.shape[1], a.device)
-                        found[name].update(
-                            a,
-                            probe.ids[ids].to(a.device).unsqueeze(1).expand_as(a),
-                            a.new_zeros(a.shape, dtype=torch.long),
-                        )
+            found = search_vectors(model, probe, fcs, k, n, self.batch_size)
             result.update({name: (top, None) for name, top in found.items()})
         return result
 
@@ -413,7 +380,7 @@ class AtlasCallback(VisualizationCallback):
         for info in infos:
             if write is not None and info.name not in write:
                 continue
-            top, tp = tops[info.name]
+            top, search = tops[info.name]
             shown = info.shown
             values = top.values[: self.top_k, shown].T.cpu()  # (U, k)
             ids = top.ids[: self.top_k, shown].T.cpu()
@@ -421,19 +388,19 @@ class AtlasCallback(VisualizationCallback):
             rows, cols = torch.zeros_like(pos), torch.zeros_like(pos)
             boxes = torch.zeros(*pos.shape, 4, dtype=torch.long)
             cells: list[torch.Tensor] = []
-            sources = self._sources(model, probe, tp, info, ids)
+            sources = self._sources(model, probe, search, info, ids)
             for u in range(len(shown)):
                 for r in range(ids.shape[1]):
                     i = int(ids[u, r])
                     if i < 0:  # fewer probe images than k
                         cells.append(torch.zeros_like(next(iter(sources.values()))))
                         continue
-                    if tp is None:
+                    if search is None:
                         src = sources[i]
                         boxes[u, r] = torch.tensor([0, 0, src.shape[-2] - 1, src.shape[-1] - 1])
                         cells.append(src)
                         continue
-                    rf = tp.field(i, info.name)
+                    rf = search.field(i, info.name)
                     rows[u, r], cols[u, r] = divmod(int(pos[u, r]), rf.output_shape[1])
                     box = rf.box(int(rows[u, r]), int(cols[u, r]))
                     boxes[u, r] = torch.tensor(box)
@@ -457,23 +424,16 @@ class AtlasCallback(VisualizationCallback):
         return {name: t for name, (t, _) in tops.items()}
 
     def _sources(
-        self, model: nn.Module, probe: ProbeSet, tp: TopPatchesCallback | None, info: atlas.LayerInfo, ids: torch.Tensor
+        self, model: nn.Module, probe: ProbeSet, search: PatchSearch | None, info: atlas.LayerInfo, ids: torch.Tensor
     ) -> dict[int, torch.Tensor]:
         """The images the boxes refer to, by probe ID: display images, or the output of an input transform."""
         wanted = sorted({int(i) for i in ids.flatten().tolist() if i >= 0})
         by_frame: dict[str | None, list[int]] = {}
         for i in wanted:
-            by_frame.setdefault(tp.field(i, info.name).frame if tp is not None else None, []).append(i)
+            by_frame.setdefault(search.field(i, info.name).frame if search is not None else None, []).append(i)
         out: dict[int, torch.Tensor] = {}
         for frame, frame_ids in by_frame.items():
-            positions = probe.positions(frame_ids)
-            if frame is None:
-                imgs = probe.images[positions]
-            else:
-                with capture(model, [frame]) as cap:
-                    model(probe.inputs[positions].to(device_of(model)))
-                imgs = cap[frame].cpu()
-            out.update(zip(frame_ids, imgs.float(), strict=True))
+            out.update(zip(frame_ids, crop_sources(model, probe, frame_ids, frame).float(), strict=True))
         return out
 
     # -- the end of fit ------------------------------------------------------------------------------
@@ -485,14 +445,19 @@ class AtlasCallback(VisualizationCallback):
         if model is None or self.probe is None or self._last_step is None:
             return {}
         if self.atlas_dir is None:
+            staged, self._staging = self._staging, None
             if out_dir is None:
-                self._queue.calls.clear()
+                if staged is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
                 return {}
             self.atlas_dir = Path(out_dir) / atlas.ATLAS_DIR
-        self._queue.flush(atlas.AtlasWriter(self.atlas_dir))
+            if staged is not None:  # what was recorded before the folder was known
+                self.atlas_dir.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(staged, self.atlas_dir)
         with inference(model):
             share = self.final(model, self.probe, self._last_step)
-        return {self._last_step: Pictures(scalars={f"atlas/fidelity_share/{k}": v for k, v in share.items()})}
+        scalars = {tags.ATLAS_FIDELITY_SHARE.format(layer=k): v for k, v in share.items()}
+        return {self._last_step: Pictures(scalars=scalars)}
 
     def final(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> dict[str, float]:
         """Final patches, classes of the top activations and optimised inputs of ``pl_module`` at ``step`` (call
@@ -550,7 +515,7 @@ class AtlasCallback(VisualizationCallback):
         step: int,
         top: TopK,
         device: torch.device,
-        writer: atlas.AtlasWriter | _Queue,
+        writer: atlas.AtlasWriter,
     ) -> float:
         """Optimise one layer's units, write them to the atlas; the share reaching their best real activation."""
         assert self.space is not None

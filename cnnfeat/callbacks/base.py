@@ -15,25 +15,25 @@ logger), PNG files ``step_NNN.png``, and scalars to every logger through ``log_m
 ``trainer.callback_metrics`` (``pl_module.log(..., logger=False)``) for HParams and the run summary.
 ``render`` is public so that ``cnnfeat-explore`` draws the same pictures from checkpoints without a Trainer.
 
-**One probe pass per step.** A callback that sets ``uses_probe_pass`` runs no model over the probe: it implements
-``pass_request`` (the nodes it needs and an accumulator, ``cnnfeat.probe_pass``) and reads its fed accumulator with
-``pass_result`` in ``render``. ``share_probe_pass`` (in ``setup``, and by ``cnnfeat-explore``) gives all such callbacks
-of one probe one ``ProbePass``: the first that renders at a step runs the model once for all of them.
+**One session per fit.** In ``setup`` every picture callback of the Trainer gets the same ``AnalysisSession``
+(``cnnfeat.callbacks.session``): the probe (built once per DataModule and spec), the layer plan of the model (traced
+once; ``layer_plan``) and one ``ProbePass`` per probe. A callback that sets ``uses_probe_pass`` runs no model over the
+probe: it implements ``pass_request`` (the nodes it needs and an accumulator, ``cnnfeat.probe_pass``) and reads its fed
+accumulator with ``pass_result`` in ``render``; the first that renders at a step runs the model once for all of them.
+``share_session`` does the same for ``cnnfeat-explore`` and tests; a callback prepared on its own gets a session (and
+a pass) of its own.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -41,11 +41,15 @@ from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
 from cnnfeat import viz
+from cnnfeat.callbacks.session import AnalysisSession, inference
+from cnnfeat.callbacks.session import device_of as device_of  # the callbacks import it from here
 from cnnfeat.errors import ConfigError, check_bool, check_int
-from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
+from cnnfeat.plan import LayerPlan
+from cnnfeat.probe import ProbeSet, ProbeSpec
 from cnnfeat.probe_pass import PassResult, ProbePass
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.run.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
+from cnnfeat.units import nonfinite_rows as nonfinite_rows  # the callbacks import it from here
 
 log = logging.getLogger("cnnfeat")
 
@@ -135,22 +139,6 @@ class Pictures:
                 viz.save_png(img, png_dir / tag / f"step_{step:03d}.png")
 
 
-@contextmanager
-def inference(module: nn.Module) -> Iterator[None]:
-    """``torch.no_grad`` and eval mode inside; afterwards every submodule gets its own mode back.
-
-    Restoring each submodule (not just calling ``train()``) keeps frozen backbones in eval mode.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def follows_recorded(step: int, recorded: Collection[int]) -> bool:
     """Whether the step before ``step`` (epochs trained) is among the ``recorded`` ones.
 
@@ -161,18 +149,6 @@ def follows_recorded(step: int, recorded: Collection[int]) -> bool:
     return step - 1 in recorded
 
 
-def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
-    """(N,) bool on the CPU: which items along dim 0 (probe images, filters) hold a NaN or infinite value."""
-    return ~torch.isfinite(t.detach().reshape(len(t), -1)).all(dim=1).cpu()
-
-
-def device_of(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
     """The SummaryWriter of the trainer's TensorBoardLogger, or None."""
     for lg in trainer.loggers:
@@ -181,43 +157,14 @@ def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
     return None
 
 
-#: One probe per DataModule and spec, built by the first callback that asks and shared by all (weakly held).
-_PROBES: WeakKeyDictionary[Any, dict[ProbeSpec, ProbeSet]] = WeakKeyDictionary()
-
-
-def shared_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = None) -> ProbeSet:
-    """The probe of ``datamodule`` for ``spec``: built once (``cnnfeat.probe``), then the same object for everyone.
-
-    The first build says once what it had to decide (e.g. validation images instead of test) and, given the
-    model, checks that the DataModule's batch inputs agree with the model's forward on the images.
-    """
-    if datamodule is None:
-        raise ConfigError("the picture callbacks read their probe images from a DataModule: pass one to the Trainer")
-    try:
-        probes = _PROBES.setdefault(datamodule, {})
-    except TypeError:  # a DataModule that is not hashable or weakly referable: built per caller
-        probes = {}
-    if spec not in probes:
-        probe = probe_from_datamodule(datamodule, spec)
-        if probe.note:
-            rank_zero_warn(f"{type(datamodule).__name__}: {probe.note}")
-        if model is not None:
-            with inference(model):
-                check_batch_inputs(model, probe)
-        probes[spec] = probe
-    return probes[spec]
-
-
-def share_probe_pass(callbacks: Sequence[Any]) -> None:
-    """Give every pass consumer among ``callbacks`` (``uses_probe_pass``) one ``ProbePass`` per probe spec, so that
-    one forward pass per step feeds them all: called in ``setup`` (with the trainer's callbacks) and by
-    ``cnnfeat-explore``. Each call starts fresh passes."""
-    passes: dict[ProbeSpec, ProbePass] = {}
+def share_session(callbacks: Sequence[Any]) -> AnalysisSession:
+    """Give ``callbacks`` one new session (one probe pass per probe for the pass consumers): ``cnnfeat-explore`` and
+    tests, after ``prepare``; a Trainer's callbacks get theirs in ``setup``."""
+    session = AnalysisSession.attach(callbacks)
     for cb in callbacks:
-        if isinstance(cb, VisualizationCallback) and cb.uses_probe_pass:
-            shared = passes.setdefault(cb.probe_spec, ProbePass())
-            shared.join(cb)
-            cb.probe_pass = shared
+        if isinstance(cb, VisualizationCallback):
+            cb.join(session)
+    return session
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
@@ -270,7 +217,7 @@ class CallbackOptions:
 
     @cached_property
     def probe_spec(self) -> ProbeSpec:
-        """The probe these options ask for (``shared_probe`` builds it once per DataModule and spec)."""
+        """The probe these options ask for (the session builds it once per DataModule and spec)."""
         return ProbeSpec.of(self.split, self.mean, self.std, self.class_names)
 
 
@@ -300,7 +247,9 @@ class VisualizationCallback(pl.Callback):
         self._warned: set[str] = set()
         #: wall seconds of each emission (render + write), for cost accounting in benchmarks
         self.seconds: list[float] = []
-        #: the pass shared with the other consumers of the probe (``share_probe_pass``); ``None``: a pass of its own
+        #: what this callback shares with the others of its fit (probe, layer plan, probe pass); set in ``prepare``
+        self.session: AnalysisSession | None = None
+        #: the pass shared with the other consumers of the probe (a pass consumer's, set in ``prepare``)
         self.probe_pass: ProbePass | None = None
 
     @property
@@ -347,9 +296,28 @@ class VisualizationCallback(pl.Callback):
 
     # -- shared API ----------------------------------------------------------------------------------
     def prepare(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
-        """Check the arguments against ``pl_module`` and ``probe`` and keep the probe (``setup`` and explore)."""
+        """Keep the probe, join the session's probe pass (a session of its own if none was attached) and check the
+        arguments against ``pl_module`` and ``probe`` (``setup``, explore and tests)."""
         self.probe = probe
+        if self.session is None:
+            self.session = AnalysisSession()
+        self.join(self.session)
         self.check(pl_module, probe)
+
+    def join(self, session: AnalysisSession) -> None:
+        """Use ``session``; a pass consumer becomes a member of its probe pass."""
+        self.session = session
+        if self.uses_probe_pass:
+            self.probe_pass = session.probe_pass(self.probe_spec)
+            self.probe_pass.join(self)
+
+    def layer_plan(self, pl_module: nn.Module) -> LayerPlan:
+        """The layer plan of ``pl_module`` (``cnnfeat.plan``), traced once per model by the session on the probe."""
+        if self.probe is None:
+            raise ConfigError(f"{type(self).__name__}: the layer plan is traced on the probe: call prepare first")
+        if self.session is None:
+            self.session = AnalysisSession()
+        return self.session.plan(pl_module, self.probe)
 
     def pass_result(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> PassResult | None:
         """This callback's accumulator fed by the shared probe pass at ``step`` (the first consumer to ask runs the
@@ -379,10 +347,9 @@ class VisualizationCallback(pl.Callback):
         if stage != "fit":
             return
         self._run_dir = Path(trainer.strategy.broadcast(log_dir(trainer)))  # the one collective, on every rank
-        probe = shared_probe(trainer.datamodule, self.options.probe_spec, pl_module) if self.needs_probe else None
+        session = AnalysisSession.attach(trainer.callbacks, trainer)
+        probe = session.probe(trainer.datamodule, self.options.probe_spec, pl_module) if self.needs_probe else None
         self.prepare(pl_module, probe)
-        if self.uses_probe_pass:
-            share_probe_pass(trainer.callbacks)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

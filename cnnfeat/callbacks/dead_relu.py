@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, check_names, device_of
+from cnnfeat import tags
+from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, check_names
 from cnnfeat.errors import check_int
-from cnnfeat.graph import relu_family_nodes, trace_graph, unknown_names
+from cnnfeat.graph import unknown_names
 from cnnfeat.probe import ProbeSet
 from cnnfeat.probe_pass import PassBatch, PassRequest, shared_positions
 from cnnfeat.units import FiringAccumulator, fires
@@ -71,9 +72,10 @@ class DeadReluCallback(VisualizationCallback):
         #: probe IDs of the images the last render counted, in order
         self.pass_ids: torch.Tensor | None = None
 
-    def relu_names(self, pl_module: nn.Module, x: torch.Tensor) -> list[str]:
-        """The ReLU-family applications to count (all, or ``layers``); unknown names list the valid ones."""
-        found = relu_family_nodes(trace_graph(pl_module, x))
+    def relu_names(self, pl_module: nn.Module) -> list[str]:
+        """The ReLU-family applications to count (all, or ``layers``) from the layer plan; unknown names list the
+        valid ones."""
+        found = self.layer_plan(pl_module).relus
         if self.layers is None:
             return found
         bad = [n for n in self.layers if n not in found]
@@ -84,7 +86,7 @@ class DeadReluCallback(VisualizationCallback):
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
         probe.check_size(self.probe_size)
-        self.names = self.relu_names(pl_module, probe.inputs[:1].to(device_of(pl_module)))
+        self.names = self.relu_names(pl_module)
         if not self.names:
             self.warn_once(
                 "none",
@@ -117,15 +119,15 @@ class DeadReluCallback(VisualizationCallback):
         for n in names:
             dead = ~alive[n]
             dead_units, all_units = dead_units + int(dead.sum()), all_units + dead.numel()
-            pictures.scalars[f"relu/dead_fraction/{n}"] = float(dead.float().mean())
-            pictures.scalars[f"relu/zero_fraction/{n}"] = acc.zeros[n] / acc.total[n]
+            pictures.scalars[tags.DEAD_FRACTION.format(node=n)] = float(dead.float().mean())
+            pictures.scalars[tags.ZERO_FRACTION.format(node=n)] = acc.zeros[n] / acc.total[n]
             if acc.nonfinite[n]:  # a diverged network: say so instead of failing
-                pictures.scalars[f"relu/nonfinite_fraction/{n}"] = acc.nonfinite[n] / acc.total[n]
+                pictures.scalars[tags.NONFINITE_FRACTION.format(node=n)] = acc.nonfinite[n] / acc.total[n]
             values = torch.cat(acc.samples[n]) if acc.samples[n] else torch.empty(0)
             values = values[torch.isfinite(values)]
             if len(values):
-                pictures.histograms[f"relu/preact/{n}"] = values
-        pictures.scalars["relu/dead_fraction/all"] = dead_units / all_units
+                pictures.histograms[tags.PREACT.format(node=n)] = values
+        pictures.scalars[tags.DEAD_FRACTION_ALL.name] = dead_units / all_units
         return pictures
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnnfeat import viz
+from cnnfeat import tags, viz
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -19,15 +19,9 @@ from cnnfeat.callbacks.base import (
 )
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import (
-    Graph,
     Node,
-    activation_after,
     capture,
-    conv_nodes,
     is_relu_family,
-    split_call,
-    trace_graph,
-    unknown_names,
 )
 from cnnfeat.probe import ProbeSet
 
@@ -106,33 +100,27 @@ class FeatureMapCallback(VisualizationCallback):
         check_int("min_cell", min_cell)
         self.scale, self.nrow, self.min_cell = scale, nrow, min_cell
 
-    def _plan(self, pl_module: nn.Module, x: torch.Tensor) -> tuple[Graph, dict[str, str | None]]:
-        """The graph of a forward pass on ``x`` and, per chosen conv, its activation node (or ``None``)."""
-        graph = trace_graph(pl_module, x)
-        convs = conv_nodes(graph)
-        bad = [c for c in self.layers if c not in convs]
-        if bad:
-            raise unknown_names(bad, convs, type(pl_module).__name__, "conv layer")
-        return graph, {c: activation_after(graph, c)[0] for c in self.layers}
+    def _after(self, pl_module: nn.Module) -> dict[str, str | None]:
+        """Per chosen conv, its activation node (or ``None``), from the layer plan (unknown convs: an error)."""
+        plan = self.layer_plan(pl_module)
+        return {layer.name: layer.activation for layer in plan.resolve_convs(self.layers)}
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
-        positions = probe.positions(self.image_ids)
-        graph, _ = self._plan(pl_module, probe.inputs[positions].to(device_of(pl_module)))
-        convs = conv_nodes(graph)
+        probe.positions(self.image_ids)  # IDs the probe does not hold: an error naming them
+        self._after(pl_module)
+        plan = self.layer_plan(pl_module)
         for conv in self.layers:
-            check_channels(self.channels, conv, graph[conv].output_shape[1])
-            base = split_call(conv)[0]
-            calls = [c for c in convs if split_call(c)[0] == base]
-            if len(calls) > 1 and conv == base:
+            check_channels(self.channels, conv, plan[conv].units)
+            calls = [c for c in plan.calls(conv) if plan[c].kind == "conv"]
+            if len(calls) > 1 and ":" not in conv:
                 self.warn_once(
                     f"calls:{conv}",
                     f"{conv!r} runs {len(calls)} times in one forward pass of {type(pl_module).__name__} "
                     f"({', '.join(calls)}); the pictures show its first call {conv!r} (name another call to see it)",
                 )
-            after, why = activation_after(graph, conv)
-            if after is None:
-                self.warn_once(f"after:{conv}", f"no 'after' picture for {conv!r}: {why}")
+            if plan[conv].activation is None:
+                self.warn_once(f"after:{conv}", f"no 'after' picture for {conv!r}: {plan[conv].activation_note}")
 
     def _pick(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.channels is None else maps[self.channels]
@@ -141,7 +129,8 @@ class FeatureMapCallback(VisualizationCallback):
         assert probe is not None
         positions = probe.positions(self.image_ids)
         x = probe.inputs[positions].to(device_of(pl_module))
-        graph, after = self._plan(pl_module, x)
+        after = self._after(pl_module)
+        graph = self.layer_plan(pl_module).graph
         names = self.layers + [a for a in after.values() if a]
         with capture(pl_module, names) as out:
             pl_module(x)
@@ -156,14 +145,14 @@ class FeatureMapCallback(VisualizationCallback):
                     conv, "activations", n, len(bad[conv]), "chosen images", f"feature_maps/{conv}/*", step
                 )
         for k, (img_id, label) in enumerate(zip(self.image_ids, probe.labels[positions].tolist(), strict=True)):
-            pictures.images[f"feature_maps/input/img{img_id}"] = viz.caption(
+            pictures.images[tags.FEATURE_MAP_INPUT.format(image=img_id)] = viz.caption(
                 viz.upscale(viz.grey(probe.images[positions[k] : positions[k] + 1]), 112)[0],
                 f"{probe.split} {img_id}: {probe.class_name(label)}",
             )
             for conv in self.layers:
                 if bad[conv][k]:
                     continue
-                pictures.images[f"feature_maps/{conv}/conv/img{img_id}"] = viz.map_grid(
+                pictures.images[tags.FEATURE_MAP_CONV.format(conv=conv, image=img_id)] = viz.map_grid(
                     self._pick(out[conv][k]),
                     signed=True,
                     per_channel=per_channel,
@@ -172,7 +161,8 @@ class FeatureMapCallback(VisualizationCallback):
                 )
                 if (act := after[conv]) is not None:
                     node = graph[act]
-                    pictures.images[f"feature_maps/{conv}/{activation_kind(node)}/img{img_id}"] = viz.map_grid(
+                    tag = tags.FEATURE_MAP_ACTIVATION.format(conv=conv, activation=activation_kind(node), image=img_id)
+                    pictures.images[tag] = viz.map_grid(
                         self._pick(out[act][k]),
                         signed=not is_relu_family(node),
                         per_channel=per_channel,

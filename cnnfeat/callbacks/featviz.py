@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnfeat import atlas, featviz, viz
+from cnnfeat import atlas, featviz, tags, viz
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -20,7 +20,6 @@ from cnnfeat.callbacks.base import (
     nonfinite_rows,
 )
 from cnnfeat.errors import ConfigError, check_int
-from cnnfeat.graph import trace_graph
 from cnnfeat.probe import ProbeSet
 from cnnfeat.run.progress import task_progress
 
@@ -113,7 +112,7 @@ class FeatureVisCallback(VisualizationCallback):
         assert probe is not None
         probe.check_size(self.probe_size)
         example = probe.inputs[:1].to(device_of(pl_module))
-        graph = trace_graph(pl_module, example)
+        graph = self.layer_plan(pl_module).graph
         self.names = atlas.resolve_layers(graph, self.layers)
         self._kinds = {n: atlas.layer_kind(graph, n) for n in self.names}
         self._units = {}
@@ -180,12 +179,13 @@ class FeatureVisCallback(VisualizationCallback):
         if bad:  # a diverged network's optimised inputs are NaN: no picture of them
             self.skip_nonfinite(name, "optimised inputs", bad, len(result.images), "units", f"featviz/{name}", step)
         else:
-            pictures.images[f"featviz/{name}"] = self.picture(result)
+            pictures.images[tags.FEATVIZ.format(layer=name)] = self.picture(result)
         fid = result.fidelity[torch.isfinite(result.fidelity)]
-        pictures.scalars[f"featviz/fidelity_share/{name}"] = result.share_reaching_real
-        pictures.scalars[f"featviz/fidelity_median/{name}"] = float(fid.median()) if len(fid) else float("nan")
-        pictures.scalars[f"featviz/seconds_per_unit/{name}"] = result.seconds_per_unit
-        pictures.texts[f"featviz/{name}/table"] = self.table(result)
+        pictures.scalars[tags.FEATVIZ_FIDELITY_SHARE.format(layer=name)] = result.share_reaching_real
+        median = float(fid.median()) if len(fid) else float("nan")
+        pictures.scalars[tags.FEATVIZ_FIDELITY_MEDIAN.format(layer=name)] = median
+        pictures.scalars[tags.FEATVIZ_SECONDS_PER_UNIT.format(layer=name)] = result.seconds_per_unit
+        pictures.texts[tags.FEATVIZ_TABLE.format(layer=name)] = self.table(result)
 
     def picture(self, result: featviz.FeatVizResult) -> torch.Tensor:
         """The optimised inputs as a grid, each captioned ``u<k> <fidelity>`` (``!`` where it is flagged)."""

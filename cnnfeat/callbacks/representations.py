@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from cnnfeat import plots
+from cnnfeat import plots, tags
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -51,7 +51,6 @@ from cnnfeat.graph import (
     capture,
     conv_nodes,
     relu_family_nodes,
-    trace_graph,
     unknown_names,
 )
 from cnnfeat.probe import ProbeSet, batches
@@ -284,9 +283,9 @@ class RepresentationCallback(VisualizationCallback):
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
         probe.check_size(self.probe_size)
-        graph = trace_graph(pl_module, probe.inputs[:1].to(device_of(pl_module)))
-        self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=True)
-        relu = set(relu_family_nodes(graph))
+        plan = self.layer_plan(pl_module)
+        self.names, self.nodes = _resolve_layers(pl_module, plan.graph, self.layers, pixels=True)
+        relu = set(plan.relus)
         self.unit_layers = [n for n in self.nodes if n in relu] if self.unit_history else []
         if self.unit_history and not self.unit_layers:
             self.warn_once(
@@ -387,9 +386,9 @@ class RepresentationCallback(VisualizationCallback):
             for layer in layer_sigs:
                 m, epochs = self.history.cka[layer], self.history.epochs[layer]
                 if len(epochs) > 1 and follows_recorded(step, epochs[:-1]):
-                    pictures.scalars[f"cka/to_previous/{layer}"] = float(m[-1, -2])
+                    pictures.scalars[tags.CKA_TO_PREVIOUS.format(layer=layer)] = float(m[-1, -2])
                 if len(epochs) > 1 and epochs[0] == 0:  # only when the untrained network was recorded
-                    pictures.scalars[f"cka/to_untrained/{layer}"] = float(m[-1, 0])
+                    pictures.scalars[tags.CKA_TO_UNTRAINED.format(layer=layer)] = float(m[-1, 0])
             if step == 0:
                 pictures.scalars.update(self._layer_cka(0))
         lap("cka")
@@ -402,7 +401,7 @@ class RepresentationCallback(VisualizationCallback):
                 elif layer in kept:
                     accs[layer] = linear_probe(kept[layer], labels, split, self.probe_l2).test_acc
             self.probe_acc[step] = accs
-            pictures.scalars.update({f"probe/acc/{k}": v for k, v in accs.items()})
+            pictures.scalars.update({tags.PROBE_ACC.format(layer=k): v for k, v in accs.items()})
         lap("probes")
         if alive:
             if self.units.epochs and step <= self.units.epochs[-1]:
@@ -410,12 +409,12 @@ class RepresentationCallback(VisualizationCallback):
                 self.units = UnitHistory()
             before = list(self.units.epochs)
             for c in self.units.add(step, alive):
-                pictures.scalars[f"units/dead/{c.layer}"] = float(c.dead)
+                pictures.scalars[tags.UNITS_DEAD.format(layer=c.layer)] = float(c.dead)
                 if step == 0 or follows_recorded(step, before):  # changes since the previous epoch, not over a gap
-                    pictures.scalars[f"units/died/{c.layer}"] = float(c.died)
-                    pictures.scalars[f"units/revived/{c.layer}"] = float(c.revived)
+                    pictures.scalars[tags.UNITS_DIED.format(layer=c.layer)] = float(c.died)
+                    pictures.scalars[tags.UNITS_REVIVED.format(layer=c.layer)] = float(c.revived)
         if step == 0 and 0 in self.layer_cka:
-            pictures.images["cka/layers"] = self._layer_heatmap(0)
+            pictures.images[tags.CKA_LAYERS_HEATMAP.name] = self._layer_heatmap(0)
             self._images_at.add(0)
         if self.images_every_n_epochs and step > 0 and step % self.images_every_n_epochs == 0:
             pictures = self._merge(pictures, self.pictures(step))
@@ -432,7 +431,10 @@ class RepresentationCallback(VisualizationCallback):
         m = cka_matrix(sigs)
         self.layer_cka[step] = m
         return {
-            f"cka/layers/{a}/{b}": float(m[i, j]) for i, a in enumerate(layers) for j, b in enumerate(layers) if j > i
+            tags.CKA_LAYERS.format(a=a, b=b): float(m[i, j])
+            for i, a in enumerate(layers)
+            for j, b in enumerate(layers)
+            if j > i
         }
 
     def _layer_heatmap(self, step: int) -> torch.Tensor:
@@ -459,7 +461,7 @@ class RepresentationCallback(VisualizationCallback):
         out = Pictures()
         self._images_at.add(step)
         for layer, epochs in self.history.epochs.items():
-            out.images[f"cka/epochs/{layer}"] = plots.heatmap(
+            out.images[tags.CKA_EPOCHS.format(layer=layer)] = plots.heatmap(
                 self.history.matrix(layer),
                 epochs,
                 epochs,
@@ -470,11 +472,12 @@ class RepresentationCallback(VisualizationCallback):
         if self.probe_acc:
             chance = 1.0 / len(self.probe.class_names) if self.probe is not None and self.probe.class_names else None
             accs = {s: [a.get(n, math.nan) for n in self.names] for s, a in sorted(self.probe_acc.items())}
-            out.images["probe/acc_vs_depth"] = plots.accuracy_vs_depth(accs, self.names, chance)
+            out.images[tags.PROBE_ACC_VS_DEPTH.name] = plots.accuracy_vs_depth(accs, self.names, chance)
         for layer in self.units.layers:
-            out.images[f"units/raster/{layer}"] = plots.unit_raster(self.units.raster(layer), self.units.epochs, layer)
+            raster = plots.unit_raster(self.units.raster(layer), self.units.epochs, layer)
+            out.images[tags.UNITS_RASTER.format(layer=layer)] = raster
         if self.units.epochs:
-            out.texts["units/deaths"] = self.units.table()
+            out.texts[tags.UNITS_DEATHS.name] = self.units.table()
         return out
 
     def summary(self) -> dict[int, Pictures]:
@@ -488,15 +491,15 @@ class RepresentationCallback(VisualizationCallback):
             return out
         for layer in self.history.epochs:
             for e, value in self.history.to_final(layer):
-                out.setdefault(e, Pictures()).scalars[f"cka/to_final/{layer}"] = value
+                out.setdefault(e, Pictures()).scalars[tags.CKA_TO_FINAL.format(layer=layer)] = value
         final = out.setdefault(last, Pictures())
         if self.history.epochs:
             final.scalars.update(self._layer_cka(last))
-            final.images["cka/layers"] = self._layer_heatmap(last)
+            final.images[tags.CKA_LAYERS_HEATMAP.name] = self._layer_heatmap(last)
             curves = {layer: [v for _, v in self.history.to_final(layer)] for layer in self.history.epochs}
             steps = next(iter(self.history.epochs.values()))
             if all(self.history.epochs[k] == steps for k in curves):
-                final.images["cka/to_final"] = plots.line_chart(
+                final.images[tags.CKA_TO_FINAL_CHART.name] = plots.line_chart(
                     steps,
                     curves,
                     title="CKA of each epoch with the final representation",
@@ -702,10 +705,9 @@ class CrossModelCKACallback(VisualizationCallback):
             return
         assert probe is not None
         probe.check_size(self.probe_size)
-        x = probe.inputs[:1]
-        graph = trace_graph(pl_module, x.to(device_of(pl_module)))
+        graph = self.layer_plan(pl_module).graph
         self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=False)
-        ref_graph = trace_graph(self.reference, x.to(device_of(self.reference)))
+        ref_graph = self.layer_plan(self.reference).graph  # the session traces each model once
         self.ref_names, self.ref_nodes = _resolve_layers(self.reference, ref_graph, self.reference_layers, pixels=True)
 
     @override
@@ -745,7 +747,7 @@ class CrossModelCKACallback(VisualizationCallback):
         self.matrix = cka_matrix(rows, cols)
         ref, model = type(self.reference).__name__, type(pl_module).__name__
         source = f" ({Path(self.reference_ckpt).name})" if self.reference_ckpt else ""
-        pictures.images[f"cka/cross/{ref}"] = plots.heatmap(
+        pictures.images[tags.CKA_CROSS_HEATMAP.format(reference=ref)] = plots.heatmap(
             self.matrix,
             self.ref_names,
             self.names,
@@ -755,7 +757,7 @@ class CrossModelCKACallback(VisualizationCallback):
         )
         for i, a in enumerate(self.ref_names):
             for j, b in enumerate(self.names):
-                pictures.scalars[f"cka/cross/{a}/{b}"] = float(self.matrix[i, j])
+                pictures.scalars[tags.CKA_CROSS.format(a=a, b=b)] = float(self.matrix[i, j])
         return pictures
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cnnfeat import tags
 from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, device_of
 from cnnfeat.errors import ConfigError
 from cnnfeat.layers import resolve_layers, trace
@@ -60,4 +61,4 @@ class ShapeTableCallback(VisualizationCallback):
         log.info("Layer output shapes%s:\n%s", f" of {self.module}" if self.module else "", "\n".join(lines))
         md = ["| layer | type | output shape |", "|---|---|---|", f"| input | | {list(shape)} |"]
         md += [f"| {name} | {t} | {list(s)} |" for name, t, s in rows]
-        return Pictures(texts={"model/shapes": "\n".join(md)})
+        return Pictures(texts={tags.MODEL_SHAPES.name: "\n".join(md)})

@@ -3,59 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from cnnfeat import viz
+from cnnfeat import tags, viz
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
     VisualizationCallback,
     check_indices,
     check_names,
-    device_of,
-    nonfinite_rows,
 )
 from cnnfeat.callbacks.feature_maps import check_channels
 from cnnfeat.errors import ConfigError, check_int
-from cnnfeat.graph import capture, trace_graph
-from cnnfeat.probe import MAX_IMAGES, ProbeSet, batches
-from cnnfeat.receptive_field import ReceptiveField, crop, graph_receptive_fields
-
-
-@dataclass
-class TopK:
-    """Running top-k per channel: activation ``values``, image ``ids`` and flat ``positions``, each (k, C)."""
-
-    values: torch.Tensor
-    ids: torch.Tensor
-    positions: torch.Tensor
-
-    @classmethod
-    def empty(cls, k: int, channels: int, device: torch.device) -> TopK:
-        return cls(
-            torch.full((k, channels), -torch.inf, device=device),
-            torch.full((k, channels), -1, dtype=torch.long, device=device),
-            torch.zeros((k, channels), dtype=torch.long, device=device),
-        )
-
-    def update(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Merge candidates (N, C) into the running top-k (memory stays O(k * C))."""
-        k = len(self.values)
-        v = torch.cat([self.values, values])
-        i = torch.cat([self.ids, ids])
-        p = torch.cat([self.positions, positions])
-        top_v, order = v.topk(min(k, len(v)), dim=0)
-        self.values, self.ids, self.positions = top_v, i.gather(0, order), p.gather(0, order)
-
-    def update_from_maps(self, maps: torch.Tensor, image_ids: torch.Tensor) -> None:
-        """Each image contributes its strongest position per channel (so top-k are k different images)."""
-        best, pos = maps.flatten(2).max(dim=2)  # (B, C)
-        ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
-        self.update(best.float(), ids, pos)
+from cnnfeat.probe import MAX_IMAGES, ProbeSet
+from cnnfeat.receptive_field import crop
+from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_patches
 
 
 def check_top_k(name: str, k: Any) -> None:
@@ -127,9 +92,8 @@ class TopPatchesCallback(VisualizationCallback):
         self.max_channels, self.probe_size = max_channels, probe_size
         self.batch_size, self.min_cell, self.max_cell = batch_size, min_cell, max_cell
         self.last_boxes: dict[str, list[tuple[int, int, int, tuple[int, int], tuple[int, int, int, int]]]] = {}
-        self._fields: dict[int, dict[str, ReceptiveField]] = {}  # image ID -> fields of the pass that saw it
-        #: per node, probe images whose map held NaN or infinity in the last ``collect`` (such a node is not drawn)
-        self.nonfinite: dict[str, int] = {}
+        #: the last search (``cnnfeat.topk.search_patches``): top-k, each image's fields, non-finite counts
+        self.search: PatchSearch | None = None
 
     def _channels(self, n: int) -> list[int]:
         return self.channels if self.channels is not None else list(range(min(n, self.max_channels)))
@@ -137,76 +101,49 @@ class TopPatchesCallback(VisualizationCallback):
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
         probe.check_size(self.probe_size)
-        graph = trace_graph(pl_module, probe.inputs[:1].to(device_of(pl_module)))
-        graph_receptive_fields(graph, self.layers)  # unknown names, or no geometry: an error naming the node
+        plan = self.layer_plan(pl_module)
+        plan.fields(self.layers)  # unknown names, or no geometry: an error naming the node
         for name in self.layers:
-            check_channels(self.channels, name, graph[name].output_shape[1])
+            check_channels(self.channels, name, plan[name].units)
 
     def collect(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, TopK]:
-        """Stream the probe through the model and return the top-k per node (image IDs are the probe's).
-
-        Each batch's forward pass is traced while the maps are captured (one pass), and every image's receptive
-        fields are those of its batch's graph (``field``).
-        """
-        n, device = probe.check_size(self.probe_size), device_of(pl_module)
-        tops: dict[str, TopK] = {}
-        self._fields = {}
-        self.nonfinite = dict.fromkeys(self.layers, 0)
-        with capture(pl_module, self.layers) as out:
-            for positions in batches(torch.arange(n), self.batch_size):
-                graph = trace_graph(pl_module, probe.inputs[positions].to(device))  # the maps land in `out` too
-                fields = graph_receptive_fields(graph, self.layers)
-                self._fields.update(dict.fromkeys(probe.ids[positions].tolist(), fields))
-                for name in self.layers:
-                    maps = out[name]
-                    if name not in tops:
-                        tops[name] = TopK.empty(self.top_k, maps.shape[1], maps.device)
-                    tops[name].update_from_maps(maps, probe.ids[positions])
-                    self.nonfinite[name] += int(nonfinite_rows(maps).sum())
-        return tops
-
-    def _crop_sources(self, pl_module: nn.Module, probe: ProbeSet, positions: torch.Tensor, frame: str | None):
-        """The images the boxes refer to: the display images, or the output of an input transform (a resize)."""
-        if frame is None:
-            return probe.images[positions]
-        with capture(pl_module, [frame]) as out:
-            pl_module(probe.inputs[positions].to(device_of(pl_module)))
-        return out[frame].cpu()
-
-    def field(self, image_id: int, name: str) -> ReceptiveField:
-        """The receptive field of ``name``'s units in the pass that saw image ``image_id`` (after ``collect``)."""
-        return self._fields[image_id][name]
+        """Stream the probe through the model and return the top-k per node (image IDs are the probe's); the search,
+        with each image's receptive fields, is kept as ``search`` (``cnnfeat.topk.search_patches``)."""
+        n = probe.check_size(self.probe_size)
+        self.search = search_patches(pl_module, probe, self.layers, self.top_k, n, self.batch_size)
+        return self.search.tops
 
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         assert probe is not None
         tops = self.collect(pl_module, probe)
         pictures = Pictures()
         self.last_boxes = {}
+        search = self.search
+        assert search is not None
         for name, top in tops.items():
-            if self.nonfinite[name]:  # patches chosen by NaN activations would look like data
+            if search.nonfinite[name]:  # patches chosen by NaN activations would look like data
                 n = probe.check_size(self.probe_size)
                 self.skip_nonfinite(
-                    name, "activations", self.nonfinite[name], n, "probe images", f"top_patches/{name}", step
+                    name, "activations", search.nonfinite[name], n, "probe images", f"top_patches/{name}", step
                 )
                 continue
             chans = self._channels(top.values.shape[1])
             ids = top.ids[:, chans].cpu()
             by_frame: dict[str | None, list[int]] = {}
             for i in ids[ids >= 0].unique().tolist():
-                by_frame.setdefault(self.field(i, name).frame, []).append(i)
+                by_frame.setdefault(search.field(i, name).frame, []).append(i)
             sources: dict[int, torch.Tensor] = {}
             for frame, frame_ids in by_frame.items():
-                crops_from = self._crop_sources(pl_module, probe, probe.positions(frame_ids), frame)
-                sources.update(zip(frame_ids, crops_from, strict=True))
+                sources.update(zip(frame_ids, crop_sources(pl_module, probe, frame_ids, frame), strict=True))
             channels_in = next(iter(sources.values())).shape[0] if sources else 1
             cells, boxes = [], []
             for c_idx, c in enumerate(chans):
                 for r in range(len(top.values)):
                     img_id, pos = int(ids[r, c_idx]), int(top.positions[r, c])
                     if img_id < 0:  # fewer probe images than k
-                        cells.append(torch.zeros(channels_in, *next(iter(self._fields.values()))[name].size))
+                        cells.append(torch.zeros(channels_in, *next(iter(search.fields.values()))[name].size))
                         continue
-                    rf = self.field(img_id, name)
+                    rf = search.field(img_id, name)
                     unit = (pos // rf.output_shape[1], pos % rf.output_shape[1])
                     box = rf.box(*unit)
                     boxes.append((c, r, img_id, unit, box))
@@ -218,7 +155,7 @@ class TopPatchesCallback(VisualizationCallback):
             patches = torch.stack(cells).float()
             if patches.shape[-1] > self.max_cell:  # big receptive fields (AlexNet conv5: 163 px) are shrunk
                 patches = torch.nn.functional.interpolate(patches, size=(self.max_cell, self.max_cell), mode="area")
-            pictures.images[f"top_patches/{name}"] = viz.grid(
+            pictures.images[tags.TOP_PATCHES.format(node=name)] = viz.grid(
                 viz.grey(patches), nrow=len(top.values), min_cell=self.min_cell
             )
         return pictures

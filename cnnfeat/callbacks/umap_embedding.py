@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from typing_extensions import override
 
-from cnnfeat import embedding, viz
+from cnnfeat import embedding, tags, viz
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -22,12 +22,14 @@ from cnnfeat.callbacks.base import (
     check_number,
     device_of,
     follows_recorded,
+    inference,
     nonfinite_rows,
     tensorboard_writer,
 )
 from cnnfeat.errors import ConfigError, check_int
-from cnnfeat.graph import capture, graph_node_names, trace_graph
+from cnnfeat.graph import capture
 from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probe_pass import PassBatch, PassRequest
 from cnnfeat.run import lightning_api as pl
 
 log = logging.getLogger("cnnfeat")
@@ -61,10 +63,14 @@ class EmbeddingCallback(VisualizationCallback):
     The stratified probe is drawn from the probe's labels (the split's first ``cnnfeat.probe.MAX_IMAGES``).
     Feature vectors holding NaN or infinity get no map at that step (a warning names the layer).
 
-    It runs the model itself rather than reading the shared probe pass (``cnnfeat.probe_pass``): its default vectors
-    come from ``features(x)``, a method rather than a node of the forward pass (and from the cached backbone features
-    of a frozen-feature DataModule), so the pass cannot capture them; its images are the same stratified selection.
+    The vectors come from the shared probe pass (``cnnfeat.probe_pass``: one forward pass per step for the dead-ReLU,
+    representation, atlas and UMAP callbacks, over the same stratified images): ``layer``'s output, or for
+    ``features()`` the input of the network's last Linear layer, checked in ``setup`` to equal ``features(x)``
+    bit for bit. Where it does not (a ``features`` that is not the head's input), and for a DataModule whose
+    batches are cached backbone features, the callback calls ``features`` itself and says so once.
     """
+
+    uses_probe_pass = True
 
     def __init__(
         self,
@@ -147,6 +153,8 @@ class EmbeddingCallback(VisualizationCallback):
         self.pixel_embedding: np.ndarray | None = None
         self.quality: dict[int, embedding.ClusterQuality] = {}
         self._last_features: np.ndarray | None = None
+        #: where the pass finds the vectors, set in ``check``: (node, "input" or "output"), or None: ``features()``
+        self.source: tuple[str, str] | None = None
 
     @property
     @override
@@ -157,14 +165,38 @@ class EmbeddingCallback(VisualizationCallback):
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
         probe.check_size(self.probe_size)
-        x = probe.inputs[:1].to(device_of(pl_module))
+        plan = self.layer_plan(pl_module)
         if self.layer is not None:
-            trace_graph(pl_module, x).resolve([self.layer])  # an unknown name lists the valid ones
+            plan.resolve([self.layer])  # an unknown name lists the valid ones
+            self.source = (self.layer, "output")
         elif not callable(getattr(pl_module, "features", None)):
             raise ConfigError(
                 f"{type(self).__name__} needs {type(pl_module).__name__}.features(x) -> (N, D) or a node to embed: "
-                f"name one with layer=..., e.g. the penultimate layer; valid names: {graph_node_names(pl_module, x)}"
+                f"name one with layer=..., e.g. the penultimate layer; valid names: {list(plan.layers)}"
             )
+        else:
+            self.source = self._features_node(pl_module, probe)
+
+    def _features_node(self, pl_module: nn.Module, probe: ProbeSet) -> tuple[str, str] | None:
+        """The last Linear layer's input when it is ``features(x)`` bit for bit on probe images, else None (and why)."""
+        linears = self.layer_plan(pl_module).of_kind("linear")
+        why = ""
+        if probe.batch_inputs is not None:
+            why = "the DataModule's batches are cached backbone features, which the forward pass does not produce"
+        elif not linears:
+            why = "the network has no Linear layer whose input features() could be"
+        else:
+            x = probe.inputs[:8].to(device_of(pl_module))
+            with inference(pl_module), capture(pl_module, linears[-1:], inputs=True) as got:
+                want = pl_module.features(x)
+                pl_module(x)
+            head_in = got[linears[-1]]
+            if head_in.shape[0] != want.shape[0] or not torch.equal(head_in.flatten(1), want.flatten(1)):
+                why = f"features(x) is not the input of the last Linear layer {linears[-1]!r}"
+        if why:
+            log.info("%s: calls features() itself (not the shared probe pass): %s", type(self).__name__, why)
+            return None
+        return linears[-1], "input"
 
     def should_render(self, writer: object) -> bool:
         return True  # scalars go to any logger, the GIF to the run directory
@@ -176,7 +208,8 @@ class EmbeddingCallback(VisualizationCallback):
         return probe.positions(self.probe_ids)
 
     def features(self, pl_module: nn.Module, probe: ProbeSet, positions: torch.Tensor) -> np.ndarray:
-        """The vectors to map for probe ``positions``, batched, as float32 numpy (N, D)."""
+        """The vectors to map for probe ``positions``, batched, as float32 numpy (N, D), from a forward pass of its
+        own (``render`` reads the shared pass instead where ``source`` is set)."""
         device, out = device_of(pl_module), []
         if self.layer is None:
             source = probe.batch_inputs if probe.batch_inputs is not None else probe.inputs
@@ -188,6 +221,21 @@ class EmbeddingCallback(VisualizationCallback):
                     pl_module(probe.inputs[b].to(device))
                     out.append(captured[self.layer].float().cpu())
         return torch.cat(out).flatten(1).numpy()
+
+    def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest | None:
+        """The vectors' node on this callback's stratified selection (``cnnfeat.probe_pass``)."""
+        if self.source is None:
+            return None
+        node, where = self.source
+        acc = _Vectors(node, where)
+        return PassRequest(self.positions(probe), self.batch_size, acc, **{f"{where}s": [node]})
+
+    def _vectors(self, pl_module: nn.Module, probe: ProbeSet, positions: torch.Tensor, step: int) -> np.ndarray:
+        if self.source is None:
+            return self.features(pl_module, probe, positions)
+        result = self.pass_result(pl_module, probe, step)
+        assert result is not None and torch.equal(result.ids, probe.ids[positions])
+        return result.accumulator.finish()
 
     # -- maps ----------------------------------------------------------------------------------------
     def _fit(self, x: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
@@ -221,9 +269,10 @@ class EmbeddingCallback(VisualizationCallback):
             raw = probe.images[positions].flatten(1).numpy()
             self.pixel_embedding = self._fit(raw, None)
             q = embedding.cluster_quality(raw, self.pixel_embedding, labels, self.knn_k, self.cv_folds)
-            pictures.scalars.update(q.as_dict("umap/pixels/"))
-            pictures.images["umap/pixels"] = self._panel(self.pixel_embedding, labels, names, _pixel_title(probe))
-        feats = self.features(pl_module, probe, positions)
+            pictures.scalars.update(q.as_dict(tags.UMAP_PIXEL_QUALITY.prefix))
+            panel = self._panel(self.pixel_embedding, labels, names, _pixel_title(probe))
+            pictures.images[tags.UMAP_PIXELS.name] = panel
+        feats = self._vectors(pl_module, probe, positions, step)
         bad = int(nonfinite_rows(torch.from_numpy(feats)).sum())
         if bad:  # no map of NaN: this step is left out of the trajectory
             self.skip_nonfinite(
@@ -236,10 +285,10 @@ class EmbeddingCallback(VisualizationCallback):
         self.embeddings[step], self._last_features = emb, feats
         q = embedding.cluster_quality(feats, emb, labels, self.knn_k, self.cv_folds)
         self.quality[step] = q
-        pictures.scalars.update(q.as_dict())
+        pictures.scalars.update(q.as_dict(tags.UMAP_QUALITY.prefix))
         if before is not None and follows_recorded(step, [before]):  # the previous epoch's map, not across a gap
-            pictures.scalars["umap/frame_shift"] = embedding.frame_shift(previous, emb)
-        pictures.images["umap/features"] = self._panel(emb, labels, names, self._title(step))
+            pictures.scalars[tags.UMAP_FRAME_SHIFT.name] = embedding.frame_shift(previous, emb)
+        pictures.images[tags.UMAP_FEATURES.name] = self._panel(emb, labels, names, self._title(step))
         return pictures
 
     # -- end of fit: animation and projector ---------------------------------------------------------
@@ -287,7 +336,7 @@ class EmbeddingCallback(VisualizationCallback):
                 metadata=[self.probe.class_name(i) for i in self.probe.labels[positions].tolist()],
                 label_img=self.probe.images[positions],
                 global_step=max(self.embeddings),
-                tag="umap/features",
+                tag=tags.UMAP_FEATURES.name,
             )
 
     # -- checkpointing -------------------------------------------------------------------------------
@@ -314,3 +363,17 @@ class EmbeddingCallback(VisualizationCallback):
         self.embeddings = {int(s): e.numpy() for s, e in zip(steps, maps, strict=True)}
         pix = state_dict.get("pixel_embedding")
         self.pixel_embedding = None if pix is None else pix.numpy()
+
+
+class _Vectors:
+    """One node's input or output rows over the pass, flattened to float32 (N, D)."""
+
+    def __init__(self, node: str, where: str) -> None:
+        self.node, self.where, self.rows = node, where, []
+
+    def update(self, batch: PassBatch) -> None:
+        tensors = batch.inputs if self.where == "input" else batch.outputs
+        self.rows.append(tensors[self.node].float().cpu())
+
+    def finish(self) -> np.ndarray:
+        return torch.cat(self.rows).flatten(1).numpy()

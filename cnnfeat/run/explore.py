@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnfeat.callbacks import VisualizationCallback
-from cnnfeat.callbacks.base import inference, share_probe_pass, shared_probe
+from cnnfeat.callbacks.base import inference
+from cnnfeat.callbacks.session import AnalysisSession
 from cnnfeat.errors import CheckpointError, ConfigError
 from cnnfeat.report import report_at_end
 from cnnfeat.run import lightning_api as pl
@@ -193,12 +194,12 @@ def explore(cfg: DictConfig) -> Path:
     try:
         for i, net in enumerate(explored):
             model = net.model.to(device)
-            if i == 0:  # the same probe and checks as in training, then one probe pass per step for its consumers
+            if i == 0:  # the same session, probe and checks as in training: one probe pass per step for its consumers
+                session = AnalysisSession.attach(callbacks)
                 for cb in callbacks:
                     with _named(cb):
-                        probe = shared_probe(datamodule, cb.probe_spec, model) if cb.needs_probe else None
+                        probe = session.probe(datamodule, cb.probe_spec, model) if cb.needs_probe else None
                         cb.prepare(model, probe)
-                share_probe_pass(callbacks)
             for cb in callbacks:
                 with _named(cb), inference(model):
                     pictures = cb.render(model, cb.probe, net.step)

@@ -1,0 +1,111 @@
+"""What the picture callbacks of one fit share: the probe sets, the probe passes and the layer plans.
+
+One ``AnalysisSession`` per fit (per ``Trainer``) or per ``cnnfeat-explore`` run is handed to every picture callback
+in ``setup`` (``attach``): the first callback that needs a probe builds it from the DataModule and the others get the
+same object; pass consumers of one probe share one ``ProbePass``; the layer plan of a model is traced once, on the
+first probe image, and read by every callback. Nothing is kept in module-global state: a new fit gets a new session,
+and a callback used on its own gets a session of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from weakref import ref
+
+import torch
+from torch import nn
+
+from cnnfeat.errors import ConfigError
+from cnnfeat.plan import LayerPlan
+from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
+from cnnfeat.probe_pass import ProbePass
+from cnnfeat.run.lightning_api import rank_zero_warn
+
+log = logging.getLogger("cnnfeat")
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
+@contextmanager
+def inference(module: nn.Module) -> Iterator[None]:
+    """``torch.no_grad`` and eval mode inside; afterwards every submodule gets its own mode back.
+
+    Restoring each submodule (not just calling ``train()``) keeps frozen backbones in eval mode.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def build_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = None) -> ProbeSet:
+    """The probe of ``datamodule`` for ``spec`` (``cnnfeat.probe``); says once what it had to decide (e.g. validation
+    images instead of test) and, given the model, checks that the DataModule's batch inputs agree with its forward."""
+    if datamodule is None:
+        raise ConfigError("the picture callbacks read their probe images from a DataModule: pass one to the Trainer")
+    probe = probe_from_datamodule(datamodule, spec)
+    if probe.note:
+        rank_zero_warn(f"{type(datamodule).__name__}: {probe.note}")
+    if model is not None:
+        with inference(model):
+            check_batch_inputs(model, probe)
+    return probe
+
+
+class AnalysisSession:
+    """Probes (one per DataModule and spec), probe passes (one per spec) and layer plans (one per model)."""
+
+    def __init__(self, key: Any = None) -> None:
+        self._key = ref(key) if key is not None else None  # the Trainer this session serves (weakly)
+        self._probes: dict[tuple[int, ProbeSpec], tuple[Any, ProbeSet]] = {}
+        self._passes: dict[ProbeSpec, ProbePass] = {}
+        self._plans: dict[int, tuple[ref[nn.Module], LayerPlan]] = {}
+        #: layer plans traced by this session (for tests and benchmarks: one per model)
+        self.traces = 0
+
+    def serves(self, key: Any) -> bool:
+        """Whether this session was attached for ``key`` (a Trainer) and that object is still alive."""
+        return self._key is not None and self._key() is key
+
+    @classmethod
+    def attach(cls, callbacks: Iterable[Any], key: Any = None) -> AnalysisSession:
+        """The session of ``callbacks`` for ``key`` (the Trainer; None: a fresh one): the one a callback already
+        holds for the same key, else a new one, given to every callback that has a ``session`` attribute."""
+        callbacks = [cb for cb in callbacks if hasattr(cb, "session")]
+        found = next((cb.session for cb in callbacks if cb.session is not None and cb.session.serves(key)), None)
+        session = found if found is not None and key is not None else cls(key)
+        for cb in callbacks:
+            cb.session = session
+        return session
+
+    def probe(self, datamodule: Any, spec: ProbeSpec, model: nn.Module | None = None) -> ProbeSet:
+        """The probe of ``datamodule`` for ``spec``: built once (``build_probe``), then the same object."""
+        key = (id(datamodule), spec)
+        held = self._probes.get(key)
+        if held is None or held[0] is not datamodule:
+            self._probes[key] = (datamodule, build_probe(datamodule, spec, model))
+        return self._probes[key][1]
+
+    def probe_pass(self, spec: ProbeSpec) -> ProbePass:
+        """The one pass of the probe ``spec`` that its consumers share."""
+        return self._passes.setdefault(spec, ProbePass())
+
+    def plan(self, model: nn.Module, probe: ProbeSet) -> LayerPlan:
+        """The layer plan of ``model``, traced once on the first probe image (then the same object)."""
+        held = self._plans.get(id(model))
+        if held is None or held[0]() is not model:
+            plan = LayerPlan.trace(model, probe.inputs[:1].to(device_of(model)))  # eval mode, no grad
+            self._plans[id(model)] = (ref(model), plan)
+            self.traces += 1
+            log.debug("layer plan of %s: %s", type(model).__name__, plan.summary())
+        return self._plans[id(model)][1]

@@ -1,0 +1,125 @@
+"""The probe images that excite each unit most: a bounded running top-k, streamed over the probe (no Lightning).
+
+``search_patches`` is the one search the top-patches picture and the atlas share: it streams probe images through
+the model, keeps per node and channel the ``k`` strongest (activation, image, position), one position per image, and
+records the receptive fields of the pass that saw each image. Each batch is traced while its maps are captured (one
+pass): a network whose path depends on the data gets each batch's own geometry, so a patch is always cut by the field
+of the pass that produced its activation. ``search_vectors`` does the same for (N, F) nodes (a unit's "patch" is the
+whole image). ``crop_sources`` gives the images the boxes refer to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cnnfeat.graph import capture, trace_graph
+from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.receptive_field import ReceptiveField, graph_receptive_fields
+from cnnfeat.units import nonfinite_rows
+
+__all__ = ["PatchSearch", "TopK", "crop_sources", "search_patches", "search_vectors"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+
+
+@dataclass
+class TopK:
+    """Running top-k per channel: activation ``values``, image ``ids`` and flat ``positions``, each (k, C)."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def empty(cls, k: int, channels: int, device: torch.device) -> TopK:
+        return cls(
+            torch.full((k, channels), -torch.inf, device=device),
+            torch.full((k, channels), -1, dtype=torch.long, device=device),
+            torch.zeros((k, channels), dtype=torch.long, device=device),
+        )
+
+    def update(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Merge candidates (N, C) into the running top-k (memory stays O(k * C))."""
+        k = len(self.values)
+        v = torch.cat([self.values, values])
+        i = torch.cat([self.ids, ids])
+        p = torch.cat([self.positions, positions])
+        top_v, order = v.topk(min(k, len(v)), dim=0)
+        self.values, self.ids, self.positions = top_v, i.gather(0, order), p.gather(0, order)
+
+    def update_from_maps(self, maps: torch.Tensor, image_ids: torch.Tensor) -> None:
+        """Each image contributes its strongest position per channel (so top-k are k different images)."""
+        best, pos = maps.flatten(2).max(dim=2)  # (B, C)
+        ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
+        self.update(best.float(), ids, pos)
+
+
+@dataclass
+class PatchSearch:
+    """The result of ``search_patches``: top-k per node, the fields each image's pass had, non-finite counts."""
+
+    tops: dict[str, TopK]
+    #: image ID -> node -> receptive field in the pass that saw the image
+    fields: dict[int, dict[str, ReceptiveField]] = field(default_factory=dict)
+    #: per node, probe images whose map held NaN or infinity (such a node's winners would be chosen by NaN)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    def field(self, image_id: int, name: str) -> ReceptiveField:
+        """The receptive field of ``name``'s units in the pass that saw image ``image_id``."""
+        return self.fields[image_id][name]
+
+
+def search_patches(
+    model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int
+) -> PatchSearch:
+    """Stream the first ``n`` probe images through ``model`` (under ``no_grad`` and the mode you want) and keep the
+    top-``k`` per channel of each spatial node in ``layers`` (see the module docstring)."""
+    device = _device(model)
+    result = PatchSearch({}, {}, dict.fromkeys(layers, 0))
+    with capture(model, layers) as out:
+        for positions in batches(torch.arange(n), batch_size):
+            graph = trace_graph(model, probe.inputs[positions].to(device))  # the maps land in `out` too
+            fields = graph_receptive_fields(graph, layers)
+            result.fields.update(dict.fromkeys(probe.ids[positions].tolist(), fields))
+            for name in layers:
+                maps = out[name]
+                if name not in result.tops:
+                    result.tops[name] = TopK.empty(k, maps.shape[1], maps.device)
+                result.tops[name].update_from_maps(maps, probe.ids[positions])
+                result.nonfinite[name] += int(nonfinite_rows(maps).sum())
+    return result
+
+
+def search_vectors(
+    model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int
+) -> dict[str, TopK]:
+    """Top-``k`` probe images per unit of (N, F) nodes over the first ``n`` probe images (positions are 0)."""
+    device, found = _device(model), {}
+    with capture(model, layers) as acts:
+        for ids in batches(torch.arange(n), batch_size):
+            model(probe.inputs[ids].to(device))
+            for name in layers:
+                a = acts[name].float()
+                if name not in found:
+                    found[name] = TopK.empty(k, a.shape[1], a.device)
+                found[name].update(
+                    a, probe.ids[ids].to(a.device).unsqueeze(1).expand_as(a), a.new_zeros(a.shape, dtype=torch.long)
+                )
+    return found
+
+
+def crop_sources(model: nn.Module, probe: ProbeSet, ids: Sequence[int], frame: str | None) -> torch.Tensor:
+    """The images boxes of probe ``ids`` refer to: the display images, or the output of the input transform node
+    ``frame`` inside the model (a resize), in the order of ``ids``."""
+    positions = probe.positions(list(ids))
+    if frame is None:
+        return probe.images[positions]
+    with capture(model, [frame]) as out:
+        model(probe.inputs[positions].to(_device(model)))
+    return out[frame].cpu()
