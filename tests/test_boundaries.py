@@ -27,7 +27,15 @@ from cnnfeat.run.cli import instantiate_node
 MakeCfg = Callable[..., DictConfig]
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnfeat"
 #: the data side of the architecture: the DataModules and the probe they hand to callbacks
-DATA_SIDE = ("cnnfeat.data.fashion_mnist", "cnnfeat.data.feature_cache", "cnnfeat.probe")
+DATA_SIDE = (
+    "cnnfeat.data",
+    "cnnfeat.data.common",
+    "cnnfeat.data.fashion_mnist",
+    "cnnfeat.data.feature_cache",
+    "cnnfeat.data.image_folder",
+    "cnnfeat.data.official",
+    "cnnfeat.probe",
+)
 CALLBACKS = tuple(sorted(f"cnnfeat.callbacks.{p.stem}" for p in (PACKAGE / "callbacks").glob("*.py")))
 
 

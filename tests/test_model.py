@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cnnfeat import layers
+from cnnfeat.errors import ConfigError
 from cnnfeat.models import SmallCNN
 
 
@@ -84,3 +85,26 @@ def test_capture_is_correct_under_inplace_relu() -> None:
     assert (pre < 0).any(), "the pre-ReLU map must keep its negative values"
     assert torch.equal(post, pre.clamp(min=0))
     assert not model.conv1._forward_hooks, "hooks are removed on exit"
+
+
+def test_small_cnn_adapts_to_the_datas_channels_and_size() -> None:
+    """The data configs give in_channels and image_size; the defaults are the lecture's 1 x 28 x 28 network."""
+    lecture = SmallCNN()
+    assert lecture.conv1.in_channels == 1 and lecture.fc1.in_features == 16 * 7 * 7
+    rgb = SmallCNN(in_channels=3, image_size=32, num_classes=100)
+    assert rgb.conv1.in_channels == 3 and rgb.fc1.in_features == 16 * 8 * 8
+    assert rgb(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+    assert tuple(rgb.example_input_array.shape) == (1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="image_size must be >= 4"):
+        SmallCNN(image_size=3)
+
+
+def test_a_checkpoint_from_before_in_channels_resumes_with_the_lectures_values() -> None:
+    """Checkpoints written before model.in_channels/image_size existed were trained with 1 and 28."""
+    from cnnfeat.run.resume import differences
+
+    saved = {"model": {"_target_": "cnnfeat.models.SmallCNN", "num_classes": 10}}
+    assert differences(saved, {"model": {**saved["model"], "in_channels": 1, "image_size": 28}}) == []
+    assert differences(saved, {"model": {**saved["model"], "in_channels": 3, "image_size": 28}}) == [
+        ("model.in_channels", 1, 3)
+    ]

@@ -1,4 +1,4 @@
-"""The lecture's small CNN for 28x28 grey images."""
+"""The lecture's small CNN for 28x28 grey images (and, with ``in_channels``/``image_size``, any square images)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnfeat.errors import ConfigError
+from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.models.classifier import DEFAULT_SCHEDULER, ImageClassifier
 
 #: Fashion-MNIST training-set pixel mean and std (of images scaled to [0, 1]).
@@ -20,6 +20,10 @@ class SmallCNN(ImageClassifier):
     """Conv 1->6 3x3, ReLU, Conv 6->6 3x3, ReLU, MaxPool, Conv 6->16 3x3, ReLU, MaxPool,
     FC 784->120, ReLU, FC 120->100, ReLU, FC 100->10 (convs padded to keep 28x28, as in the lecture).
 
+    ``in_channels`` and ``image_size`` adapt it to other images the way the lecture's layout allows: the first conv
+    takes ``in_channels`` and FC1 takes 16 x (image_size // 4)^2 (the defaults, 1 and 28, are the lecture's network;
+    the data configs give ``${data.in_channels}`` and ``${data.image_size}``).
+
     Takes images in [0, 1] and standardises them with ``input_mean``/``input_std`` (``None`` keeps
     [0, 1]). Every ReLU is its own module (``relu1`` .. ``relu5``) so each can be watched.
     ``conv_bias_init`` sets all conv biases to a constant (a large negative value kills the ReLUs, one
@@ -29,6 +33,8 @@ class SmallCNN(ImageClassifier):
     def __init__(
         self,
         num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = DEFAULT_SCHEDULER,
         input_mean: float | None = FASHION_MNIST_MEAN,
@@ -45,10 +51,14 @@ class SmallCNN(ImageClassifier):
                 "input_mean and input_std must both be finite numbers (std > 0) or both None, got "
                 f"{input_mean}, {input_std}"
             )
+        check_int("in_channels", in_channels)
+        check_int("image_size", image_size)
+        if image_size < 4:
+            raise ConfigError(f"image_size must be >= 4 (two 2x2 max-pools), got {image_size}")
         self.save_hyperparameters()
         self.input_mean, self.input_std = input_mean, input_std
         self.channels_last = channels_last
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, 6, 3, padding=1)
         self.relu1 = nn.ReLU(inplace=inplace_relu)
         self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
         self.relu2 = nn.ReLU(inplace=inplace_relu)
@@ -56,7 +66,7 @@ class SmallCNN(ImageClassifier):
         self.conv3 = nn.Conv2d(6, 16, 3, padding=1)
         self.relu3 = nn.ReLU(inplace=inplace_relu)
         self.pool2 = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(16 * 7 * 7, 120)
+        self.fc1 = nn.Linear(16 * (image_size // 4) ** 2, 120)
         self.relu4 = nn.ReLU(inplace=inplace_relu)
         self.fc2 = nn.Linear(120, 100)
         self.relu5 = nn.ReLU(inplace=inplace_relu)
@@ -67,7 +77,7 @@ class SmallCNN(ImageClassifier):
                     conv.bias.fill_(conv_bias_init)
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self.example_input_array = torch.zeros(1, 1, 28, 28)
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The 100-d vector after FC2 and its ReLU, for images (N,1,28,28) in [0, 1]."""

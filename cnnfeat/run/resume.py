@@ -35,8 +35,17 @@ DATA_RUNTIME_KEYS = frozenset(
         "eval_batch_size",
         "device",
         "extract_batch_size",
+        "root",
+        "in_memory",
+        "max_memory_mb",
+        # facts of the data set the DataModule checks against its files (a model built for others fails to load)
+        "in_channels",
+        "image_size",
+        "num_classes",
     }
 )
+#: settings added after checkpoints were written without them, with the value such a checkpoint was trained with
+IMPLIED = {"model.in_channels": 1, "model.image_size": 28}
 #: Trainer arguments that change the optimisation itself
 TRAINER_KEYS = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 CONFIG_KEY = "cnnfeat_config"
@@ -84,7 +93,7 @@ def differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[
     missing = object()
     rows = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, missing), b.get(key, missing)
+        va, vb = a.get(key, IMPLIED.get(key, missing) if key in b else missing), b.get(key, missing)
         if va != vb:
             rows.append((key, None if va is missing else va, None if vb is missing else vb))
     return rows
