@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+#: the Fashion-MNIST test images whose feature maps the lecture shows (IDs in the official test set)
+LECTURE_IMAGE_IDS: tuple[int, ...] = (22, 193, 36, 312, 1087, 74)
+#: Fashion-MNIST's classes, in label order (as torchvision names them)
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def default_image_ids(class_names: tuple[str, ...] | list[str], held: set[int], first_of_class: list[int]) -> list[int]:
+    """The lecture's six images on Fashion-MNIST (when the probe holds them), else the first image of each class."""
+    if tuple(class_names) == FASHION_MNIST_CLASSES and set(LECTURE_IMAGE_IDS) <= held:
+        return list(LECTURE_IMAGE_IDS)
+    return list(first_of_class)
+
+
 #: The lecture's printed log for its 15-epoch run: (train accuracy %, train avgLoss, valid accuracy %) per epoch.
 #: Its "valid" column is the official 10k test set.
 LECTURE_LOG: tuple[tuple[float, float, float], ...] = (

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnfeat.errors import ConfigError
 from cnnfeat.graph import (
     Graph,
     Node,
@@ -147,6 +148,26 @@ class LayerPlan:
         if bad:
             raise unknown_names(bad, self.convs, self.owner, "conv layer")
         return [self.layers[n] for n in names]
+
+    def stage_convs(self, limit: int = 4, local: bool = False) -> list[str]:
+        """The first conv of each stage (each new output resolution), in execution order; at most ``limit``, spread
+        evenly over the stages when there are more; ``local``: only convs whose receptive field can be derived."""
+        firsts, seen = [], set()
+        for name in self.convs:
+            size = self.layers[name].output_shape[1:]
+            if size in seen:
+                continue
+            if local:
+                try:
+                    self.field(name)
+                except ConfigError:
+                    continue
+            seen.add(size)
+            firsts.append(name)
+        if len(firsts) <= limit:
+            return firsts
+        step = (len(firsts) - 1) / (limit - 1) if limit > 1 else 0
+        return [firsts[round(i * step)] for i in range(limit)]
 
     def calls(self, name: str) -> list[str]:
         """Every call of the module (or function) behind ``name`` in one pass (``conv``, ``conv:1``, ...)."""

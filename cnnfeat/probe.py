@@ -144,6 +144,13 @@ class ProbeSet:
             raise ConfigError(f"{what}={size} is larger than {self.describe()}")
         return size
 
+    def example_ids(self, count: int = 6) -> list[int]:
+        """Probe IDs of the first image of each of the first ``count`` classes present (in class order)."""
+        out = []
+        for label in self.labels.unique().tolist()[:count]:
+            out.append(int(self.ids[(self.labels == label).nonzero()[0, 0]]))
+        return out
+
     def class_name(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 

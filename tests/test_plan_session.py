@@ -201,3 +201,49 @@ def test_umap_calls_features_itself_when_it_is_not_the_heads_input(
     with inference(net):
         umap.render(net, probe, 0)
     assert np.array_equal(seen[0], own_features(net, probe, umap.positions(probe), 32))
+
+
+# -- defaults that fit a network and a data set they were not written for ------------------------------------------
+def test_the_defaults_fit_a_resnet_and_a_small_split(caplog: pytest.LogCaptureFixture) -> None:
+    """The lecture's layer names, image IDs and probe size are defaults; on a ResNet-18 and a 300-image split each
+    becomes what fits (the first conv of each stage, the first image of each class, the whole split) and says so,
+    while an explicit value that does not fit is still refused."""
+    from cnnfeat.callbacks import FeatureMapCallback, TopPatchesCallback
+
+    spec = zoo()["resnet18"]
+    net = spec.model()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 7
+    probe = probe_from_tensors(torch.rand(300, 1, 28, 28, generator=g), labels)
+    maps, tops, dead = FeatureMapCallback(), TopPatchesCallback(top_k=2), DeadReluCallback()
+    with caplog.at_level(logging.INFO, logger="cnnfeat"):
+        for cb in (maps, tops, dead):
+            cb.prepare(net, probe)
+    plan = LayerPlan.trace(net, probe.inputs[:1])
+    sizes = [plan[c].output_shape[1:] for c in maps.layers]
+    assert maps.layers[0] == plan.convs[0] and len(set(sizes)) == len(sizes) >= 3, "one conv per resolution"
+    assert all(
+        plan.convs.index(c) <= plan.convs.index(next(d for d in plan.convs if plan[d].output_shape[1:] == s))
+        for c, s in zip(maps.layers, sizes, strict=True)
+    ), "the first conv of its stage"
+    assert tops.layers and set(tops.layers) <= set(plan.convs)
+    assert maps.image_ids == [int(probe.ids[(labels == k).nonzero()[0, 0]]) for k in range(6)]
+    assert dead.probe_size == 300
+    assert "the first conv of each stage" in caplog.text and "using all 300" in caplog.text
+    with pytest.raises(Exception, match="probe_size=500 is larger"):
+        DeadReluCallback(probe_size=500).prepare(net, probe)
+    with pytest.raises(Exception, match="conv2"):
+        FeatureMapCallback(layers=["conv1", "conv9"]).prepare(net, probe)
+
+
+def test_the_lectures_images_stay_the_default_on_fashion_mnist(model: nn.Module) -> None:
+    from cnnfeat.callbacks import FeatureMapCallback
+    from cnnfeat.lecture import FASHION_MNIST_CLASSES, LECTURE_IMAGE_IDS
+
+    g = torch.Generator().manual_seed(0)
+    probe = probe_from_tensors(
+        torch.rand(1100, 1, 28, 28, generator=g), torch.arange(1100) % 10, class_names=FASHION_MNIST_CLASSES
+    )
+    cb = FeatureMapCallback(image_ids=None)
+    cb.prepare(model, probe)
+    assert cb.image_ids == list(LECTURE_IMAGE_IDS) and cb.layers == ["conv1", "conv2"]

@@ -53,6 +53,9 @@ from cnnfeat.units import nonfinite_rows as nonfinite_rows  # the callbacks impo
 
 log = logging.getLogger("cnnfeat")
 
+#: the stratified probe images the pass consumers read by default (fewer when the split is smaller)
+DEFAULT_PROBE_SIZE = 2000
+
 
 def check_number(name: str, value: Any, minimum: float = -math.inf, above: bool = False) -> None:
     """Refuse unless ``value`` is a finite real number (not a bool) >= ``minimum`` (> when ``above``)."""
@@ -325,6 +328,32 @@ class VisualizationCallback(pl.Callback):
         if self.probe_pass is None:
             self.probe_pass = ProbePass([self])
         return self.probe_pass.collect(self, pl_module, probe, step)
+
+    def fit_default_layers(
+        self, pl_module: nn.Module, layers: list[str], default: Sequence[str], local: bool
+    ) -> list[str]:
+        """``layers``; the ``default`` (the lecture's conv names) alone, on a network without those convs, becomes the
+        first conv of each stage (``LayerPlan.stage_convs``), and the log says which."""
+        plan = self.layer_plan(pl_module)
+        if tuple(layers) != tuple(default) or set(layers) <= set(plan.convs):
+            return layers
+        chosen = plan.stage_convs(local=local)
+        log.info("%s: layers=%s (the first conv of each stage of %s)", type(self).__name__, chosen, plan.owner)
+        return chosen
+
+    def fit_probe_size(self, probe: ProbeSet, size: int, default: int) -> int:
+        """``size`` checked against the probe; the ``default`` alone shrinks to a smaller split (and says so), so the
+        defaults work on a data set of a few hundred images while an explicit larger size is refused."""
+        if size == default and size > len(probe):
+            log.info(
+                "%s: probe_size=%d is more than %s: using all %d",
+                type(self).__name__,
+                size,
+                probe.describe(),
+                len(probe),
+            )
+            return len(probe)
+        return probe.check_size(size)
 
     def warn_once(self, key: str, message: str) -> None:
         """A warning prefixed with the callback's name, once per callback and ``key``."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cnnfeat import tags
-from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, check_names
+from cnnfeat.callbacks.base import DEFAULT_PROBE_SIZE, CallbackOptions, Pictures, VisualizationCallback, check_names
 from cnnfeat.errors import check_int
 from cnnfeat.graph import unknown_names
 from cnnfeat.probe import ProbeSet
@@ -38,7 +38,7 @@ class DeadReluCallback(VisualizationCallback):
 
     def __init__(
         self,
-        probe_size: int = 2000,
+        probe_size: int = DEFAULT_PROBE_SIZE,
         split: str = "test",
         layers: Sequence[str] | None = None,
         batch_size: int = 256,
@@ -85,7 +85,7 @@ class DeadReluCallback(VisualizationCallback):
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
-        probe.check_size(self.probe_size)
+        self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         self.names = self.relu_names(pl_module)
         if not self.names:
             self.warn_once(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from cnnfeat import tags, viz
+from cnnfeat import lecture, tags, viz
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -26,7 +27,10 @@ from cnnfeat.graph import (
 from cnnfeat.probe import ProbeSet
 
 #: The test images the lecture shows.
-LECTURE_IMAGE_IDS = (22, 193, 36, 312, 1087, 74)
+log = logging.getLogger("cnnfeat")
+LECTURE_IMAGE_IDS = lecture.LECTURE_IMAGE_IDS
+#: the lecture's convs; on a network without them, the first conv of each stage
+DEFAULT_LAYERS = ("conv1", "conv2")
 
 
 def activation_kind(node: Node) -> str:
@@ -52,7 +56,10 @@ class FeatureMapCallback(VisualizationCallback):
     ``feature_maps/<conv>/<act>/img<ID>`` (the output of the first activation applied to it, through BatchNorm,
     bias, dropout and identity: ``relu`` for ReLU/ReLU6 (module or functional), drawn in viridis from 0;
     ``gelu``, ``silu``, ``leaky_relu``, ``tanh``, ... in diverging colours, since they can be negative).
-    ``layers`` are conv node names of ``cnnfeat.graph`` (a conv applied twice: ``conv`` and ``conv:1``). A conv
+    ``image_ids`` ``None`` (the default) shows the lecture's six test images on Fashion-MNIST, else the first probe
+    image of each of the first six classes. ``layers`` are conv node names of ``cnnfeat.graph`` (a conv applied
+    twice: ``conv`` and ``conv:1``); the default, the lecture's ``conv1, conv2``, becomes the first conv of each stage
+    on a network without them (the log says which). A conv
     without an activation of its own (pooling or a residual add comes first, or its output branches) gets a
     one-time warning naming it and the reason, and only the ``conv`` tag.
     ``scale="channel"`` (default) scales each map on its own, so weak channels show their structure; ``"image"``
@@ -64,8 +71,8 @@ class FeatureMapCallback(VisualizationCallback):
 
     def __init__(
         self,
-        image_ids: Sequence[int] = LECTURE_IMAGE_IDS,
-        layers: Sequence[str] = ("conv1", "conv2"),
+        image_ids: Sequence[int] | None = None,
+        layers: Sequence[str] = DEFAULT_LAYERS,
         channels: Sequence[int] | None = None,
         split: str = "test",
         scale: str = "channel",
@@ -93,7 +100,8 @@ class FeatureMapCallback(VisualizationCallback):
         )
         if scale not in ("channel", "image"):
             raise ConfigError(f"scale must be 'channel' or 'image', got {scale!r}")
-        self.image_ids = check_indices("image_ids", image_ids)
+        #: the images shown; ``None``: chosen in ``check`` (``cnnfeat.lecture.default_image_ids``)
+        self.image_ids = check_indices("image_ids", image_ids, allow_none=True)
         self.layers = check_names("layers", layers)
         self.channels = check_indices("channels", channels, allow_none=True, nonnegative=False)  # range: in check
         check_int("nrow", nrow)
@@ -107,6 +115,11 @@ class FeatureMapCallback(VisualizationCallback):
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
+        self.layers = self.fit_default_layers(pl_module, self.layers, DEFAULT_LAYERS, local=False)
+        if self.image_ids is None:
+            held = set(probe.ids.tolist())
+            self.image_ids = lecture.default_image_ids(probe.class_names, held, probe.example_ids(6))
+            log.info("%s: image_ids=%s (%s)", type(self).__name__, self.image_ids, probe.describe())
         probe.positions(self.image_ids)  # IDs the probe does not hold: an error naming them
         self._after(pl_module)
         plan = self.layer_plan(pl_module)

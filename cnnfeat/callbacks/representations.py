@@ -34,6 +34,7 @@ from typing_extensions import override
 
 from cnnfeat import plots, tags
 from cnnfeat.callbacks.base import (
+    DEFAULT_PROBE_SIZE,
     CallbackOptions,
     Pictures,
     VisualizationCallback,
@@ -175,7 +176,7 @@ class RepresentationCallback(VisualizationCallback):
     def __init__(
         self,
         layers: Sequence[str] | None = None,
-        probe_size: int = 2000,
+        probe_size: int = DEFAULT_PROBE_SIZE,
         seed: int = 0,
         cka: bool = True,
         linear_probes: bool = True,
@@ -282,7 +283,7 @@ class RepresentationCallback(VisualizationCallback):
     @override
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
-        probe.check_size(self.probe_size)
+        self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         plan = self.layer_plan(pl_module)
         self.names, self.nodes = _resolve_layers(pl_module, plan.graph, self.layers, pixels=True)
         relu = set(plan.relus)
@@ -635,7 +636,7 @@ class CrossModelCKACallback(VisualizationCallback):
         reference_ckpt: str | None = None,
         layers: Sequence[str] | None = None,
         reference_layers: Sequence[str] | None = None,
-        probe_size: int = 2000,
+        probe_size: int = DEFAULT_PROBE_SIZE,
         seed: int = 0,
         exact: bool = False,
         block_size: int | None = 250,
@@ -704,7 +705,7 @@ class CrossModelCKACallback(VisualizationCallback):
                 log.info("%s: no reference_ckpt given, so there is nothing to compare with", type(self).__name__)
             return
         assert probe is not None
-        probe.check_size(self.probe_size)
+        self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         graph = self.layer_plan(pl_module).graph
         self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=False)
         ref_graph = self.layer_plan(self.reference).graph  # the session traces each model once

@@ -22,6 +22,9 @@ from cnnfeat.probe import MAX_IMAGES, ProbeSet
 from cnnfeat.receptive_field import crop
 from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_patches
 
+#: the lecture's convs; on a network without them, the first conv of each stage whose field is local
+DEFAULT_LAYERS = ("conv1", "conv2", "conv3")
+
 
 def check_top_k(name: str, k: Any) -> None:
     """A count of top activations per unit: an integer >= 1 that a probe can fill (at most ``MAX_IMAGES``)."""
@@ -51,7 +54,7 @@ class TopPatchesCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layers: Sequence[str] = ("conv1", "conv2", "conv3"),
+        layers: Sequence[str] = DEFAULT_LAYERS,
         top_k: int = 8,
         channels: Sequence[int] | None = None,
         max_channels: int = 16,
@@ -101,6 +104,7 @@ class TopPatchesCallback(VisualizationCallback):
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
         probe.check_size(self.probe_size)
+        self.layers = self.fit_default_layers(pl_module, self.layers, DEFAULT_LAYERS, local=True)
         plan = self.layer_plan(pl_module)
         plan.fields(self.layers)  # unknown names, or no geometry: an error naming the node
         for name in self.layers:

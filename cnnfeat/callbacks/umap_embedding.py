@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from cnnfeat import embedding, tags, viz
 from cnnfeat.callbacks.base import (
+    DEFAULT_PROBE_SIZE,
     CallbackOptions,
     Pictures,
     VisualizationCallback,
@@ -74,7 +75,7 @@ class EmbeddingCallback(VisualizationCallback):
 
     def __init__(
         self,
-        probe_size: int = 2000,
+        probe_size: int = DEFAULT_PROBE_SIZE,
         split: str = "test",
         layer: str | None = None,
         n_neighbors: int = 15,
@@ -164,7 +165,7 @@ class EmbeddingCallback(VisualizationCallback):
     # -- validation and probe set --------------------------------------------------------------------
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
-        probe.check_size(self.probe_size)
+        self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         plan = self.layer_plan(pl_module)
         if self.layer is not None:
             plan.resolve([self.layer])  # an unknown name lists the valid ones
