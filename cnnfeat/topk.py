@@ -54,10 +54,12 @@ class TopK:
         self.values, self.ids, self.positions = top_v, i.gather(0, order), p.gather(0, order)
 
     def update_from_maps(self, maps: torch.Tensor, image_ids: torch.Tensor) -> None:
-        """Each image contributes its strongest position per channel (so top-k are k different images)."""
-        best, pos = maps.flatten(2).max(dim=2)  # (B, C)
+        """Each image (row of ``maps``: (B, C, h, w) or (B, C)) contributes its strongest position per channel (so
+        top-k are k different images); a NaN never wins."""
+        flat = maps.flatten(2) if maps.ndim > 2 else maps.unsqueeze(2)
+        best, pos = flat.float().nan_to_num(nan=-torch.inf).max(dim=2)  # (B, C)
         ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
-        self.update(best.float(), ids, pos)
+        self.update(best, ids, pos)
 
 
 @dataclass
