@@ -2,9 +2,10 @@
 
 ``FrozenFeatureDataModule`` wraps a ``FashionMNISTDataModule``: ``prepare_data`` runs every image of each split
 through the frozen backbone it is given (a ``FrozenBackbone``, or a factory that makes one on first use: Hydra's
-``_partial_`` node ``data.backbone``, which builds ``cnnfeat.models.alexnet.FrozenAlexNet``) once (batched; a progress
-bar on a terminal, rate/ETA log lines elsewhere) and stores the (N, D) outputs as float16 under
-``<cache_dir>/features/<name>-<fingerprint>/``, where the fingerprint hashes the backbone's weights and the
+``_partial_`` node ``data.backbone``, which builds ``cnnfeat.models.FrozenAlexNet`` for ``experiment=transfer`` and
+``cnnfeat.models.FrozenTorchvision``, any torchvision network up to its head, for ``experiment=transfer_torchvision``)
+once (batched; a progress bar on a terminal, rate/ETA log lines elsewhere) and stores the (N, D) outputs as float16
+under ``<cache_dir>/features/<name>-<fingerprint>/``, where the fingerprint hashes the backbone's weights and the
 preprocessing; training then reads those vectors. The train/val/test split and the image IDs are the wrapped
 datamodule's; its probe (``probe_set``) holds the images as pictures and model inputs and the cached vectors as
 ``batch_inputs``. Data never imports models: the backbone class lives with the models, and ``experiment=transfer``
@@ -50,7 +51,8 @@ def _complete(path: Path) -> bool:
 
 @runtime_checkable
 class FrozenBackbone(Protocol):
-    """What the cache needs of a frozen backbone (an ``nn.Module``; the models provide one, e.g. ``FrozenAlexNet``).
+    """What the cache needs of a frozen backbone (an ``nn.Module``; the models provide ``FrozenAlexNet`` and
+    ``FrozenTorchvision``, and any module with these members works).
 
     Called on images (N,1,H,W) in [0, 1] it returns their feature vectors (N, D); ``fingerprint()`` hashes its weights
     and preprocessing (the cache key); ``name`` names its cache folder (lower-cased) and its log lines.
@@ -95,7 +97,8 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
 
     ``backbone``: the frozen backbone whose outputs are cached (a ``FrozenBackbone``), or a function of no arguments
     that builds it on first use (``conf/data/alexnet_features.yaml``'s ``backbone`` node, ``_partial_: true``). It
-    must be the model's frozen part (``experiment=transfer`` gives both their values from its ``backbone`` node; the
+    must be the model's frozen part (``experiment=transfer`` and ``experiment=transfer_torchvision`` give both their
+    values from one ``backbone`` node; the
     picture callbacks' probe refuses a model whose own forward disagrees with the cached vectors).
     The data arguments are ``FashionMNISTDataModule``'s (same names as ``conf/data/fashion_mnist.yaml``).
     ``max_images`` caps each split (the first N images) for quick runs and tests. ``device``: where the
@@ -125,7 +128,8 @@ class FrozenFeatureDataModule(pl.LightningDataModule):
         if not (given or (callable(backbone) and not isinstance(backbone, nn.Module))):
             raise ConfigError(
                 f"data.backbone must be a frozen backbone (an nn.Module with a name and fingerprint(), e.g. "
-                f"cnnfeat.models.alexnet.FrozenAlexNet) or a function that builds one, got {type(backbone).__name__}"
+                "cnnfeat.models.FrozenAlexNet or cnnfeat.models.FrozenTorchvision) or a function that builds one, got "
+                f"{type(backbone).__name__}"
             )
         images = _images_datamodule(
             data_dir=data_dir,

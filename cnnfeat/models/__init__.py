@@ -1,8 +1,20 @@
-"""LightningModules: the shared classifier base and the networks built on it (and the frozen AlexNet part that the
-transfer classifier and the feature cache's config share)."""
+"""LightningModules: the shared classifier base and the networks built on it (the lecture's CNN, the frozen-AlexNet
+transfer classifier, any torchvision classification network, your own nn.Module), and the frozen parts that the
+transfer classifiers and the feature cache's config share."""
 
 from cnnfeat.models.alexnet import FrozenAlexNet, TransferClassifier
-from cnnfeat.models.classifier import ImageClassifier
+from cnnfeat.models.classifier import ImageClassifier, NetClassifier
+from cnnfeat.models.custom import CustomClassifier
 from cnnfeat.models.small_cnn import SmallCNN
+from cnnfeat.models.torchvision_net import FrozenTorchvision, TorchvisionClassifier
 
-__all__ = ["FrozenAlexNet", "ImageClassifier", "SmallCNN", "TransferClassifier"]
+__all__ = [
+    "CustomClassifier",
+    "FrozenAlexNet",
+    "FrozenTorchvision",
+    "ImageClassifier",
+    "NetClassifier",
+    "SmallCNN",
+    "TorchvisionClassifier",
+    "TransferClassifier",
+]

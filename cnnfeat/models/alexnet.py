@@ -9,7 +9,6 @@ seed, input size): the backbone lives with the models, and the data code imports
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -17,14 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import AlexNet_Weights, alexnet
 
 from cnnfeat.errors import ConfigError, WeightsError, check_int
 from cnnfeat.models.classifier import ImageClassifier
+from cnnfeat.models.parts import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Resize,
+    backbone_fingerprint,
+    file_state_dict,
+    hub_file,
+    hub_state_dict,
+)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FrozenAlexNet",
+    "GreyToImageNet",
+    "Resize",
+    "TransferClassifier",
+    "WeightsError",
+    "backbone_fingerprint",
+    "build_backbone",
+    "imagenet_weights_file",
+]
 
 #: torchvision ``features.<i>`` index -> our layer name (the lecture's "layer 1..5").
 BACKBONE_NAMES = (
@@ -46,38 +64,15 @@ BACKBONE_NAMES = (
 
 def imagenet_weights_file() -> Path:
     """Where torchvision keeps the ImageNet AlexNet weights (``$TORCH_HOME/hub/checkpoints/...``)."""
-    url = AlexNet_Weights.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return hub_file(AlexNet_Weights.IMAGENET1K_V1)
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    target = imagenet_weights_file()
-    try:
-        return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # offline (URLError), interrupted or corrupt download
-        raise WeightsError(
-            f"AlexNet ImageNet weights (AlexNet_Weights.IMAGENET1K_V1) are not in the torch hub cache and could not "
-            f"be downloaded ({type(e).__name__}: {e}).\nPut the file {target.name} into {target.parent} (get it "
-            f"from {AlexNet_Weights.IMAGENET1K_V1.url} on a machine with internet; TORCH_HOME moves the cache), or "
-            "pass a local file with model.weights=/path/to/alexnet.pth, or model.weights=none for random weights."
-        ) from e
+    return hub_state_dict(AlexNet_Weights.IMAGENET1K_V1, "AlexNet", "alexnet.pth")
 
 
 def _file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"model.weights={path}: no such file (expected an AlexNet state dict, e.g. {imagenet_weights_file().name})"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"model.weights={path} could not be loaded as a weights-only state dict ({e})") from e
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"model.weights={path} holds a {type(state).__name__}, not a state dict")
-    return dict(state)
+    return file_state_dict(path, f"an AlexNet state dict, e.g. {imagenet_weights_file().name}")
 
 
 def build_backbone(weights: str | os.PathLike | None = "imagenet", seed: int = 0) -> nn.Sequential:
@@ -113,26 +108,6 @@ def build_backbone(weights: str | os.PathLike | None = "imagenet", seed: int = 0
     if result.missing_keys:
         raise WeightsError(f"model.weights={weights} lacks AlexNet layers: missing {result.missing_keys}")
     return backbone
-
-
-def backbone_fingerprint(backbone: nn.Module, extra: str = "") -> str:
-    """A short hash of the backbone's tensors (and ``extra``, e.g. the preprocessing), for cache keys."""
-    h = hashlib.sha1(extra.encode())
-    for name, t in sorted(backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class Resize(nn.Module):
-    """Bilinear resize of (N,C,H,W) to ``size`` x ``size`` (a module, so receptive fields can start after it)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
 class GreyToImageNet(nn.Module):

@@ -23,6 +23,7 @@ from cnnfeat import graph as cgraph
 from cnnfeat import layers
 from cnnfeat.errors import ConfigError
 from cnnfeat.models import optim
+from cnnfeat.models.parts import Resize, Standardize
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.run.rng import rng_states, set_rng_states
 
@@ -173,3 +174,105 @@ class ImageClassifier(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"},
         }
+
+
+FREEZE_CHOICES = ("none", "backbone")
+
+
+def check_freeze(freeze: Any) -> bool:
+    """``model.freeze``: ``none`` (everything trains) or ``backbone`` (only the head); True for ``backbone``."""
+    if freeze is None or freeze is False:
+        return False
+    if freeze not in FREEZE_CHOICES:
+        raise ConfigError(f"model.freeze must be one of {list(FREEZE_CHOICES)}, got {freeze!r}")
+    return freeze == "backbone"
+
+
+class NetClassifier(ImageClassifier):
+    """A network ``net`` (images -> logits) as a cnnfeat classifier, whatever its layout.
+
+    In front of ``net`` sit an optional ``resize`` (bilinear, to ``input_size``) and ``normalize`` (per-channel
+    standardisation), so that the model takes the DataModule's images in [0, 1] as they are. The *head* is the
+    module that computes the logits (a network's last ``Linear``; found by the subclass); ``features(x)`` is its
+    input, the penultimate vector (a spatial input, as SqueezeNet's final conv has, is averaged over its positions).
+    ``freeze=backbone`` is transfer learning: everything but the head gets ``requires_grad=False`` and stays in eval
+    mode when Lightning calls ``train()``, so only the head reaches the optimizer; the model then also takes the head's
+    inputs (N, D) in place of images (a frozen-feature cache) and sends them straight to the head.
+    Layer names are ``net.<the network's own names>`` (``net.conv1``, ``net.features.0``).
+    """
+
+    def attach(
+        self,
+        net: nn.Module,
+        head: str,
+        in_channels: int,
+        image_size: int,
+        input_size: int | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        freeze: bool = False,
+    ) -> None:
+        """Install ``net`` with its head's name, the input modules and the frozen part (call once, in ``__init__``)."""
+        self.net, self.head_name, self.frozen = net, head, freeze
+        self.in_channels, self.image_size = in_channels, image_size
+        self.input_size = input_size or image_size
+        self.resize = Resize(self.input_size) if self.input_size != image_size else None
+        self.normalize = Standardize(mean, std) if mean is not None and std is not None else None
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
+        if freeze:
+            if not isinstance(self.head, nn.Linear):
+                raise ConfigError(
+                    f"model.freeze=backbone trains a Linear head on the backbone's feature vectors, but the head of "
+                    f"this network ({head}) is a {type(self.head).__name__}"
+                )
+            for name, p in self.net.named_parameters():
+                p.requires_grad_(name.startswith(f"{head}."))
+            self.train(self.training)
+
+    @property
+    def head(self) -> nn.Module:
+        """The module that computes the logits (``net.<head_name>``)."""
+        return self.net.get_submodule(self.head_name)
+
+    def train(self, mode: bool = True) -> NetClassifier:
+        """With a frozen backbone, only the head follows ``mode``; everything before it stays in eval mode."""
+        super().train(mode)
+        if getattr(self, "frozen", False):
+            self.net.train(False)
+            self.head.train(mode)
+        return self
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N,C,H,W) in [0, 1] -> what ``net`` takes (resized to ``input_size``, standardised)."""
+        if self.resize is not None:
+            x = self.resize(x)
+        return self.normalize(x) if self.normalize is not None else x
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input (N, D) for images ``x``: one forward pass, read by a pre-hook on the head."""
+        seen: list[torch.Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+        try:
+            self.net(self.preprocess(x))
+        finally:
+            handle.remove()
+        if not seen:
+            raise ConfigError(f"{type(self).__name__}: the head net.{self.head_name} was not called by net's forward")
+        v = seen[-1]
+        return v.mean(dim=tuple(range(2, v.ndim))) if v.ndim > 2 else v
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate vector (the head's input) for images (N,C,H,W), or cached head inputs (N, D) as they are."""
+        if self.frozen and x.ndim == 2:
+            return x
+        return self.head_input(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for images (N,C,H,W) in [0, 1], or (frozen backbone) for cached head inputs (N, D)."""
+        if self.frozen and x.ndim == 2:
+            return self.head(x)
+        return self.net(self.preprocess(x))
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of everything before the head (what a frozen-feature cache depends on)."""
+        return {k: v for k, v in self.net.state_dict().items() if not k.startswith(f"{self.head_name}.")}

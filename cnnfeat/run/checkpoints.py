@@ -3,10 +3,11 @@
 A checkpoint is loaded with ``weights_only=True`` (no pickled code runs). The model class it names is only
 *looked up* among classes that are already imported and derive from :class:`~cnnfeat.models.ImageClassifier`
 (cnnfeat's own models, or the caller's ``model_class``); nothing named in a file is ever imported. Its
-hyper-parameters must be plain values accepted by that class's ``__init__``, and optimizer/scheduler specs
-may only name ``torch.optim`` classes (looked up, not imported: :mod:`cnnfeat.models.optim`), before anything
-is constructed; the model is then built on the ``meta`` device and its shapes compared with the file's weights
-before any memory is allocated for it.
+hyper-parameters must be plain values accepted by that class's ``__init__``, optimizer/scheduler specs may
+only name ``torch.optim`` classes (looked up, not imported: :mod:`cnnfeat.models.optim`), and a class that builds
+something its hyper-parameters name checks them first (``check_checkpoint_hparams``: a custom network's class must
+already be imported, :mod:`cnnfeat.models.custom`), before anything is constructed; the model is then built on
+the ``meta`` device and its shapes compared with the file's weights before any memory is allocated for it.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ def check_hparams(cls: type, hparams: Mapping[str, Any], path: Path) -> dict[str
                     f"{path}: hyper-parameter {str(e).rstrip('.')}. A checkpoint may not name code to run; build "
                     "the model yourself and load its state_dict instead."
                 ) from None
+    check = getattr(cls, "check_checkpoint_hparams", None)  # a class that builds what its hparams name checks it here
+    if callable(check):
+        try:
+            check(hparams)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return dict(hparams)
 
 
