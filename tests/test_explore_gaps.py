@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnfeat import viz
 from cnnfeat.callbacks import EmbeddingCallback, FeatureMapCallback, FilterCallback, TopPatchesCallback
@@ -307,3 +307,52 @@ def test_viz_refuses_to_draw_nan_instead_of_an_index_error() -> None:
         viz.filter_grid(w)
     with pytest.raises(ValueError, match="NaN or infinite"):
         viz.grey(torch.full((1, 1, 4, 4), float("inf")))
+
+
+@pytest.mark.slow
+def test_step_0_of_a_fine_tuned_pretrained_network_is_the_pretrained_one(
+    tmp_path: Path, data_dir: Path, cache_dir: Path
+) -> None:
+    """Fine-tuning from weights: the untrained network (step 0) is the one the weights file gives, not a random one
+    under the name "untrained"; with the file gone, step 0 is left out with a warning."""
+    from cnnfeat.models import TorchvisionClassifier
+    from cnnfeat.run.explore import untrained_model
+
+    start = TorchvisionClassifier("mobilenet_v3_small", num_classes=10, in_channels=1, image_size=28, weights="none")
+    weights = tmp_path / "start.pth"
+    torch.save(start.net.state_dict(), weights)
+    out = tmp_path / "run"
+    cfg = _compose(
+        "train",
+        [
+            "model=torchvision",
+            "model.arch=mobilenet_v3_small",
+            f"model.weights={weights}",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "trainer.num_sanity_val_steps=0",
+            "callbacks=none",
+            "callbacks.rich_progress_bar=null",
+            "logger=none",
+            "test=false",
+            "report=false",
+            f"paths.output_dir={out}",
+        ],
+        data_dir,
+        cache_dir,
+    )
+    (out / ".hydra").mkdir(parents=True)
+    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    train(cfg)
+    ckpt = sorted((out / "checkpoints").glob("*.ckpt"))[0]
+    model = untrained_model(ckpt)
+    assert model is not None
+    want = start.net.state_dict()
+    got = model.net.state_dict()
+    assert not [k for k in want if not torch.equal(got[k], want[k])], "step 0 is the weights file's network"
+    trained, _ = load_model(ckpt)
+    assert not all(torch.equal(trained.net.state_dict()[k], want[k]) for k in want), "training changed it"
+    weights.unlink()
+    assert untrained_model(ckpt) is None

@@ -39,7 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnfeat.callbacks import VisualizationCallback
 from cnnfeat.callbacks.base import inference
 from cnnfeat.callbacks.session import AnalysisSession
-from cnnfeat.errors import CheckpointError, ConfigError
+from cnnfeat.errors import CheckpointError, ConfigError, WeightsError
 from cnnfeat.report import report_at_end
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.run.atomic import atomic_write
@@ -90,6 +90,16 @@ def untrained_model(ckpt_file: Path) -> pl.LightningModule | None:
     trained, _ = load_model(ckpt_file)
     pl.seed_everything(seed, verbose=False)  # training seeds, then builds the model first: same weights
     hparams = dict(trained.hparams)
+    run_model = cfg.get("model") if isinstance(cfg.get("model"), DictConfig) else {}
+    weights, freeze = run_model.get("weights"), run_model.get("freeze", "backbone")
+    if weights not in (None, "none") and freeze not in (None, "backbone") and "weights" in hparams:
+        # fine-tuned pretrained weights: step 0 is the pretrained network (with its new head), not a random one
+        try:
+            model = type(trained)(**{**hparams, "weights": weights})
+        except (WeightsError, OSError) as e:
+            log.warning("No untrained network (step 0): its pretrained weights could not be loaded (%s)", e)
+            return None
+        return model.eval()
     if "weights" in hparams:  # a frozen backbone: the same in every checkpoint, copied instead of re-loaded
         hparams["weights"] = "none"
     model = type(trained)(**hparams)
