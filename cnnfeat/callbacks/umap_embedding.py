@@ -49,8 +49,9 @@ class EmbeddingCallback(VisualizationCallback):
     training by an error listing the node names.
 
     * ``umap/features``: the map coloured by class (step 0 = untrained network, then epochs trained).
-      Each map after the first starts from the previous one and is rotated onto it, and all frames share
-      fixed axes, so consecutive frames are comparable (see ``cnnfeat.embedding``).
+      Each map after the first starts from the previous one, each point anchored to its old place as strongly as
+      its feature-space neighbourhood stayed the same (``cnnfeat.embedding.fit_aligned``), and is rotated onto it;
+      all frames share fixed axes, so points move where the network changed them and stay where it did not.
     * ``umap/pixels``: the same probe images as raw pixels (e.g. 784-d), once per run, as the baseline.
     * Scalars ``umap/knn_acc`` (k-NN accuracy on the features), ``umap/knn_acc_2d`` (on the map),
       ``umap/trustworthiness`` and ``umap/silhouette``, and the same under ``umap/pixels/`` once; ``umap/frame_shift``
@@ -82,7 +83,7 @@ class EmbeddingCallback(VisualizationCallback):
         min_dist: float = 0.1,
         warm_start: bool = True,
         full_epochs: int = 200,
-        warm_epochs: int = 50,
+        warm_epochs: int = 100,
         deterministic: bool = True,
         seed: int = 0,
         knn_k: int = 5,
@@ -240,15 +241,15 @@ class EmbeddingCallback(VisualizationCallback):
 
     # -- maps ----------------------------------------------------------------------------------------
     def _fit(self, x: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-        warm = previous is not None and self.warm_start
-        emb = embedding.fit_umap(
-            x,
-            self.n_neighbors,
-            self.min_dist,
-            init=previous if warm else "spectral",
-            n_epochs=self.warm_epochs if warm else self.full_epochs,
-            random_state=self.seed if self.deterministic else None,
-        )
+        """The first map: a full UMAP fit. Each later one (``warm_start``): ``cnnfeat.embedding.fit_aligned``, started
+        from the previous map, each point pulled back toward its old place as strongly as its neighbourhood in the
+        features stayed the same (so points move where the network changed them, and stay where it did not)."""
+        seed = self.seed if self.deterministic else None
+        if previous is not None and self.warm_start:
+            return embedding.fit_aligned(
+                x, previous, self._last_features, self.n_neighbors, self.min_dist, self.warm_epochs, seed
+            )
+        emb = embedding.fit_umap(x, self.n_neighbors, self.min_dist, n_epochs=self.full_epochs, random_state=seed)
         return embedding.normalize(emb, reference=previous)
 
     def _panel(
