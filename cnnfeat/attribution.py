@@ -384,7 +384,9 @@ def explain(
     rows_in = torch.cat([torch.arange(n), wrong])
     rows_t = torch.cat([predicted, labels[wrong]])
     cams = grad_cam(model, inputs[rows_in], rows_t, node)
-    ig = integrated_gradients(model, inputs[rows_in], rows_t, baselines, ig_steps, ig_max_steps, ig_tolerance, ig_atol)
+    steps = torch.as_tensor(ig_steps)
+    steps = steps[rows_in.to(steps.device)] if steps.numel() > 1 else ig_steps  # per image: also its true-class row
+    ig = integrated_gradients(model, inputs[rows_in], rows_t, baselines, steps, ig_max_steps, ig_tolerance, ig_atol)
     pred_rows = torch.arange(n)
     true_rows = pred_rows.clone()
     true_rows[wrong] = torch.arange(n, n + len(wrong))

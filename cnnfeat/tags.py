@@ -371,6 +371,34 @@ ATLAS_FIDELITY_SHARE = Tag(
     "share of recorded units whose optimised input reaches fidelity 1 (end of fit, at the last step)",
     condition="only with featviz=true",
 )
+# -- AttributionCallback and ImportanceCallback (issue 24) ------------------------------------------------------
+ATTRIBUTION = Tag(
+    "attribution/img{image}",
+    _I,
+    _EPOCHS,
+    "AttributionCallback",
+    "an image with Grad-CAM and Integrated Gradients for its predicted and its true class",
+)
+ATTRIBUTION_IG_GAP = Tag(
+    "attribution/ig_gap/img{image}",
+    _S,
+    _EPOCHS,
+    "AttributionCallback",
+    "Integrated Gradients' completeness gap relative to the logit difference (the larger of the two classes)",
+)
+_IMP = "ImportanceCallback"
+IMPORTANCE_ACC_DROP_MAX = Tag(
+    "importance/acc_drop_max/{layer}", _S, _EPOCHS, _IMP, "the largest probe accuracy drop from removing one unit"
+)
+IMPORTANCE_BUSY_IDLE = Tag(
+    "importance/busy_idle/{layer}", _S, _EPOCHS, _IMP, "number of a layer's units that fire a lot but do not matter"
+)
+IMPORTANCE_RARE_VITAL = Tag(
+    "importance/rare_vital/{layer}", _S, _EPOCHS, _IMP, "number of a layer's units that rarely fire but matter"
+)
+IMPORTANCE_TABLE = Tag(
+    "importance/{layer}/table", _T, _EPOCHS, _IMP, "each removed unit's accuracy and logit drop, firing rate and role"
+)
 MODEL_SHAPES = Tag("model/shapes", _T, _EPOCHS, "ShapeTableCallback", "every layer's output shape, as a table (step 0)")
 
 _KINDS = frozenset(k.value for k in Kind)

@@ -385,3 +385,23 @@ def test_path_check_flags_an_optimised_input_that_takes_another_road() -> None:
         assert fc.arbitrary[u].item() == pytest.approx(arb, abs=1e-9)
     with pytest.raises(ConfigError, match="k >= 2 real images"):
         path_check(model, graph, "relu2", units, fake, pos[:, 0], real[:, :1], pos[:, :1], arbitrary)
+
+
+def test_explain_takes_one_step_count_per_image_when_predictions_are_wrong() -> None:
+    """``Explanation.ig_steps()`` gives one count per image; images whose prediction is wrong get a second
+    (true-class) row, which must start from that image's count too."""
+    from cnnfeat.attribution import explain, last_conv_stage
+    from cnnfeat.graph import trace_graph
+    from cnnfeat.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    labels = (predicted + torch.tensor([0, 1, 0, 2])) % 10  # images 1 and 3 are predicted wrongly
+    node = last_conv_stage(trace_graph(model, x[:1]))
+    scalar = explain(model, x, labels, node, ig_steps=32)
+    per_image = explain(model, x, labels, node, ig_steps=torch.full((4,), 32))
+    assert torch.equal(per_image.ig_true.attributions, scalar.ig_true.attributions)
+    assert torch.equal(per_image.ig_predicted.attributions, scalar.ig_predicted.attributions)

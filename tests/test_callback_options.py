@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import cnnfeat.callbacks as callbacks_pkg
 from cnnfeat.callbacks import (
     AtlasCallback,
+    AttributionCallback,
     CallbackOptions,
     CrossModelCKACallback,
     DeadReluCallback,
@@ -25,6 +26,7 @@ from cnnfeat.callbacks import (
     FeatureMapCallback,
     FeatureVisCallback,
     FilterCallback,
+    ImportanceCallback,
     RepresentationCallback,
     ShapeTableCallback,
     TopPatchesCallback,
@@ -44,6 +46,8 @@ FIXED: dict[type[VisualizationCallback], dict[str, Any]] = {
 #: per picture callback: the minimal valid construction's arguments
 MINIMAL: dict[type[VisualizationCallback], dict[str, Any]] = {
     AtlasCallback: {},
+    AttributionCallback: {},
+    ImportanceCallback: {},
     CrossModelCKACallback: {},
     DeadReluCallback: {},
     EmbeddingCallback: {},

@@ -35,7 +35,9 @@ EPOCHS = 2
 BATCHES = 3  #: training batches per epoch: Lightning's global steps (3, 6) are not epochs (0..2)
 #: every callback of the package, each on a small probe; filters also per output filter, the shape table, cross CKA
 EVERY_CALLBACK = [
-    "callbacks=[default,representations,atlas,featviz,cross_cka]",
+    "callbacks=[default,representations,atlas,featviz,cross_cka,attribution,importance]",
+    "callbacks.attribution.image_ids=[22]",
+    "callbacks.importance.probe_size=200",
     "+callbacks.shape_table._target_=cnnfeat.callbacks.ShapeTableCallback",
     "+callbacks.filters.per_filter_grids=1",
     "callbacks.feature_maps.image_ids=[22]",
