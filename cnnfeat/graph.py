@@ -128,7 +128,28 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "softmax": ("input", "dim"),
     "log_softmax": ("input", "dim"),
     "flatten": ("input", "start_dim", "end_dim"),
+    "conv_transpose2d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "permute": ("input", "dims"),
+    "transpose": ("input", "dim0", "dim1"),
+    "swapaxes": ("input", "dim0", "dim1"),
+    "swapdims": ("input", "dim0", "dim1"),
+    "movedim": ("input", "source", "destination"),
+    "moveaxis": ("input", "source", "destination"),
+    "chunk": ("input", "chunks", "dim"),
+    "split": ("input", "split_size_or_sections", "dim"),
+    "tensor_split": ("input", "indices_or_sections", "dim"),
+    "unbind": ("input", "dim"),
+    "stack": ("tensors", "dim"),
+    "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+    "mean": ("input", "dim", "keepdim"),
+    "sum": ("input", "dim", "keepdim"),
+    "amax": ("input", "dim", "keepdim"),
+    "amin": ("input", "dim", "keepdim"),
+    "max": ("input", "dim", "keepdim"),
+    "min": ("input", "dim", "keepdim"),
 }
+#: Tensor methods that take their list as varargs: ``x.permute(0, 2, 3, 1)`` is ``torch.permute(x, (0, 2, 3, 1))``.
+_VARARGS = frozenset(["permute"])
 
 
 class LayerError(ConfigError):
@@ -250,6 +271,8 @@ def _params(op: str, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     names = _SIGNATURES.get(op)
     if names is None:
         return {}
+    if op in _VARARGS and len(args) > 1 and isinstance(args[1], int):
+        args = (args[0], tuple(args[1:]))
     bound = {**dict(zip(names, args, strict=False)), **kwargs}
     return {k: v for k, v in bound.items() if not _tensors(v)}
 

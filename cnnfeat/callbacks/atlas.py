@@ -191,6 +191,12 @@ class AtlasCallback(VisualizationCallback):
         names = atlas.resolve_layers(plan.graph, self.layers)
         convs = [n for n in names if atlas.layer_kind(plan.graph, n) == "conv"]
         fields = plan.fields(convs)  # a node without geometry: an error naming what prevents it
+        irregular = [n for n, rf in fields.items() if not rf.regular]
+        if irregular:  # the atlas stores one size/jump/start per layer: phase-dependent boxes would be cut wrong
+            raise ConfigError(
+                f"the atlas cannot record {irregular}: their receptive fields change size with the unit's phase (a "
+                "strided transposed conv upsampled them); name other layers with callbacks.atlas.layers=[...]"
+            )
         self.infos = [self._info(pl_module, plan, n, fields.get(n)) for n in names]
         self.space = None
         if self.featviz:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from cnnfeat import viz
@@ -19,6 +20,25 @@ from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.layers import resolve_layers
 from cnnfeat.probe import ProbeSet
 
+#: The layers this callback draws.
+CONV_LAYERS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def conv_filters(conv: nn.Conv2d | nn.ConvTranspose2d) -> torch.Tensor:
+    """A layer's filters as ``(out, in / groups, kh, kw)``: the kernel each output channel correlates with each input.
+
+    A ``Conv2d`` stores exactly that. A ``ConvTranspose2d`` stores ``(in, out / groups, kh, kw)`` and adds each
+    input unit's kernel into the output; it equals a convolution of its input (spread out by the stride, padded
+    by ``dilation * (k - 1) - padding``) with the kernels transposed per group and flipped in both axes.
+    """
+    w = conv.weight
+    if isinstance(conv, nn.ConvTranspose2d):
+        g = conv.groups
+        cin, cout_g, kh, kw = w.shape
+        w = w.reshape(g, cin // g, cout_g, kh, kw).transpose(1, 2).reshape(g * cout_g, cin // g, kh, kw)
+        w = w.flip(-2, -1)
+    return w
+
 
 class FilterCallback(VisualizationCallback):
     """Logs the weights of chosen conv layers as an out x in grid of kernels.
@@ -30,9 +50,11 @@ class FilterCallback(VisualizationCallback):
     ``min_cell`` pixels so that 3x3 kernels are visible. For big layers, ``max_filters`` shows only the first
     output filters in the out x in grid (RGB pictures show all), and ``per_filter_grids=k`` adds
     ``filters/<layer>/out<i>``: the in-channel kernels of each of the first k filters as a square grid
-    (the lecture's "64x5x5 filters" of AlexNet's conv2). Layers are ``Conv2d`` modules by their
+    (the lecture's "64x5x5 filters" of AlexNet's conv2). Layers are ``Conv2d``/``ConvTranspose2d`` modules by their
     ``named_modules()`` path (a conv applied twice has one set of weights). A layer whose weights hold NaN or
-    infinity is not drawn (a warning names it).
+    infinity is not drawn (a warning names it). A ``ConvTranspose2d`` is drawn as the convolution it equals
+    (``conv_filters``): row = output channel, column = input channel, kernel flipped, so its picture reads like a
+    ``Conv2d``'s (the pattern in its stride-spread input that drives each output channel).
     """
 
     needs_probe = False
@@ -69,12 +91,12 @@ class FilterCallback(VisualizationCallback):
         self.max_filters, self.per_filter_grids = max_filters, per_filter_grids
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
-        resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer")
+        resolve_layers(pl_module, self.layers, CONV_LAYERS, what="conv layer")
 
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         pictures = Pictures()
-        for name, conv in resolve_layers(pl_module, self.layers, nn.Conv2d, what="conv layer").items():
-            w = conv.weight
+        for name, conv in resolve_layers(pl_module, self.layers, CONV_LAYERS, what="conv layer").items():
+            w = conv_filters(conv)
             bad = int(nonfinite_rows(w).sum())
             if bad:  # a NaN filter is not data: no picture of this layer
                 self.skip_nonfinite(name, "weights", bad, len(w), "filters", f"filters/{name}", step)
