@@ -208,7 +208,7 @@ def test_the_defaults_fit_a_resnet_and_a_small_split(caplog: pytest.LogCaptureFi
     """The lecture's layer names, image IDs and probe size are defaults; on a ResNet-18 and a 300-image split each
     becomes what fits (the first conv of each stage, the first image of each class, the whole split) and says so,
     while an explicit value that does not fit is still refused."""
-    from cnnfeat.callbacks import FeatureMapCallback, TopPatchesCallback
+    from cnnfeat.callbacks import FeatureMapCallback, FilterCallback, TopPatchesCallback
 
     spec = zoo()["resnet18"]
     net = spec.model()
@@ -229,6 +229,9 @@ def test_the_defaults_fit_a_resnet_and_a_small_split(caplog: pytest.LogCaptureFi
     assert tops.layers and set(tops.layers) <= set(plan.convs)
     assert maps.image_ids == [int(probe.ids[(labels == k).nonzero()[0, 0]]) for k in range(6)]
     assert dead.probe_size == 300
+    filters = FilterCallback()
+    filters.prepare(net, None)
+    assert filters.layers == [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)][:2]
     assert "the first conv of each stage" in caplog.text and "using all 300" in caplog.text
     with pytest.raises(Exception, match="probe_size=500 is larger"):
         DeadReluCallback(probe_size=500).prepare(net, probe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,11 @@ def conv_filters(conv: nn.Conv2d | nn.ConvTranspose2d) -> torch.Tensor:
     return w
 
 
+log = logging.getLogger("cnnfeat")
+#: the lecture's first and second conv layers; on a network without them, its first two conv layers
+DEFAULT_LAYERS = ("conv1", "conv2")
+
+
 class FilterCallback(VisualizationCallback):
     """Logs the weights of chosen conv layers as an out x in grid of kernels.
 
@@ -61,7 +67,7 @@ class FilterCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layers: Sequence[str] = ("conv1", "conv2"),
+        layers: Sequence[str] = DEFAULT_LAYERS,
         scale: str = "layer",
         rgb: bool = False,
         max_filters: int | None = None,
@@ -91,6 +97,16 @@ class FilterCallback(VisualizationCallback):
         self.max_filters, self.per_filter_grids = max_filters, per_filter_grids
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
+        convs = [n for n, m in pl_module.named_modules() if isinstance(m, CONV_LAYERS)]
+        if tuple(self.layers) == DEFAULT_LAYERS and not set(self.layers) <= set(convs) and convs:
+            # the lecture's names, on a network without them: its first two conv layers (first and second layer)
+            self.layers = convs[:2]
+            log.info(
+                "%s: layers=%s (the first two conv layers of %s)",
+                type(self).__name__,
+                self.layers,
+                type(pl_module).__name__,
+            )
         resolve_layers(pl_module, self.layers, CONV_LAYERS, what="conv layer")
 
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
