@@ -45,6 +45,7 @@ from cnnfeat.graph import (
     split_call,
     unknown_names,
 )
+from cnnfeat.graph import device_of as device_of  # relevance imports it from here
 
 #: Test-set images the lecture looks at (Fashion-MNIST test IDs).
 LECTURE_IMAGE_IDS = lecture.LECTURE_IMAGE_IDS
@@ -162,10 +163,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
-
-
-def device_of(model: nn.Module) -> torch.device:
-    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
 
 
 def forward_with_taps(

@@ -465,6 +465,11 @@ class _Tracer(_Recorder):
         self._add(node, outputs)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
+    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+
+
 def _module_modes(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 

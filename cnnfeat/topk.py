@@ -16,16 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cnnfeat.graph import capture, trace_graph
+from cnnfeat.graph import capture, device_of, trace_graph
 from cnnfeat.probe import ProbeSet, batches
 from cnnfeat.receptive_field import ReceptiveField, graph_receptive_fields
 from cnnfeat.units import nonfinite_rows
 
 __all__ = ["PatchSearch", "TopK", "crop_sources", "search_patches", "search_vectors"]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
 
 
 @dataclass
@@ -82,7 +78,7 @@ def search_patches(
 ) -> PatchSearch:
     """Stream the first ``n`` probe images through ``model`` (under ``no_grad`` and the mode you want) and keep the
     top-``k`` per channel of each spatial node in ``layers`` (see the module docstring)."""
-    device = _device(model)
+    device = device_of(model)
     result = PatchSearch({}, {}, dict.fromkeys(layers, 0))
     with capture(model, layers) as out:
         for positions in batches(torch.arange(n), batch_size):
@@ -102,7 +98,7 @@ def search_vectors(
     model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int
 ) -> dict[str, TopK]:
     """Top-``k`` probe images per unit of (N, F) nodes over the first ``n`` probe images (positions are 0)."""
-    device, found = _device(model), {}
+    device, found = device_of(model), {}
     with capture(model, layers) as acts:
         for ids in batches(torch.arange(n), batch_size):
             model(probe.inputs[ids].to(device))
@@ -123,5 +119,5 @@ def crop_sources(model: nn.Module, probe: ProbeSet, ids: Sequence[int], frame: s
     if frame is None:
         return probe.images[positions]
     with capture(model, [frame]) as out:
-        model(probe.inputs[positions].to(_device(model)))
+        model(probe.inputs[positions].to(device_of(model)))
     return out[frame].cpu()

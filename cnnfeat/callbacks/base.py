@@ -42,8 +42,8 @@ from typing_extensions import override
 
 from cnnfeat import viz
 from cnnfeat.callbacks.session import AnalysisSession, inference
-from cnnfeat.callbacks.session import device_of as device_of  # the callbacks import it from here
 from cnnfeat.errors import ConfigError, check_bool, check_int
+from cnnfeat.graph import device_of as device_of  # the callbacks import it from here
 from cnnfeat.plan import LayerPlan
 from cnnfeat.probe import ProbeSet, ProbeSpec
 from cnnfeat.probe_pass import PassResult, ProbePass

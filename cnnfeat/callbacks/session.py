@@ -19,17 +19,13 @@ import torch
 from torch import nn
 
 from cnnfeat.errors import ConfigError
+from cnnfeat.graph import device_of
 from cnnfeat.plan import LayerPlan
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 from cnnfeat.probe_pass import ProbePass
 from cnnfeat.run.lightning_api import rank_zero_warn
 
 log = logging.getLogger("cnnfeat")
-
-
-def device_of(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
-    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
 @contextmanager
