@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cnnfeat.embedding import stratified_ids
-from cnnfeat.graph import capture
+from cnnfeat.graph import capture, device_of
 from cnnfeat.probe import ProbeSet, batches
 
 #: the seed of the shared stratified selection (the UMAP and representation callbacks' default)
@@ -78,7 +78,7 @@ def run_pass(model: nn.Module, probe: ProbeSet, requests: Sequence[PassRequest])
     for r in requests:
         group = next((g for g in groups if torch.equal(g[0].positions, r.positions)), None)
         groups.append([r]) if group is None else group.append(r)
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    device = device_of(model)
     calls = 0
     for group in groups:
         positions = group[0].positions
