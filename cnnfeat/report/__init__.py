@@ -4,7 +4,7 @@
 - ``data``: what a run holds (``RunData``, ``Explored``, the atlas checked against its manifest);
 - ``draw``: the pictures (cells, grids, colour maps: arrays in, arrays out);
 - ``html``: HTML pieces (page, table, inline SVG charts, escaping);
-- ``pages``: the overview and the layer pages of one run (``write_report``);
+- ``pages``: the overview, the layer pages and the attribution / importance pages of one run (``write_report``);
 - ``output``: the report folder, written beside its destination and moved in, with its marker;
 - ``sweep``: a multirun's job reports and their index;
 - ``cli``: the command line (``main``) and the report at the end of a run (``report_at_end``).

@@ -35,9 +35,66 @@ _KNN_ACC = tags.UMAP_QUALITY.format(metric="knn_acc")
 _IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
+#: TensorBoard image tags shown at every step, not only the last (the attribution strips), by prefix
+SERIES_PREFIXES = (tags.ATTRIBUTION.prefix,)
+#: the roles the importance table names (``cnnfeat.callbacks.importance.table``), by how its role cell starts
+BUSY_IDLE, RARE_VITAL = "fires a lot", "rarely fires"
+
+
 def _wanted(tag: str, kind: str) -> bool:
-    """What the report decodes of the event files: every scalar, and the pictures shown by prefix."""
-    return kind == tags.Kind.SCALAR or (kind == tags.Kind.IMAGE and tag.startswith(IMAGE_PREFIXES))
+    """What the report decodes of the event files: every scalar, the pictures shown by prefix (the attribution
+    strips at every step) and the importance tables."""
+    if kind == tags.Kind.SCALAR:
+        return True
+    if kind == tags.Kind.IMAGE:
+        return tag.startswith(IMAGE_PREFIXES + SERIES_PREFIXES)
+    return kind == tags.Kind.TEXT and tags.IMPORTANCE_TABLE.match(tag) is not None
+
+
+@dataclass(frozen=True)
+class UnitImportance:
+    """One row of an importance table (``importance/<layer>/table``): a removed unit and what the network lost."""
+
+    rank: int
+    unit: int
+    acc_drop: float
+    logit_drop: float
+    firing: float
+    role: str  #: empty, or how the table calls the unit out (``BUSY_IDLE`` / ``RARE_VITAL`` start it)
+
+    @property
+    def busy_idle(self) -> bool:
+        return self.role.startswith(BUSY_IDLE)
+
+    @property
+    def rare_vital(self) -> bool:
+        return self.role.startswith(RARE_VITAL)
+
+
+_IMPORTANCE_HEAD = ("rank", "unit", "accuracy drop", "logit drop", "firing rate", "role")
+
+
+def importance_rows(text: str) -> list[UnitImportance]:
+    """The markdown table of ``importance/<layer>/table`` as rows; a ``DataError`` saying what is wrong otherwise."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+
+    def cells(line: str) -> list[str]:
+        if not (line.startswith("|") and line.endswith("|")):
+            raise DataError(f"not a markdown table row: {line!r:.60}")
+        return [c.strip() for c in line[1:-1].split("|")]
+
+    if len(lines) < 2 or tuple(cells(lines[0])) != _IMPORTANCE_HEAD:
+        raise DataError(f"not an importance table (its header must be {' | '.join(_IMPORTANCE_HEAD)})")
+    rows = []
+    for line in lines[2:]:
+        c = cells(line)
+        if len(c) != len(_IMPORTANCE_HEAD):
+            raise DataError(f"a row has {len(c)} cells, not {len(_IMPORTANCE_HEAD)}: {line!r:.60}")
+        try:
+            rows.append(UnitImportance(int(c[0]), int(c[1]), float(c[2]), float(c[3]), float(c[4]), c[5]))
+        except ValueError as e:
+            raise DataError(f"a row holds a value that is not a number ({e}): {line!r:.60}") from e
+    return rows
 
 
 def _yaml(text: str | None) -> Any:
@@ -227,6 +284,24 @@ def _atlas(files: RunFiles) -> Atlas | None:
     return atlas
 
 
+def _importance(
+    texts: Mapping[str, list[tuple[int, str]]], files: RunFiles
+) -> dict[str, dict[int, list[UnitImportance]]]:
+    """The importance tables of the event files by layer and step; a table that does not parse is noted, not shown."""
+    out: dict[str, dict[int, list[UnitImportance]]] = {}
+    for tag, steps in sorted(texts.items()):
+        found = tags.IMPORTANCE_TABLE.match(tag)
+        if found is None:
+            continue
+        for step, text in steps:
+            try:
+                out.setdefault(found["layer"], {})[step] = importance_rows(text)
+            except DataError as e:
+                files.notes.append(f"TensorBoard text {tag} (step {step}): {e}; not shown")
+                log.warning("Report of %s: %s", files.dir, files.notes[-1])
+    return {layer: by_step for layer, by_step in out.items() if by_step}
+
+
 @dataclass
 class RunData:
     """What the report shows of one run."""
@@ -245,6 +320,10 @@ class RunData:
     gif_size: tuple[int, int] | None = None  #: (width, height) of the GIF
     gif_data: bytes | None = field(default=None, repr=False)
     explored: Explored | None = None
+    #: the pictures shown at every step (``SERIES_PREFIXES``): tag -> [(step, PNG bytes)] by step
+    image_series: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict, repr=False)
+    #: the importance tables as logged: layer -> {step: rows, most important first}
+    importance: dict[str, dict[int, list[UnitImportance]]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, run_dir: Path | str) -> RunData:
@@ -275,7 +354,9 @@ class RunData:
         # the event files that ``files`` allows (regular files inside the run, none of a report folder), merged in
         # the order they were written: a resumed run's newer write of a step wins
         logged = events.read_run(run_dir, _wanted, files.skip, accept=files.ok, skip_dirs=(REPORT_DIR,))
-        scalars, images = logged.scalars, logged.latest_images()
+        scalars = logged.scalars
+        images = {t: v for t, v in logged.latest_images().items() if t.startswith(IMAGE_PREFIXES)}
+        series = {t: v for t, v in logged.images.items() if t.startswith(SERIES_PREFIXES) and v}
         gif, gif_data, gif_size = run_dir / "umap_embedding.gif", None, None
         if (data := files.read_bytes(gif)) is not None:
             try:
@@ -308,6 +389,8 @@ class RunData:
             gif_size=gif_size,
             gif_data=gif_data,
             explored=explored,
+            image_series=series,
+            importance=_importance(logged.texts, files),
         )
 
     def note(self, text: str) -> None:

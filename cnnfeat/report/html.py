@@ -36,6 +36,7 @@ img{image-rendering:pixelated}img.smooth{image-rendering:auto}
 .thumbs{display:flex;flex-wrap:wrap;gap:4px}.thumbs a{text-decoration:none;font-size:10px;color:#555;text-align:center}
 .flagged img{outline:2px solid #e0a800}
 .explored{background:#fff8e1;border-left:3px solid #e0a800;padding:4px 10px}
+.callout{background:#f3f7fb;border-left:3px solid #1f77b4;padding:4px 10px;font-size:13px}
 .figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.figs figure{margin:0}
 svg text{font-family:system-ui,sans-serif}
 """

@@ -1,4 +1,5 @@
-"""One run's report: the overview and a page per layer (``_Writer``), written into a safe folder (``write_report``)."""
+"""One run's report: the overview, a page per layer (``_Writer``) and, when the run logged their tags, the attribution
+and importance pages (issue 24), written into a safe folder (``write_report``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from cnnfeat.report.data import (
     _VAL_ACC,
     _VAL_LOSS,
     RunData,
+    UnitImportance,
     _number,
+    _ranges,
 )
 from cnnfeat.report.draw import _grid, _save, crop_image, image_cell, kernel_cell, labelled, row_labelled
 from cnnfeat.report.files import REPORT_DIR
@@ -37,6 +40,22 @@ log = logging.getLogger("cnnfeat")
 
 #: the metrics of status.json shown first on the overview, in this order
 _STATUS_METRICS = (_VAL_ACC, _TEST_ACC, _TRAIN_ACC, _TRAIN_LOSS, _VAL_LOSS)
+#: the pages of the attribution and importance callbacks (issue 24), when the run logged their tags
+ATTRIBUTION_PAGE, IMPORTANCE_PAGE = "attribution.html", "importance.html"
+#: units of a layer drawn in the importance-across-epochs chart (the most important at the last kept step)
+_CHART_UNITS = 8
+#: rows of a ranking table shown before the rest folds away
+_TOP_ROWS = 10
+
+
+def _step_name(step: int) -> str:
+    return "untrained" if step == 0 else f"epoch {step}"
+
+
+def _role(row: UnitImportance) -> str:
+    if row.busy_idle:
+        return "fires a lot but does not matter"
+    return "rarely fires but matters" if row.rare_vital else ""
 
 
 class _Writer:
@@ -62,6 +81,9 @@ class _Writer:
     # -- pages --
     def nav(self, current: str = "") -> str:
         links = ['<a href="index.html">overview</a>']
+        for name, label in ((ATTRIBUTION_PAGE, "attribution"), (IMPORTANCE_PAGE, "importance")):
+            if self.has_page(name):
+                links.append(f'<a href="{name}">{f"<b>{label}</b>" if name == current else label}</a>')
         if self.data.atlas:
             for info in self.data.atlas.layers:
                 name = f"<b>{esc(info.name)}</b>" if info.name == current else esc(info.name)
@@ -73,6 +95,10 @@ class _Writer:
         if self.data.atlas:
             for info in self.data.atlas.layers:
                 pages[f"{info.slug}.html"] = self.layer_page(info)
+        if self.has_page(ATTRIBUTION_PAGE):
+            pages[ATTRIBUTION_PAGE] = self.attribution_page()
+        if self.has_page(IMPORTANCE_PAGE):
+            pages[IMPORTANCE_PAGE] = self.importance_page()
         pages["index.html"] = self.overview()  # after the layers: it shows their optimised inputs
         for name, text in pages.items():
             (self.out / name).write_text(text, encoding="utf-8")
@@ -84,6 +110,7 @@ class _Writer:
         if d.experiment == "seed":
             parts.append(self.lecture_section())
         parts += [self.umap_section(), self.dead_relu_section(), self.representation_section()]
+        parts.append(self.attribution_importance_section())
         parts.append(self.config_section())
         if d.notes:
             parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in d.notes) + "</ul>")
@@ -245,6 +272,247 @@ class _Writer:
             return ""
         return "<h2>Representations (CKA, linear probes)</h2>" + "".join(parts)
 
+    # -- attribution and importance (issue 24) --
+    def has_page(self, name: str) -> bool:
+        """Whether the run logged what the page ``name`` shows (a run without those callbacks has no such page)."""
+        if name == ATTRIBUTION_PAGE:
+            return bool(self.attribution_images())
+        if name == IMPORTANCE_PAGE:
+            return bool(self.importance_layers())
+        return False
+
+    def attribution_images(self) -> dict[str, list[tuple[int, bytes]]]:
+        """Image ID -> its ``attribution/img<ID>`` pictures by step."""
+        out = {}
+        for tag, steps in self.data.image_series.items():
+            if (m := tags.ATTRIBUTION.match(tag)) is not None:
+                out[m["image"]] = steps
+        return dict(sorted(out.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
+
+    def ig_gaps(self) -> dict[str, dict[int, float]]:
+        """Image ID -> its Integrated Gradients completeness gap (relative) by step."""
+        out = {}
+        for tag, values in self.data.scalars.items():
+            if (m := tags.ATTRIBUTION_IG_GAP.match(tag)) is not None:
+                out[m["image"]] = dict(values)
+        return out
+
+    def importance_scalars(self, layer: str) -> dict[str, dict[int, float]]:
+        """A layer's importance scalars by step: ``acc_drop_max``, ``busy_idle``, ``rare_vital``."""
+        families = {
+            "acc_drop_max": tags.IMPORTANCE_ACC_DROP_MAX,
+            "busy_idle": tags.IMPORTANCE_BUSY_IDLE,
+            "rare_vital": tags.IMPORTANCE_RARE_VITAL,
+        }
+        return {k: dict(self.data.scalars.get(t.format(layer=layer), [])) for k, t in families.items()}
+
+    def importance_layers(self) -> list[str]:
+        """The layers with importance tables or scalars, tables' order first."""
+        layers = list(self.data.importance)
+        for tag in self.data.scalars:
+            for family in (tags.IMPORTANCE_ACC_DROP_MAX, tags.IMPORTANCE_BUSY_IDLE, tags.IMPORTANCE_RARE_VITAL):
+                if (m := family.match(tag)) is not None and m["layer"] not in layers:
+                    layers.append(m["layer"])
+        return layers
+
+    def logged_png(self, tag: str, step: int, png: bytes, rel: str) -> tuple[str, tuple[int, int]] | None:
+        """A logged picture copied as it is to ``assets/rel`` (its src and (h, w)); None, with a note, if not a PNG."""
+        try:
+            with Image.open(io.BytesIO(png)) as im:
+                (w, h), kind = im.size, im.format
+        except _IMAGE_ERRORS:
+            kind = None
+        if kind != "PNG":
+            self.data.note(f"TensorBoard picture {tag} (step {step}): not a PNG image; skipped")
+            return None
+        self.asset(rel).write_bytes(png)
+        return f"assets/{rel}", (h, w)
+
+    def attribution_importance_section(self) -> str:
+        """On the overview: links to the attribution and importance pages, with a line of what each holds."""
+        items = []
+        if self.has_page(ATTRIBUTION_PAGE):
+            images = self.attribution_images()
+            steps = sorted({s for v in images.values() for s, _ in v})
+            items.append(
+                f"<li><a href='{ATTRIBUTION_PAGE}'>Where the network looks</a>: Grad-CAM and Integrated Gradients of "
+                f"{len(images)} image(s) at steps {_ranges(steps)}</li>"
+            )
+        if self.has_page(IMPORTANCE_PAGE):
+            rows = []
+            for layer in self.importance_layers():
+                sc = self.importance_scalars(layer)
+                drop = sc["acc_drop_max"]
+                last = max(drop) if drop else None
+                rows.append(
+                    [
+                        f"<a href='{IMPORTANCE_PAGE}#{esc(slug(layer))}'>{esc(layer)}</a>",
+                        esc(last) if last is not None else "&ndash;",
+                        pct(drop.get(last)) if last is not None else "&ndash;",
+                        fmt(sc["busy_idle"].get(last)) if last is not None else "&ndash;",
+                        fmt(sc["rare_vital"].get(last)) if last is not None else "&ndash;",
+                    ]
+                )
+            head = ["layer", "step", "largest accuracy drop", "fire a lot, do not matter", "rarely fire, matter"]
+            items.append(
+                f"<li><a href='{IMPORTANCE_PAGE}'>Which units matter</a>: each unit removed in turn on the probe"
+                f"{table(head, rows)}</li>"
+            )
+        if not items:
+            return ""
+        return "<h2>Attribution and unit importance</h2><ul>" + "".join(items) + "</ul>"
+
+    def attribution_page(self) -> str:
+        """Per image, its attribution picture at every step (as logged) with the IG completeness gap of the step."""
+        images, gaps = self.attribution_images(), self.ig_gaps()
+        parts = [
+            "<p>Each row is the picture the attribution callback logged at that step (0 = untrained, then epochs "
+            "trained): <b>the input</b>, <b>Grad-CAM</b> at the last conv stage for the <b>predicted</b> and the "
+            "<b>true</b> class (viridis, both on one scale: bright = the region that raises the class score), and "
+            "<b>Integrated Gradients</b> for the predicted and the true class (summed over channels; red = pixels "
+            "that are evidence for the class, blue = against it, white = none). When the prediction is right, the "
+            "two Grad-CAMs (and the two IG maps) are the same. The <b>IG gap</b> is how far the attributions' sum "
+            "misses the logit difference to the black baseline (relative, the larger of the two classes): near 0 "
+            "means the IG map accounts for the whole score.</p>",
+            self.explored_line(),
+        ]
+        if gaps:
+            series = {f"img{k}": sorted(v.items()) for k, v in gaps.items()}
+            parts.append(
+                "<div class='figs'>"
+                + svg_chart(series, "IG completeness gap", "epochs trained (0 = untrained)", "relative gap")
+                + "</div>"
+            )
+        links = " ".join(f"<a href='#img{esc(k)}'>img{esc(k)}</a>" for k in images)
+        parts.append(f"<p>Images: {links}</p>")
+        for image, steps in images.items():
+            rows = []
+            for step, png in steps:
+                tag = tags.ATTRIBUTION.format(image=image)
+                got = self.logged_png(tag, step, png, f"attribution/img{slug(image)}_step{step:03d}.png")
+                if got is None:
+                    continue
+                src, size = got
+                rows.append(
+                    [
+                        f"{step} <span class='muted'>({_step_name(step)})</span>",
+                        img_tag(src, f"{tag} at step {step}", size, "smooth", 0.75),
+                        pct(gaps.get(image, {}).get(step)),
+                    ]
+                )
+            parts.append(
+                f"<h2 id='img{esc(image)}'>Image {esc(image)}</h2>"
+                + table(["step", "input · Grad-CAM pred, true · IG pred, true", "IG gap"], rows)
+            )
+        return page(f"Attribution · {self.data.run_dir.name}", "".join(parts), self.nav(ATTRIBUTION_PAGE))
+
+    def importance_page(self) -> str:
+        """Per layer: the ranking at the last kept step, the units called out, each unit's importance over steps."""
+        parts = [
+            "<p>Each unit is removed in turn (zeroed at its output, at the activation after a conv or linear layer) "
+            "on the probe images; the <b>accuracy drop</b> is how much probe accuracy falls without it, the <b>logit "
+            "drop</b> how much the true class's logit falls, the <b>firing rate</b> how often the unit is above 0. "
+            "<b>Fires a lot but does not matter</b>: a busy unit whose removal costs nothing; <b>rarely fires but "
+            "matters</b>: a quiet unit the decision still needs. Steps: 0 = untrained, then epochs trained (the "
+            "kept epochs of the importance callback).</p>",
+            self.explored_line(),
+        ]
+        layers = self.importance_layers()
+        parts.append("<p>Layers: " + " ".join(f"<a href='#{esc(slug(x))}'>{esc(x)}</a>" for x in layers) + "</p>")
+        for layer in layers:
+            parts.append(self.importance_layer(layer))
+        return page(f"Importance · {self.data.run_dir.name}", "".join(parts), self.nav(IMPORTANCE_PAGE))
+
+    def importance_layer(self, layer: str) -> str:
+        """One layer's section of the importance page."""
+        sc = self.importance_scalars(layer)
+        by_step = self.data.importance.get(layer, {})
+        out = [f"<h2 id='{esc(slug(layer))}'>{esc(layer)}</h2>"]
+        summary = [
+            [esc(s), pct(sc["acc_drop_max"].get(s)), fmt(sc["busy_idle"].get(s)), fmt(sc["rare_vital"].get(s))]
+            for s in sorted({s for v in sc.values() for s in v})
+        ]
+        head = ["step", "largest accuracy drop", "fire a lot, do not matter", "rarely fire, matter"]
+        if summary:
+            out.append("<h3>Per kept step (the logged scalars)</h3>" + table(head, summary))
+        if not by_step:
+            out.append(f"<p class='muted'>No table importance/{esc(layer)}/table in the event files.</p>")
+            return "".join(out)
+        last = max(by_step)
+        ranking = by_step[last]
+        for what, pick in (
+            ("Fires a lot but does not matter", lambda r: r.busy_idle),
+            ("Rarely fires but matters", lambda r: r.rare_vital),
+        ):
+            units = [r for r in ranking if pick(r)]
+            listed = ", ".join(
+                f"unit {r.unit} (accuracy drop {r.acc_drop:.4f}, firing rate {r.firing:.3f})" for r in units
+            )
+            out.append(f"<p class='callout'><b>{what}</b> (step {last}): {listed or 'none'}</p>")
+
+        def row(r: UnitImportance) -> list[str]:
+            return [
+                str(r.rank),
+                str(r.unit),
+                f"{r.acc_drop:.4f}",
+                f"{r.logit_drop:.4f}",
+                f"{r.firing:.3f}",
+                esc(_role(r)),
+            ]
+
+        head = ["rank", "unit", "accuracy drop", "logit drop", "firing rate", "role"]
+        out.append(
+            f"<h3>Ranking at step {last} ({_step_name(last)}), most important first (by logit drop, then accuracy "
+            "drop)</h3>"
+        )
+        out.append(table(head, [row(r) for r in ranking[:_TOP_ROWS]], left=0))
+        if len(ranking) > _TOP_ROWS:
+            rest = table(head, [row(r) for r in ranking[_TOP_ROWS:]], left=0)
+            out.append(f"<details><summary>the other {len(ranking) - _TOP_ROWS} units</summary>{rest}</details>")
+        steps = sorted(by_step)
+        units = {s: {r.unit: r for r in rows} for s, rows in by_step.items()}
+        top = [r.unit for r in ranking[:_CHART_UNITS]]
+        series = {f"unit {u}": [(s, units[s][u].logit_drop) for s in steps if u in units[s]] for u in top}
+        out.append(
+            "<div class='figs'>"
+            + svg_chart(series, f"{layer}: its top units' logit drop", "epochs trained", "true-class logit drop")
+            + "</div>"
+        )
+
+        def cell(s: int, u: int) -> str:
+            r = units[s].get(u)
+            return f"{r.acc_drop:.4f} / {r.logit_drop:.4f}" if r is not None else "&ndash;"
+
+        grid = [[str(r.unit)] + [cell(s, r.unit) for s in steps] for r in ranking]
+        out.append(
+            "<details><summary>every unit's accuracy drop / logit drop at each kept step</summary>"
+            + table(["unit"] + [f"step {s}" for s in steps], grid)
+            + "</details>"
+        )
+        return "".join(out)
+
+    def card_importance(self, info: LayerInfo) -> tuple[str, dict[int, list[tuple[int, UnitImportance]]]]:
+        """The importance layer of an atlas layer (logged under the layer's name or its activation's) and, per unit,
+        its rows by kept step; ``("", {})`` when the run has none."""
+        layer = next((n for n in (info.name, info.activation) if n and n in self.data.importance), "")
+        out: dict[int, list[tuple[int, UnitImportance]]] = {}
+        for step, rows in sorted(self.data.importance.get(layer, {}).items()):
+            for r in rows:
+                out.setdefault(r.unit, []).append((step, r))
+        return layer, out
+
+    def card_importance_part(self, layer: str, history: list[tuple[int, UnitImportance]], badges: list[str]) -> str:
+        """A unit card's importance per kept epoch (and a badge when the last kept step calls the unit out)."""
+        role = _role(history[-1][1])
+        if role:
+            badges.append(f'<span class="badge flag" title="step {history[-1][0]}">{esc(role)}</span>')
+        rows = [(s, f"{r.acc_drop:.4f}", f"{r.logit_drop:.4f}", f"{r.firing:.3f}", r.rank) for s, r in history]
+        return (
+            f"<div class='muted imp'>importance when removed, per kept epoch (<a href='{IMPORTANCE_PAGE}#"
+            f"{esc(slug(layer))}'>{esc(layer)} ranking</a>)</div>"
+            + table(["step", "accuracy drop", "logit drop", "firing rate", "rank"], rows, left=0)
+        )
+
     def layers_section(self) -> str:
         a = self.data.atlas
         if a is None:
@@ -363,6 +631,7 @@ class _Writer:
         fired = fires(maxima) if maxima is not None else None  # (S, U): alive at each step
         weights = [data[s]["weights"] for s in steps if "weights" in data[s]]
         w_steps = [s for s in steps if "weights" in data[s]]
+        imp_layer, imp = self.card_importance(info)
         cards, thumbs = [], []
         for j, unit in enumerate(info.shown):
             aid = anchor(info.kind, unit)
@@ -460,6 +729,8 @@ class _Writer:
                     f"{esc((a.manifest.get('probe') or {}).get('alive_images', '?'))} probe images)</div>"
                     f"<div class='tl'>{cells}</div>"
                 )
+            if unit in imp:
+                parts.append(self.card_importance_part(imp_layer, imp[unit], badges))
             cards.append(
                 f"<section class='card' id='{aid}'><h3><a href='#{aid}'>{esc(info.name)} · {aid}</a>"
                 f"{''.join(badges)}</h3>{''.join(parts)}</section>"

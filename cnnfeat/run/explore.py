@@ -3,6 +3,7 @@
     cnnfeat-explore ckpt=outputs/runs/DATE/TIME-PID/checkpoints/last.ckpt
     cnnfeat-explore ckpt=outputs/runs/DATE/TIME-PID/checkpoints          # every epochNN-*.ckpt, in order
     cnnfeat-explore ckpt=... callbacks=transfer                          # for a TransferClassifier checkpoint
+    cnnfeat-explore ckpt=... callbacks=[attribution,importance]          # where it looks, which units matter
 
 Given a directory, every ``epochNN-*.ckpt`` and ``last.ckpt`` is explored, once per epoch (each checkpoint's own
 ``epoch`` field decides; ``last.ckpt`` is the final network when the best checkpoint is an earlier epoch). With
@@ -11,7 +12,10 @@ the other from warm starts, so the aligned trajectory and the filter evolution a
 run's ``.hydra/config.yaml`` sits beside the checkpoints, the untrained network (step 0) is re-created from the
 run's seed too. Pictures and scalars go to TensorBoard at step = epochs trained (the training run's axis) and, with
 ``save_png=true`` (the default here), to ``<output dir>/images``. The probe images are built as in training
-(``cnnfeat.probe``), once per split.
+(``cnnfeat.probe``), once per split. Every checkpoint is one step for every callback: a callback's ``every_n_epochs``
+(the importance callback's 5) is not consulted here, so ``callbacks=[attribution,importance]`` logs
+``attribution/*`` and ``importance/*`` at each explored step, and the report shows them on its attribution and
+importance pages.
 
 Epochs without a checkpoint are gaps: ``<output dir>/explored.json`` lists the explored and the missing steps, and a
 value named after the previous epoch (``cka/to_previous/*``, ``units/died|revived/*``, ``umap/frame_shift``) is
