@@ -51,6 +51,7 @@ from cnnfeat import featviz
 from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.graph import Graph, activation_after, conv_nodes, split_call, unknown_names
 from cnnfeat.run.atomic import atomic_write, json_safe
+from cnnfeat.topk import centre_pad
 
 FORMAT = 1
 ATLAS_DIR = "atlas"
@@ -121,7 +122,7 @@ class LayerInfo:
     name: str
     kind: str  #: "conv" or "fc"
     units: int  #: units in the layer
-    shown: list[int]  #: the units recorded (all, or the first ``max_units``)
+    shown: list[int]  #: the units recorded: all, the most variable, listed ones, or the first ``max_units``
     activation: str | None  #: the node whose sign says alive/dead (the activation after the layer), else the layer
     weights: bool  #: whether incoming weights are recorded (a Conv2d / Linear module)
     frozen: bool  #: no trainable weights: per-step data is recorded once
@@ -562,13 +563,12 @@ def class_counts(labels: torch.Tensor, ids: torch.Tensor, num_classes: int) -> n
 
 
 def squares(cells: Iterable[torch.Tensor], side: int, max_side: int) -> torch.Tensor:
-    """Crops (C, h, w) of possibly different sizes -> one (N, C, s, s) tensor, s = min(largest side, max_side)."""
-    out = []
-    side = min(side, max_side)
-    for c in cells:
-        c = c.float()
-        if c.shape[-2:] != (side, side):
-            mode = "area" if max(c.shape[-2:]) > side else "nearest"
-            c = torch.nn.functional.interpolate(c[None], size=(side, side), mode=mode)[0]
-        out.append(c)
-    return torch.stack(out)
+    """Crops (C, h, w) of possibly different sizes -> one (N, C, s, s) tensor: each crop centred, unchanged, on a
+    zero canvas of the largest side (``cnnfeat.topk.centre_pad``: fields that differ between batches are not
+    stretched to one scale), shrunk (area) to ``max_side`` when larger; ``side`` is the largest crop side."""
+    out = centre_pad([c.float() for c in cells])
+    if out.shape[-1] != side:
+        raise ValueError(f"the largest crop side is {out.shape[-1]}, not {side}")
+    if side > max_side:
+        out = torch.nn.functional.interpolate(out, size=(max_side, max_side), mode="area")
+    return out

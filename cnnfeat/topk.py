@@ -5,7 +5,8 @@ the model, keeps per node and channel the ``k`` strongest (activation, image, po
 records the receptive fields of the pass that saw each image. Each batch is traced while its maps are captured (one
 pass): a network whose path depends on the data gets each batch's own geometry, so a patch is always cut by the field
 of the pass that produced its activation. ``search_vectors`` does the same for (N, F) nodes (a unit's "patch" is the
-whole image). ``crop_sources`` gives the images the boxes refer to.
+whole image). ``crop_sources`` gives the images the boxes refer to. ``centre_pad`` puts crops of different sizes (fields
+that differ between batches) on one canvas without resizing them, so that no patch is shown at a wrong scale.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from torch import nn
 from cnnfeat.graph import capture, device_of, trace_graph
 from cnnfeat.probe import ProbeSet, batches
 from cnnfeat.receptive_field import ReceptiveField, graph_receptive_fields
-from cnnfeat.units import nonfinite_rows
+from cnnfeat.units import SpreadAccumulator, nonfinite_rows
 
-__all__ = ["PatchSearch", "TopK", "crop_sources", "search_patches", "search_vectors"]
+__all__ = ["PatchSearch", "TopK", "centre_pad", "crop_sources", "search_patches", "search_vectors"]
 
 
 @dataclass
@@ -49,13 +50,14 @@ class TopK:
         top_v, order = v.topk(min(k, len(v)), dim=0)
         self.values, self.ids, self.positions = top_v, i.gather(0, order), p.gather(0, order)
 
-    def update_from_maps(self, maps: torch.Tensor, image_ids: torch.Tensor) -> None:
+    def update_from_maps(self, maps: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """Each image (row of ``maps``: (B, C, h, w) or (B, C)) contributes its strongest position per channel (so
-        top-k are k different images); a NaN never wins."""
+        top-k are k different images); a NaN never wins. Returns those per-image maxima (B, C)."""
         flat = maps.flatten(2) if maps.ndim > 2 else maps.unsqueeze(2)
         best, pos = flat.float().nan_to_num(nan=-torch.inf).max(dim=2)  # (B, C)
         ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
         self.update(best, ids, pos)
+        return best
 
 
 @dataclass
@@ -67,6 +69,8 @@ class PatchSearch:
     fields: dict[int, dict[str, ReceptiveField]] = field(default_factory=dict)
     #: per node, probe images whose map held NaN or infinity (such a node's winners would be chosen by NaN)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    #: per node, each channel's variability over the searched images (``cnnfeat.units.SpreadAccumulator``)
+    spread: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def field(self, image_id: int, name: str) -> ReceptiveField:
         """The receptive field of ``name``'s units in the pass that saw image ``image_id``."""
@@ -77,9 +81,11 @@ def search_patches(
     model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int
 ) -> PatchSearch:
     """Stream the first ``n`` probe images through ``model`` (under ``no_grad`` and the mode you want) and keep the
-    top-``k`` per channel of each spatial node in ``layers`` (see the module docstring)."""
+    top-``k`` per channel of each spatial node in ``layers`` (see the module docstring), and each channel's variability
+    (``cnnfeat.units.SpreadAccumulator``, from the same per-image maxima)."""
     device = device_of(model)
     result = PatchSearch({}, {}, dict.fromkeys(layers, 0))
+    spread = {name: SpreadAccumulator() for name in layers}
     with capture(model, layers) as out:
         for positions in batches(torch.arange(n), batch_size):
             graph = trace_graph(model, probe.inputs[positions].to(device))  # the maps land in `out` too
@@ -89,8 +95,9 @@ def search_patches(
                 maps = out[name]
                 if name not in result.tops:
                     result.tops[name] = TopK.empty(k, maps.shape[1], maps.device)
-                result.tops[name].update_from_maps(maps, probe.ids[positions])
+                spread[name].update_max(result.tops[name].update_from_maps(maps, probe.ids[positions]))
                 result.nonfinite[name] += int(nonfinite_rows(maps).sum())
+    result.spread = {name: acc.finish() for name, acc in spread.items()}
     return result
 
 
@@ -121,3 +128,15 @@ def crop_sources(model: nn.Module, probe: ProbeSet, ids: Sequence[int], frame: s
     with capture(model, [frame]) as out:
         model(probe.inputs[positions].to(device_of(model)))
     return out[frame].cpu()
+
+
+def centre_pad(cells: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Crops (C, h, w) of possibly different sizes -> (N, C, s, s), s = the largest side of any crop: each crop is
+    placed unchanged on a zero canvas, centred (top offset ``(s - h) // 2``, left ``(s - w) // 2``), never resized."""
+    side = max(max(c.shape[-2:]) for c in cells)
+    out = cells[0].new_zeros(len(cells), cells[0].shape[0], side, side)
+    for i, c in enumerate(cells):
+        h, w = c.shape[-2:]
+        top, left = (side - h) // 2, (side - w) // 2
+        out[i, :, top : top + h, left : left + w] = c
+    return out

@@ -8,14 +8,20 @@ unit whose activations are all NaN (or NaN and <= 0) is dead. ``FiringAccumulato
 set to one alive/dead vector per layer; ``UnitHistory`` keeps those vectors as a units x epochs raster per layer
 (1 bit per unit and epoch held as bool: SmallCNN's 6+6+16+120+100 units x 16 epochs is 4 KB) and answers when each
 unit died and revived.
+
+Which units a picture shows on a wide layer (``choose_units``): all of a layer up to ``DEFAULT_UNITS`` wide, else the
+most *variable* ones: largest population standard deviation, across the probe images, of the unit's largest
+activation in each image (``SpreadAccumulator``), chosen once and kept so that pictures stay comparable across epochs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from cnnfeat.errors import ConfigError
 
 #: ``tensor -> (world_size, *tensor.shape)``, e.g. ``trainer.strategy.all_gather``.
 AllGather = Callable[[torch.Tensor], torch.Tensor]
@@ -186,3 +192,112 @@ class UnitHistory:
         if any(len(v) != len(epochs) for v in alive.values()):
             raise ValueError("inconsistent UnitHistory state: one alive vector per layer and epoch is needed")
         self.epochs, self._alive = epochs, alive
+
+
+# -- which units a picture shows ------------------------------------------------------------------------------
+#: units per layer the pictures show by default on a network with a wider layer (SmallCNN's convs are <= 16 wide)
+DEFAULT_UNITS = 16
+ALL = "all"
+
+
+def image_max(acts: torch.Tensor) -> torch.Tensor:
+    """(B, C) float64: each unit's largest activation in each image, over its positions ((B, C) stays as it is).
+    NaN positions are skipped, as in the top-k search; a map of nothing but NaN gives -inf (then the unit's
+    variability is NaN and it ranks last)."""
+    a = acts.detach()
+    flat = a.flatten(2) if a.ndim > 2 else a.unsqueeze(2)
+    return flat.double().nan_to_num(nan=-torch.inf, posinf=torch.inf).amax(dim=2)
+
+
+class SpreadAccumulator:
+    """Each unit's *variability*, streamed minibatch by minibatch: the population standard deviation, across the
+    images fed, of the unit's largest activation in each image (``image_max``). A unit with a non-finite maximum on
+    any image gets NaN (``most_variable`` ranks it last). Memory: three float64 numbers per unit."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._shift: torch.Tensor | None = None  # the first batch's mean: sums of shifted values stay accurate
+        self._sum: torch.Tensor | None = None
+        self._sq: torch.Tensor | None = None
+        self._finite: torch.Tensor | None = None
+
+    def update(self, acts: torch.Tensor) -> None:
+        """Add one minibatch of activations (B, C, ...) of one layer."""
+        self.update_max(image_max(acts))
+
+    def update_max(self, maxima: torch.Tensor) -> None:
+        """Add one minibatch of per-image maxima (B, C) (``image_max``, or what a top-k search computed)."""
+        m = maxima.detach().double().cpu()
+        finite = torch.isfinite(m).all(dim=0)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        if self._shift is None:
+            self._shift = m.mean(dim=0)
+            self._sum, self._sq, self._finite = torch.zeros_like(self._shift), torch.zeros_like(self._shift), finite
+        assert self._sum is not None and self._sq is not None and self._finite is not None
+        if m.shape[1] != len(self._shift):
+            raise ValueError(f"{m.shape[1]} units, earlier {len(self._shift)}")
+        d = m - self._shift
+        self._sum += d.sum(dim=0)
+        self._sq += (d * d).sum(dim=0)
+        self._finite &= finite
+        self._n += len(m)
+
+    def finish(self) -> torch.Tensor:
+        """(C,) float64: each unit's variability (NaN where not finite); empty before any image."""
+        if self._n == 0 or self._sum is None or self._sq is None or self._finite is None:
+            return torch.empty(0, dtype=torch.float64)
+        mean = self._sum / self._n
+        var = (self._sq / self._n - mean * mean).clamp(min=0)
+        return torch.where(self._finite, var.sqrt(), torch.full_like(var, torch.nan))
+
+
+def most_variable(spread: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` units of largest ``spread`` (``SpreadAccumulator``), NaN last, ties to the lower index; returned in
+    ascending unit order (pictures list units by number)."""
+    s = spread.double().nan_to_num(nan=-torch.inf)
+    order = sorted(range(len(s)), key=lambda u: (-float(s[u]), u))
+    return sorted(order[:k])
+
+
+def check_units(name: str, value: object) -> int | str | list[int]:
+    """A units-per-layer setting: an integer >= 1 (that many most variable units of a wider layer), ``"all"``, or a
+    non-empty list of distinct unit indices >= 0 (their upper bound is the layer's, checked by ``choose_units``)."""
+    if isinstance(value, str):
+        if value != ALL:
+            raise ConfigError(f"{name} must be an integer >= 1, {ALL!r} or a list of unit indices, got {value!r}")
+        return ALL
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, {ALL!r} or a list of unit indices, got {value}")
+        return value
+    if isinstance(value, Sequence) and value:
+        units = list(value)
+        if all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in units) and len(set(units)) == len(
+            units
+        ):
+            return units
+    raise ConfigError(f"{name} must be an integer >= 1, {ALL!r} or a list of distinct unit indices >= 0, got {value!r}")
+
+
+def needs_spread(setting: int | str | list[int], units: int) -> bool:
+    """Whether ``choose_units`` needs the layer's variability: a count smaller than the layer."""
+    return isinstance(setting, int) and units > setting
+
+
+def choose_units(
+    setting: int | str | list[int], units: int, layer: str, spread: torch.Tensor | None = None
+) -> list[int]:
+    """The units of a ``units``-wide layer a picture shows: every one (``"all"``, or a count >= the width), the
+    ``setting`` most variable (``most_variable`` of ``spread``, one value per unit), or the listed ones (each must
+    exist: a ``ConfigError`` names the layer and the valid range)."""
+    if isinstance(setting, list):
+        bad = [u for u in setting if u >= units]
+        if bad:
+            raise ConfigError(f"units {bad} out of range for {layer} ({units} units: valid 0..{units - 1})")
+        return list(setting)
+    if not needs_spread(setting, units):
+        return list(range(units))
+    assert isinstance(setting, int)
+    if spread is None or len(spread) != units:
+        raise ValueError(f"{layer}: choosing {setting} of {units} units needs one variability per unit")
+    return most_variable(spread, setting)

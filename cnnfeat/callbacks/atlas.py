@@ -8,6 +8,7 @@ search of ``cnnfeat.topk`` (the one the top-patches picture uses) and the layer 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -39,20 +40,35 @@ from cnnfeat.probe_pass import PassBatch, PassRequest, ProbePass, shared_positio
 from cnnfeat.receptive_field import crop
 from cnnfeat.run.progress import task_progress
 from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_patches, search_vectors
-from cnnfeat.units import FiringAccumulator
+from cnnfeat.units import (
+    ALL,
+    DEFAULT_UNITS,
+    FiringAccumulator,
+    SpreadAccumulator,
+    check_units,
+    choose_units,
+    needs_spread,
+)
 
 if TYPE_CHECKING:  # Lightning names for the hooks' types only: cnnfeat picks the package (pytorch_lightning)
     import pytorch_lightning as pl
 
+log = logging.getLogger("cnnfeat")
+AUTO = "auto"
+
 
 class _AliveAccumulator:
-    """Each recorded layer's largest activation per unit over the pass (``cnnfeat.units.FiringAccumulator``)."""
+    """Each recorded layer's largest activation per unit over the pass (``cnnfeat.units.FiringAccumulator``) and,
+    for the layers in ``spread`` (units still to be chosen), each unit's variability (``SpreadAccumulator``)."""
 
-    def __init__(self, nodes: dict[str, str]) -> None:
+    def __init__(self, nodes: dict[str, str], spread: Sequence[str] = ()) -> None:
         self.nodes, self.firing = nodes, FiringAccumulator()
+        self.spread = {name: SpreadAccumulator() for name in spread}
 
     def update(self, batch: PassBatch) -> None:
         self.firing.update({name: batch.outputs[node] for name, node in self.nodes.items()})
+        for name, acc in self.spread.items():
+            acc.update(batch.outputs[self.nodes[name]])
 
 
 class AtlasCallback(VisualizationCallback):
@@ -73,7 +89,16 @@ class AtlasCallback(VisualizationCallback):
 
     Args:
         layers: node names (``cnnfeat.graph``); ``None``: every conv node and the last hidden Linear layer.
-        max_units: record only the first N units of each layer (``None``: all; AlexNet's 1,152 channels need a cap).
+        units: which units of each layer get a card: ``"auto"`` (default) = every unit of every layer when no
+            recorded conv layer is wider than 16 channels (SmallCNN: conv1-3 and fc2's 100 neurons), else the 16 most
+            variable units of each layer wider than 16; an integer N: the N most variable units of a layer wider than
+            N (all of a narrower one); ``"all"``; a list of unit indices (every layer); or ``{layer: any of these}``
+            (unlisted layers: ``"auto"``). *Variable*: largest population standard deviation, across the
+            ``alive_probe_size`` images of the shared probe pass, of the unit's largest activation (after its
+            activation function, the value whose sign says alive) in each image (``cnnfeat.units``); decided at the
+            first render (the untrained network when ``log_untrained``) and kept for every later step and a resumed
+            fit, so a unit's cards compare across epochs. The log says what was chosen.
+        max_units: instead of ``units``, the first N units of each layer (``None``: use ``units``).
         probe_size: probe images searched for top patches and classes (``None``: the whole probe split).
         atlas_dir: where the files go (``None``: ``<run dir>/atlas``, the folder ``cnnfeat-report`` reads).
         featviz: optimise inputs at the end; ``featviz_max_units`` caps the units per layer (``None``: all recorded),
@@ -89,6 +114,7 @@ class AtlasCallback(VisualizationCallback):
     def __init__(
         self,
         layers: Sequence[str] | None = None,
+        units: int | str | Sequence[int] | Mapping[str, Any] = AUTO,
         max_units: int | None = None,
         top_k: int = 8,
         class_top: int = 100,
@@ -147,6 +173,9 @@ class AtlasCallback(VisualizationCallback):
                 "featviz_input needs featviz_mean and featviz_std (and they need featviz_input), got "
                 f"{featviz_input!r}, {featviz_mean!r}, {featviz_std!r}"
             )
+        if max_units is not None and units != AUTO:
+            raise ConfigError(f"give units ({units!r}) or max_units ({max_units}), not both")
+        self.units = self._check_units(units)
         self.layers = list(layers) if layers is not None else None
         self.max_units, self.top_k, self.class_top = max_units, top_k, class_top
         self.patches_every_n_epochs, self.probe_size = patches_every_n_epochs, probe_size
@@ -174,6 +203,31 @@ class AtlasCallback(VisualizationCallback):
         self._alive_todo: list[atlas.LayerInfo] | None = None  # the layers a render of its own asks the pass for
         #: probe IDs of the images the last alive test read, in order
         self.pass_ids: torch.Tensor | None = None
+        #: layers whose units are chosen by variability at the first render: ``{layer: count}`` (set in ``check``)
+        self._pending: dict[str, int] = {}
+        #: ``{layer: units}`` chosen by variability (kept in checkpoints: a resumed fit shows the same units)
+        self.chosen: dict[str, list[int]] = {}
+        self._said = False
+
+    @staticmethod
+    def _check_units(units: Any) -> int | str | list[int] | dict[str, int | str | list[int]]:
+        if units == AUTO:
+            return AUTO
+        if isinstance(units, Mapping):
+            if not units:
+                raise ConfigError("units is an empty mapping: give {layer: count, 'all' or [indices]} or 'auto'")
+            return {
+                str(k): AUTO if v == AUTO else check_units(f"units[{k!r}]", v)  # type: ignore[misc]
+                for k, v in units.items()
+            }
+        return check_units("units", units)
+
+    def _setting(self, name: str, wide: bool) -> int | str | list[int]:
+        """The ``units`` setting of one layer; ``wide``: some recorded conv layer is wider than ``DEFAULT_UNITS``."""
+        value = self.units.get(name, AUTO) if isinstance(self.units, dict) else self.units
+        if value == AUTO:
+            return DEFAULT_UNITS if wide else ALL
+        return value  # type: ignore[return-value]
 
     @staticmethod
     def _floats(v: Sequence[float] | float | None) -> list[float] | None:
@@ -197,7 +251,13 @@ class AtlasCallback(VisualizationCallback):
                 f"the atlas cannot record {irregular}: their receptive fields change size with the unit's phase (a "
                 "strided transposed conv upsampled them); name other layers with callbacks.atlas.layers=[...]"
             )
-        self.infos = [self._info(pl_module, plan, n, fields.get(n)) for n in names]
+        if isinstance(self.units, dict):
+            unknown = [k for k in self.units if k not in names]
+            if unknown:
+                raise ConfigError(f"units names {unknown}, which the atlas does not record; its layers: {names}")
+        wide = any(plan.graph[n].output_shape[1] > DEFAULT_UNITS for n in convs)
+        self._pending = {}
+        self.infos = [self._info(pl_module, plan, n, fields.get(n), wide) for n in names]
         self.space = None
         if self.featviz:
             if self.featviz_input is not None:
@@ -208,14 +268,22 @@ class AtlasCallback(VisualizationCallback):
             else:
                 self.space = atlas.fitted_space(probe.images[:256], probe.inputs[:256])
             for info in self.infos:  # refuse functional nodes now, not after training
-                if info.featviz_units:
+                if info.featviz_units or info.name in self._pending:
                     atlas.layer_fn(pl_module, info.name, self.space)
 
-    def _info(self, model: nn.Module, plan: LayerPlan, name: str, rf: Any) -> atlas.LayerInfo:
+    def _info(self, model: nn.Module, plan: LayerPlan, name: str, rf: Any, wide: bool) -> atlas.LayerInfo:
         layer = plan[name]
         kind = atlas.layer_kind(plan.graph, name)
         units = plan.graph[name].output_shape[1]
-        shown = list(range(min(units, self.max_units or units)))
+        if self.max_units is not None:
+            shown = list(range(min(units, self.max_units)))
+        elif needs_spread(setting := self._setting(name, wide), units):
+            assert isinstance(setting, int)
+            shown = self.chosen.get(name, [])
+            if len(shown) != min(setting, units) or any(u >= units for u in shown):
+                shown, self._pending[name] = [], setting  # chosen at the first render, by variability
+        else:
+            shown = choose_units(setting, units, name)  # every unit, or the listed ones (an error names the layer)
         module = atlas.layer_module(plan.graph, name)
         act = layer.activation if layer.kind in ("conv", "linear") else activation_after(plan.graph, name)[0]
         frozen = module is not None and not any(p.requires_grad for p in module.parameters())
@@ -286,6 +354,8 @@ class AtlasCallback(VisualizationCallback):
                     "class_top": self.class_top,
                     "patches_every_n_epochs": self.patches_every_n_epochs,
                     "max_units": self.max_units,
+                    "units": self.units,
+                    "units_chosen_by_variability": sorted(self.chosen),
                     "max_cell": self.max_cell,
                     "featviz": self.featviz,
                     "featviz_max_units": self.featviz_max_units,
@@ -305,8 +375,10 @@ class AtlasCallback(VisualizationCallback):
         start = time.perf_counter()
         writer = self._atlas()
         self._model, self._last_step = weakref.ref(pl_module), step
-        todo = [i for i in self.infos if not (i.frozen and self._has(i, "step"))]
-        maxima = self._unit_max(pl_module, probe, todo, step)
+        self._apply_chosen()
+        todo = [i for i in self.infos if not (i.frozen and self._has(i, "step")) or i.name in self._pending]
+        maxima, spread = self._unit_max(pl_module, probe, todo, step)
+        self._choose(spread)
         modules = dict(pl_module.named_modules())
         for info in todo:
             weights = None
@@ -324,24 +396,64 @@ class AtlasCallback(VisualizationCallback):
 
     def _unit_max(
         self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], step: int
-    ) -> dict[str, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each unit's largest activation (after its activation function) on the alive probe: ``cnnfeat.units``'s
-        ``unit_max``, whose ``fires`` is the unit's alive/dead; read from the shared probe pass."""
+        ``unit_max``, whose ``fires`` is the unit's alive/dead; and the variability of the units of the layers still
+        to be chosen (``SpreadAccumulator``); read from the shared probe pass."""
         if not infos:
-            return {}
+            return {}, {}
         self._alive_todo = infos
+        spreads = [i.name for i in infos if i.name in self._pending]
+
+        def missing(acc: _AliveAccumulator) -> bool:
+            return any(i.name not in acc.firing.maxima() for i in infos) or any(n not in acc.spread for n in spreads)
+
         try:
             result = self.pass_result(model, probe, step)
             assert result is not None
-            maxima = result.accumulator.firing.maxima()
-            if any(i.name not in maxima for i in infos):  # fed for other layers: a pass of its own for these
+            if missing(result.accumulator):  # fed for other layers: a pass of its own for these
                 result = ProbePass([self]).collect(self, model, probe, step)
                 assert result is not None
-                maxima = result.accumulator.firing.maxima()
         finally:
             self._alive_todo = None
         self.pass_ids = result.ids
-        return {i.name: maxima[i.name] for i in infos}
+        maxima = result.accumulator.firing.maxima()
+        spread = {name: result.accumulator.spread[name].finish() for name in spreads}
+        return {i.name: maxima[i.name] for i in infos}, spread
+
+    def _apply_chosen(self) -> None:
+        """Units chosen before (a resumed fit's checkpoint) for the layers still pending."""
+        for info in self.infos:
+            got = self.chosen.get(info.name) or []
+            wanted = min(self._pending.get(info.name, 0), info.units)
+            if info.name in self._pending and len(got) == wanted and all(u < info.units for u in got):
+                self._set_shown(info, got)
+
+    def _set_shown(self, info: atlas.LayerInfo, units: list[int]) -> None:
+        info.shown = list(units)
+        info.featviz_units = info.shown[: self.featviz_max_units or len(info.shown)] if self.featviz else []
+        self._pending.pop(info.name, None)
+        self.chosen[info.name] = info.shown
+
+    def _choose(self, spread: dict[str, torch.Tensor]) -> None:
+        """Choose the pending layers' units by variability (once), then say in one log line what every layer shows."""
+        for info in self.infos:
+            if info.name in self._pending:
+                self._set_shown(info, choose_units(self._pending[info.name], info.units, info.name, spread[info.name]))
+        if self._said:
+            return
+        self._said = True
+        parts = [
+            f"{i.name} {len(i.shown)} of {i.units}" + (f" {i.shown}" if i.name in self.chosen else "")
+            for i in self.infos
+        ]
+        how = (
+            f"the first {self.max_units}"
+            if self.max_units is not None
+            else f"units={self.units!r}; a count picks the most variable units (std over {self.alive_size} probe "
+            "images of each unit's per-image max activation, chosen at the first render and kept)"
+        )
+        log.info("%s: units: %s; %s", type(self).__name__, ", ".join(parts), how)
 
     def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest | None:
         """The activations of the recorded layers on the shared stratified probe (``cnnfeat.probe_pass``)."""
@@ -352,7 +464,10 @@ class AtlasCallback(VisualizationCallback):
             return None
         nodes = {i.name: i.activation or i.name for i in todo}
         positions = shared_positions(probe, self.alive_size)
-        return PassRequest(positions, self.batch_size, _AliveAccumulator(nodes), outputs=list(set(nodes.values())))
+        spread = [i.name for i in todo if i.name in self._pending]
+        return PassRequest(
+            positions, self.batch_size, _AliveAccumulator(nodes, spread), outputs=list(set(nodes.values()))
+        )
 
     def _top(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], k: int) -> dict[str, Any]:
         """Top-k per unit: ``{layer: (TopK, PatchSearch or None)}`` (fc layers: one whole image each), from the search
@@ -393,13 +508,13 @@ class AtlasCallback(VisualizationCallback):
             pos = top.positions[: self.top_k, shown].T.cpu()
             rows, cols = torch.zeros_like(pos), torch.zeros_like(pos)
             boxes = torch.zeros(*pos.shape, 4, dtype=torch.long)
-            cells: list[torch.Tensor] = []
+            cells: list[torch.Tensor | None] = []
             sources = self._sources(model, probe, search, info, ids)
             for u in range(len(shown)):
                 for r in range(ids.shape[1]):
                     i = int(ids[u, r])
-                    if i < 0:  # fewer probe images than k
-                        cells.append(torch.zeros_like(next(iter(sources.values()))))
+                    if i < 0:  # fewer probe images than k: an empty cell
+                        cells.append(None)
                         continue
                     if search is None:
                         src = sources[i]
@@ -411,8 +526,10 @@ class AtlasCallback(VisualizationCallback):
                     box = rf.box(int(rows[u, r]), int(cols[u, r]))
                     boxes[u, r] = torch.tensor(box)
                     cells.append(crop(sources[i], box))
-            side = max(c.shape[-1] for c in cells)
-            crops = atlas.squares(cells, side, self.max_cell).reshape(
+            like = next(c for c in cells if c is not None)
+            filled = [c if c is not None else torch.zeros_like(like) for c in cells]
+            side = max(max(c.shape[-2:]) for c in filled)
+            crops = atlas.squares(filled, side, self.max_cell).reshape(
                 len(shown), ids.shape[1], -1, *(2 * [min(side, self.max_cell)])
             )
             writer.patches(
@@ -554,7 +671,7 @@ class AtlasCallback(VisualizationCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"timings": json.dumps(self._timings)}
+        return {"timings": json.dumps(self._timings), "chosen": json.dumps(self.chosen)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -562,3 +679,8 @@ class AtlasCallback(VisualizationCallback):
             self._timings = dict(json.loads(state_dict.get("timings", "{}")))
         except (TypeError, ValueError):
             self._timings = {}
+        try:
+            chosen = dict(json.loads(state_dict.get("chosen", "{}")))
+            self.chosen = {str(k): [int(u) for u in v] for k, v in chosen.items()}
+        except (TypeError, ValueError):
+            self.chosen = {}

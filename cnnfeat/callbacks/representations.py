@@ -48,6 +48,7 @@ from cnnfeat.embedding import stratified_ids
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.graph import (
     Graph,
+    Node,
     activation_after,
     capture,
     conv_nodes,
@@ -68,12 +69,63 @@ PIXELS = "pixels"
 _STATE_VERSION = 1
 
 
-def default_layers(graph: Graph) -> list[str]:
-    """The layers measured by default, in execution order: each conv's activation (the conv itself when none
-    follows it), every other ReLU-family application (fully connected layers), and the output node.
+def stage_outputs(graph: Graph) -> list[str]:
+    """The output of each stage of a network built of stages, in execution order; ``[]`` for one that is not.
 
-    For SmallCNN: ``relu1 relu2 relu3 relu4 relu5 fc3``.
+    A stage is a top-level child module that is a container holding convolutions (torchvision ResNet's
+    ``layer1``..``layer4``) with a spatial output (N, C, H, W); where the network has only one such child (DenseNet's
+    and MobileNet's ``features``), the containers holding convolutions inside it. Of consecutive stages with one
+    output resolution only the last is kept: a stage ends where the resolution changes, the notion of
+    ``LayerPlan.stage_convs``. A network of single layers (SmallCNN, AlexNet, VGG's ``features``) has none.
     """
+    convs = conv_nodes(graph)
+
+    def stages(prefix: str) -> list[Node]:
+        return [
+            n
+            for n in graph
+            if n.kind == "module"
+            and n.alias
+            and n.depends_on_input
+            and n.name.startswith(prefix)
+            and "." not in n.name[len(prefix) :]
+            and len(n.output_shape) == 4
+            and any(c.startswith(f"{n.name}.") for c in convs)
+        ]
+
+    candidates = stages("")
+    if len(candidates) == 1:
+        candidates = stages(f"{candidates[0].name}.")
+    kept: list[str] = []
+    for i, node in enumerate(candidates):
+        after = candidates[i + 1] if i + 1 < len(candidates) else None
+        if after is None or after.output_shape[2:] != node.output_shape[2:]:
+            kept.append(node.name)
+    return kept if len(kept) >= 2 else []
+
+
+def penultimate(graph: Graph) -> str | None:
+    """The features the last layer reads: the node feeding the output node (ResNet's ``flatten``), if one."""
+    produced = [n for n in graph if n.kind != "input" and not n.alias and n.depends_on_input]
+    if not produced:
+        return None
+    parents = [p for p in produced[-1].parents if graph.nodes[p].kind != "input"]
+    return parents[0] if len(parents) == 1 else None
+
+
+def default_layers(graph: Graph) -> list[str]:
+    """The layers measured by default, in execution order.
+
+    On a network built of stages (``stage_outputs``: torchvision ResNet-18 gives ``layer1``..``layer4``): each
+    stage's output, the penultimate features (``penultimate``) and the output node (the logits). Otherwise each
+    conv's activation (the conv itself when none follows it), every other ReLU-family application (fully connected
+    layers), and the output node; for SmallCNN: ``relu1 relu2 relu3 relu4 relu5 fc3``.
+    """
+    produced = [n for n in graph if n.kind != "input" and not n.alias and n.depends_on_input]
+    stages = stage_outputs(graph)
+    if stages:
+        extra = [penultimate(graph), produced[-1].name if produced else None]
+        return list(dict.fromkeys([*stages, *(n for n in extra if n is not None and n not in stages)]))
     chosen = set(relu_family_nodes(graph))
     for conv in conv_nodes(graph):
         act, _ = activation_after(graph, conv)
@@ -82,6 +134,14 @@ def default_layers(graph: Graph) -> list[str]:
     if produced:
         chosen.add(produced[-1].name)
     return [n for n in graph.names if n in chosen]
+
+
+def _produced_by(graph: Graph, name: str) -> str:
+    """The node that computed ``name``'s tensor: itself, or for a container's output (``layer1``) the node inside."""
+    node = graph.nodes[name]
+    while node.alias and node.parents:
+        node = graph.nodes[node.parents[0]]
+    return node.name
 
 
 def _check_cka_cost(pool: Any, block_size: Any, probe_size: int) -> None:
@@ -94,12 +154,18 @@ def _check_cka_cost(pool: Any, block_size: Any, probe_size: int) -> None:
 
 
 def _resolve_layers(
-    model: nn.Module, graph: Graph, layers: Sequence[str] | None, pixels: bool
+    model: nn.Module, graph: Graph, layers: Sequence[str] | None, pixels: bool, caller: str = "representations"
 ) -> tuple[list[str], list[str]]:
     """(all layer names in order with ``pixels`` first if wanted, the graph nodes among them); unknown names list
     the valid ones."""
     if layers is None:
         nodes = default_layers(graph)
+        how = (
+            "each stage's output, the penultimate features and the logits"
+            if stage_outputs(graph)
+            else ("every conv and fully connected activation and the output")
+        )
+        log.info("%s: layers=%s (%s of %s)", caller, nodes, how, type(model).__name__)
         return ([PIXELS] if pixels else []) + nodes, nodes
     names = list(dict.fromkeys(layers))
     if not names:
@@ -152,7 +218,8 @@ class RepresentationCallback(VisualizationCallback):
 
     Args:
         layers: node names (``cnnfeat.graph``) and/or ``"pixels"`` (the model's input); ``None``: ``pixels`` plus
-            ``default_layers`` (SmallCNN: every conv and FC activation and the logits).
+            ``default_layers`` (SmallCNN: every conv and FC activation and the logits; a network of stages, e.g.
+            ResNet-18: each stage's output, the penultimate features and the logits). The log says which.
         probe_size: stratified images from the probe split (the UMAP callback's sample for the same size and seed).
         seed: draws the stratified sample and the probes' train/test split.
         cka, linear_probes, unit_history: which analyses run (all share the one forward pass).
@@ -285,9 +352,9 @@ class RepresentationCallback(VisualizationCallback):
         assert probe is not None
         self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         plan = self.layer_plan(pl_module)
-        self.names, self.nodes = _resolve_layers(pl_module, plan.graph, self.layers, pixels=True)
+        self.names, self.nodes = _resolve_layers(pl_module, plan.graph, self.layers, True, type(self).__name__)
         relu = set(plan.relus)
-        self.unit_layers = [n for n in self.nodes if n in relu] if self.unit_history else []
+        self.unit_layers = [n for n in self.nodes if _produced_by(plan.graph, n) in relu] if self.unit_history else []
         if self.unit_history and not self.unit_layers:
             self.warn_once(
                 "no-relu", f"none of the layers {self.nodes} is a ReLU-family activation: no unit history is recorded"
@@ -707,9 +774,11 @@ class CrossModelCKACallback(VisualizationCallback):
         assert probe is not None
         self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         graph = self.layer_plan(pl_module).graph
-        self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, pixels=False)
+        self.names, self.nodes = _resolve_layers(pl_module, graph, self.layers, False, type(self).__name__)
         ref_graph = self.layer_plan(self.reference).graph  # the session traces each model once
-        self.ref_names, self.ref_nodes = _resolve_layers(self.reference, ref_graph, self.reference_layers, pixels=True)
+        self.ref_names, self.ref_nodes = _resolve_layers(
+            self.reference, ref_graph, self.reference_layers, True, type(self).__name__
+        )
 
     @override
     def should_render(self, writer: object) -> bool:
@@ -762,4 +831,11 @@ class CrossModelCKACallback(VisualizationCallback):
         return pictures
 
 
-__all__ = ["PIXELS", "CrossModelCKACallback", "RepresentationCallback", "default_layers"]
+__all__ = [
+    "PIXELS",
+    "CrossModelCKACallback",
+    "RepresentationCallback",
+    "default_layers",
+    "penultimate",
+    "stage_outputs",
+]

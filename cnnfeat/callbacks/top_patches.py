@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from cnnfeat import tags, viz
 from cnnfeat.callbacks.base import (
@@ -20,7 +23,10 @@ from cnnfeat.callbacks.feature_maps import check_channels
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.probe import MAX_IMAGES, ProbeSet
 from cnnfeat.receptive_field import crop
-from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_patches
+from cnnfeat.topk import PatchSearch, TopK, centre_pad, crop_sources, search_patches
+from cnnfeat.units import ALL, DEFAULT_UNITS, choose_units, needs_spread
+
+log = logging.getLogger("cnnfeat")
 
 #: the lecture's convs; on a network without them, the first conv of each stage whose field is local
 DEFAULT_LAYERS = ("conv1", "conv2", "conv3")
@@ -46,9 +52,14 @@ class TopPatchesCallback(VisualizationCallback):
     prevents it. Each winner's box comes from the graph of the very forward pass that produced its activation
     (recorded in the same pass), so a network whose path depends on the data (a branch on the batch's
     brightness) gets each batch's geometry. Boxes in the frame of an input transform inside the model (a resize)
-    are cut from that transform's output. Rows: channels (the first ``max_channels``, or ``channels``);
-    columns: rank 1..k. A node whose maps hold NaN or infinity for any probe image is not drawn (a warning names it):
-    its winners would be chosen by NaN.
+    are cut from that transform's output. Rows: channels; columns: rank 1..k. Channels: every channel of a node up
+    to ``max_channels`` wide; of a wider one (ResNet-18's 64..512) the ``max_channels`` most *variable*: largest
+    population standard deviation, across the probe images searched, of the channel's largest value in each image
+    (the value that ranks its top patches; ``cnnfeat.units.SpreadAccumulator``), decided at the first render from
+    that render's search and kept for every later render (and a resumed fit), so pictures compare across epochs.
+    ``channels="all"`` shows every channel, a list shows those channels of every node; the log says which. A node
+    whose maps hold NaN or infinity for any probe image is not drawn (a warning names it): its winners would be
+    chosen by NaN.
     ``last_boxes`` keeps the boxes of the last render: ``{node: [(channel, rank, image_id, (row, col), box)]}``.
     """
 
@@ -56,8 +67,8 @@ class TopPatchesCallback(VisualizationCallback):
         self,
         layers: Sequence[str] = DEFAULT_LAYERS,
         top_k: int = 8,
-        channels: Sequence[int] | None = None,
-        max_channels: int = 16,
+        channels: Sequence[int] | str | None = None,
+        max_channels: int = DEFAULT_UNITS,
         split: str = "test",
         probe_size: int | None = None,
         batch_size: int = 256,
@@ -91,15 +102,51 @@ class TopPatchesCallback(VisualizationCallback):
         if max_cell < min_cell:
             raise ConfigError(f"max_cell ({max_cell}) must be >= min_cell ({min_cell})")
         self.layers, self.top_k = check_names("layers", layers), top_k
-        self.channels = check_indices("channels", channels, allow_none=True, nonnegative=False)  # range: in check
+        if channels == ALL:
+            self.channels: list[int] | str | None = ALL
+        else:  # range: in check
+            self.channels = check_indices("channels", channels, allow_none=True, nonnegative=False)
+        #: the channels chosen by variability per node (nodes wider than ``max_channels``), kept once decided
+        self.chosen: dict[str, list[int]] = {}
+        self._said = False
         self.max_channels, self.probe_size = max_channels, probe_size
         self.batch_size, self.min_cell, self.max_cell = batch_size, min_cell, max_cell
         self.last_boxes: dict[str, list[tuple[int, int, int, tuple[int, int], tuple[int, int, int, int]]]] = {}
         #: the last search (``cnnfeat.topk.search_patches``): top-k, each image's fields, non-finite counts
         self.search: PatchSearch | None = None
 
-    def _channels(self, n: int) -> list[int]:
-        return self.channels if self.channels is not None else list(range(min(n, self.max_channels)))
+    def _setting(self) -> int | str | list[int]:
+        return self.max_channels if self.channels is None else self.channels
+
+    def _channels(self, name: str, n: int, search: PatchSearch) -> list[int]:
+        """The channels drawn for node ``name`` (``n`` wide): see the class docstring."""
+        if not needs_spread(self._setting(), n):
+            return choose_units(self._setting(), n, name)
+        if name not in self.chosen or any(u >= n for u in self.chosen[name]):  # once (a resumed fit: its choice)
+            self.chosen[name] = choose_units(self._setting(), n, name, search.spread[name])
+        return self.chosen[name]
+
+    def _say(self, widths: dict[str, int], searched: int | None = None) -> None:
+        """One log line: which nodes, how many channels of each, how they were chosen."""
+        if self._said:
+            return
+        self._said = True
+        parts = []
+        for name, n in widths.items():
+            if needs_spread(self._setting(), n):
+                got = self.chosen.get(name)  # none yet: the node was not drawn (NaN maps)
+                parts.append(f"{name} {len(got)} of {n} {got}" if got is not None else f"{name} not chosen yet")
+            else:
+                parts.append(f"{name} {len(choose_units(self._setting(), n, name))} of {n}")
+        how = (
+            f"the listed channels {self.channels}"
+            if isinstance(self.channels, list)
+            else f"all channels of a node up to {self.max_channels} wide, else the {self.max_channels} most variable "
+            f"(std over {searched} probe images of each channel's per-image max, chosen at the first render and kept)"
+            if self.channels is None
+            else "every channel"
+        )
+        log.info("%s: channels: %s; %s", type(self).__name__, ", ".join(parts), how)
 
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
@@ -107,8 +154,12 @@ class TopPatchesCallback(VisualizationCallback):
         self.layers = self.fit_default_layers(pl_module, self.layers, DEFAULT_LAYERS, local=True)
         plan = self.layer_plan(pl_module)
         plan.fields(self.layers)  # unknown names, or no geometry: an error naming the node
+        widths = {name: plan[name].units for name in self.layers}
         for name in self.layers:
-            check_channels(self.channels, name, plan[name].units)
+            if isinstance(self.channels, list):
+                check_channels(self.channels, name, widths[name])
+        if not any(needs_spread(self._setting(), n) or name in self.chosen for name, n in widths.items()):
+            self._say(widths)  # nothing to decide at the first render
 
     def collect(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, TopK]:
         """Stream the probe through the model and return the top-k per node (image IDs are the probe's); the search,
@@ -131,7 +182,7 @@ class TopPatchesCallback(VisualizationCallback):
                     name, "activations", search.nonfinite[name], n, "probe images", f"top_patches/{name}", step
                 )
                 continue
-            chans = self._channels(top.values.shape[1])
+            chans = self._channels(name, top.values.shape[1], search)
             ids = top.ids[:, chans].cpu()
             by_frame: dict[str | None, list[int]] = {}
             for i in ids[ids >= 0].unique().tolist():
@@ -153,13 +204,24 @@ class TopPatchesCallback(VisualizationCallback):
                     boxes.append((c, r, img_id, unit, box))
                     cells.append(crop(sources[img_id], box))
             self.last_boxes[name] = boxes
-            side = max(cell.shape[-1] for cell in cells)
-            if any(cell.shape[-2:] != (side, side) for cell in cells):  # fields differ between batches
-                cells = [torch.nn.functional.interpolate(cell[None], size=(side, side))[0] for cell in cells]
-            patches = torch.stack(cells).float()
+            patches = centre_pad(cells).float()  # fields that differ between batches: padded, never stretched
             if patches.shape[-1] > self.max_cell:  # big receptive fields (AlexNet conv5: 163 px) are shrunk
                 patches = torch.nn.functional.interpolate(patches, size=(self.max_cell, self.max_cell), mode="area")
             pictures.images[tags.TOP_PATCHES.format(node=name)] = viz.grid(
                 viz.grey(patches), nrow=len(top.values), min_cell=self.min_cell
             )
+        self._say({name: top.values.shape[1] for name, top in tops.items()}, probe.check_size(self.probe_size))
         return pictures
+
+    # -- checkpoints: the channels chosen by variability stay chosen ----------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": json.dumps(self.chosen)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            chosen = json.loads(state_dict.get("chosen", "{}"))
+            self.chosen = {str(k): [int(u) for u in v] for k, v in dict(chosen).items()}
+        except (TypeError, ValueError):
+            self.chosen = {}
