@@ -248,28 +248,42 @@ def test_the_merge_follows_the_time_of_writing_not_file_names_or_dates(tmp_path:
 
 
 # -- (c) the report and the figure read what TensorBoard reads ------------------------------------------------
-def _accumulated(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, tuple[int, bytes]]]:
-    """Scalars and the latest picture per tag read with TensorBoard's ``EventAccumulator`` one file at a time, a
-    later file's value of a step replacing an earlier one: an answer independent of ``cnnfeat.report.events``."""
+def _accumulated(
+    run_dir: Path,
+) -> tuple[dict[str, list[tuple[int, float]]], dict[str, tuple[int, bytes]], dict[str, list], dict[str, list]]:
+    """Scalars, the latest picture per tag, every picture per tag and every text per tag, read with TensorBoard's
+    ``EventAccumulator`` one file at a time, a later file's value of a step replacing an earlier one: an answer
+    independent of ``cnnfeat.report.events``."""
     files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: EventAccumulator(str(p)).FirstEventTimestamp())
     scalars: dict[str, dict[int, float]] = {}
     images: dict[str, tuple[int, bytes]] = {}
+    series: dict[str, dict[int, bytes]] = {}
+    texts: dict[str, dict[int, str]] = {}
     for f in files:
-        ea = EventAccumulator(str(f), size_guidance={"scalars": 0, "images": 0})
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
         ea.Reload()
         for tag in ea.Tags()["scalars"]:
             scalars.setdefault(tag, {}).update((e.step, e.value) for e in ea.Scalars(tag))
         for tag in ea.Tags()["images"]:
             for e in ea.Images(tag):
+                series.setdefault(tag, {})[e.step] = e.encoded_image_string
                 if tag not in images or e.step >= images[tag][0]:
                     images[tag] = (e.step, e.encoded_image_string)
-    return {t: sorted(d.items()) for t, d in scalars.items()}, images
+        for tag in ea.Tags()["tensors"]:
+            for e in ea.Tensors(tag):
+                texts.setdefault(tag, {})[e.step] = "\n".join(v.decode() for v in e.tensor_proto.string_val)
+    return (
+        {t: sorted(d.items()) for t, d in scalars.items()},
+        images,
+        {t: sorted(d.items()) for t, d in series.items()},
+        {t: sorted(d.items()) for t, d in texts.items()},
+    )
 
 
 def test_the_report_and_the_dead_relu_figure_read_what_tensorboard_reads(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scalars, images = _accumulated(run)
+    scalars, images, _, _ = _accumulated(run)
     shown = {t: v for t, v in images.items() if t.startswith(report.IMAGE_PREFIXES)}
     data = report.RunData.read(run)
     assert data.scalars == scalars and data.images == shown and not data.notes
@@ -282,8 +296,11 @@ def test_the_report_and_the_dead_relu_figure_read_what_tensorboard_reads(
     page = report.write_report(run, tmp_path / "ours").read_text()
 
     def accumulated(run_dir: Path | str, *args: object, **kwargs: object) -> events.Events:
-        s, i = _accumulated(Path(run_dir))
-        return events.Events(scalars=s, images={t: [v] for t, v in i.items() if t.startswith(report.IMAGE_PREFIXES)})
+        s, i, every, texts = _accumulated(Path(run_dir))
+        shown = {t: [v] for t, v in i.items() if t.startswith(report.IMAGE_PREFIXES)}
+        shown.update({t: v for t, v in every.items() if t.startswith(tags.ATTRIBUTION.prefix)})  # strips: every step
+        kept = {t: v for t, v in texts.items() if tags.IMPORTANCE_TABLE.match(t) is not None}
+        return events.Events(scalars=s, images=shown, texts=kept)
 
     monkeypatch.setattr(events, "read_run", accumulated)
     monkeypatch.setattr(figures, "read_scalars", lambda d, prefix="": {**dead})
