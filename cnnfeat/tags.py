@@ -399,6 +399,49 @@ IMPORTANCE_RARE_VITAL = Tag(
 IMPORTANCE_TABLE = Tag(
     "importance/{layer}/table", _T, _EPOCHS, _IMP, "each removed unit's accuracy and logit drop, firing rate and role"
 )
+_REL = "RelevanceCallback"
+_PATH = "only with path_check=true, at the last epoch of the fit"
+RELEVANCE_REFS = Tag(
+    "relevance/refs/{layer}",
+    _I,
+    _EPOCHS,
+    _REL,
+    "per unit, its top-k probe patches by activation above its top-k by relevance for the predicted class",
+)
+RELEVANCE_HEATMAPS = Tag(
+    "relevance/heatmaps/{layer}",
+    _I,
+    _EPOCHS,
+    _REL,
+    "per unit, its relevance references above their conditional heatmaps (where the unit's relevance comes from)",
+    condition="only with heatmaps=true",
+)
+RELEVANCE_OVERLAP = Tag(
+    "relevance/overlap/{layer}",
+    _S,
+    _EPOCHS,
+    _REL,
+    "mean over a layer's units of the share of relevance references that are activation references too",
+)
+RELEVANCE_TABLE = Tag(
+    "relevance/{layer}/table", _T, _EPOCHS, _REL, "each unit's overlap, best relevance and best activation"
+)
+RELEVANCE_PATH_FLAGGED = Tag(
+    "relevance/path_flagged/{layer}",
+    _S,
+    _EPOCHS,
+    _REL,
+    "units whose optimised input's activation path is no closer to their top real images' than arbitrary images'",
+    condition=_PATH,
+)
+RELEVANCE_PATH_TABLE = Tag(
+    "relevance/{layer}/path_table",
+    _T,
+    _EPOCHS,
+    _REL,
+    "each checked unit's path similarities (optimised, real, arbitrary vs its top real images) and flag",
+    condition=_PATH,
+)
 MODEL_SHAPES = Tag("model/shapes", _T, _EPOCHS, "ShapeTableCallback", "every layer's output shape, as a table (step 0)")
 
 _KINDS = frozenset(k.value for k in Kind)

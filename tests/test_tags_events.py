@@ -35,7 +35,12 @@ EPOCHS = 2
 BATCHES = 3  #: training batches per epoch: Lightning's global steps (3, 6) are not epochs (0..2)
 #: every callback of the package, each on a small probe; filters also per output filter, the shape table, cross CKA
 EVERY_CALLBACK = [
-    "callbacks=[default,representations,atlas,featviz,cross_cka,attribution,importance]",
+    "callbacks=[default,representations,atlas,featviz,cross_cka,attribution,importance,relevance]",
+    "callbacks.relevance.probe_size=200",
+    "callbacks.relevance.max_units=2",
+    "callbacks.relevance.path_units=1",
+    "callbacks.relevance.path_arbitrary=16",
+    "callbacks.relevance.path_settings.steps=4",
     "callbacks.attribution.image_ids=[22]",
     "callbacks.importance.probe_size=200",
     "+callbacks.shape_table._target_=cnnfeat.callbacks.ShapeTableCallback",

@@ -11,6 +11,7 @@ from cnnfeat.callbacks.featviz import FeatureVisCallback
 from cnnfeat.callbacks.filters import FilterCallback
 from cnnfeat.callbacks.importance import ImportanceCallback
 from cnnfeat.callbacks.progress_log import ProgressLog
+from cnnfeat.callbacks.relevance import RelevanceCallback
 from cnnfeat.callbacks.representations import CrossModelCKACallback, RepresentationCallback
 from cnnfeat.callbacks.shape_table import ShapeTableCallback
 from cnnfeat.callbacks.top_patches import TopPatchesCallback
@@ -32,6 +33,7 @@ __all__ = [
     "ImportanceCallback",
     "Pictures",
     "ProgressLog",
+    "RelevanceCallback",
     "RepresentationCallback",
     "ShapeTableCallback",
     "TopPatchesCallback",
