@@ -396,6 +396,16 @@ IMPORTANCE_BUSY_IDLE = Tag(
 IMPORTANCE_RARE_VITAL = Tag(
     "importance/rare_vital/{layer}", _S, _EPOCHS, _IMP, "number of a layer's units that rarely fire but matter"
 )
+IMPORTANCE_UNIT_ACC_DROP = Tag(
+    "importance/{layer}/unit{unit}/acc_drop", _S, _EPOCHS, _IMP, "probe accuracy lost when this one unit is removed"
+)
+IMPORTANCE_UNIT_LOGIT_DROP = Tag(
+    "importance/{layer}/unit{unit}/logit_drop",
+    _S,
+    _EPOCHS,
+    _IMP,
+    "mean true-class logit lost when this one unit is removed",
+)
 IMPORTANCE_TABLE = Tag(
     "importance/{layer}/table", _T, _EPOCHS, _IMP, "each removed unit's accuracy and logit drop, firing rate and role"
 )

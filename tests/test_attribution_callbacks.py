@@ -145,6 +145,12 @@ def test_attribution_and_importance_in_a_real_run(make_cfg: MakeCfg, tmp_path: P
             assert [s for s, _ in logged] == [0, 1, 2]
             assert logged[-1][1] == pytest.approx(expected, abs=1e-6), t.format(layer=layer)
         assert [e.step for e in texts[tags.IMPORTANCE_TABLE.logged(layer=layer)]] == [0, 1, 2]
+        for u, unit in enumerate(imp.units.tolist()):  # each unit's importance over the epochs, as scalars
+            acc = scalars[tags.IMPORTANCE_UNIT_ACC_DROP.format(layer=layer, unit=unit)]
+            logit = scalars[tags.IMPORTANCE_UNIT_LOGIT_DROP.format(layer=layer, unit=unit)]
+            assert [s for s, _ in acc] == [s for s, _ in logit] == [0, 1, 2]
+            assert acc[-1][1] == pytest.approx(float(imp.acc_drop[u]), abs=1e-6)
+            assert logit[-1][1] == pytest.approx(float(imp.logit_drop[u]), abs=1e-5)
     # arguments checked against the model and the probe, with the name at fault
     for cb, message in (
         (AttributionCallback(layer="fc1"), "Grad-CAM needs a layer with spatial maps"),
@@ -160,6 +166,10 @@ def test_attribution_and_importance_in_a_real_run(make_cfg: MakeCfg, tmp_path: P
     assert scalars[tags.IMPORTANCE_ACC_DROP_MAX.format(layer="conv3")][-1][1] == pytest.approx(
         float(hand.max()), abs=1e-6
     )
+    for unit, drop in enumerate(hand.tolist()):
+        assert scalars[tags.IMPORTANCE_UNIT_ACC_DROP.format(layer="conv3", unit=unit)][-1][1] == pytest.approx(
+            drop, abs=1e-6
+        )
     # a diverged network's maps are not drawn as data: no picture, no gap, a warning naming the layer
     cb = AttributionCallback(image_ids=IDS)
     cb.prepare(model, probe)

@@ -158,4 +158,8 @@ class ImportanceCallback(VisualizationCallback):
             pictures.scalars[tags.IMPORTANCE_BUSY_IDLE.format(layer=layer)] = float(roles.busy_idle.sum())
             pictures.scalars[tags.IMPORTANCE_RARE_VITAL.format(layer=layer)] = float(roles.rare_vital.sum())
             pictures.texts[tags.IMPORTANCE_TABLE.format(layer=layer)] = table(imp, roles)
+            drops = zip(imp.units.tolist(), imp.acc_drop.tolist(), imp.logit_drop.tolist(), strict=True)
+            for unit, acc, logit in drops:
+                pictures.scalars[tags.IMPORTANCE_UNIT_ACC_DROP.format(layer=layer, unit=unit)] = acc
+                pictures.scalars[tags.IMPORTANCE_UNIT_LOGIT_DROP.format(layer=layer, unit=unit)] = logit
         return pictures
