@@ -38,11 +38,22 @@ MAX_PATH_VALUES = 2**24
 
 
 # -- running top-k ---------------------------------------------------------------------------------------------------
+def real_references(top: TopK) -> torch.Tensor:
+    """(k, U) bool: which of the top-k entries are references, a probe image with a positive value; an image where the
+    unit is zero (it does not fire, or contributes nothing) is no reference, however a tie ranked it."""
+    return (top.ids >= 0).cpu() & (top.values.cpu() > 0)
+
+
 def overlap(a: TopK, b: TopK) -> torch.Tensor:
-    """(U,) fraction of ``a``'s reference images (valid IDs) that are among ``b``'s for the same unit."""
-    ia, ib = a.ids.cpu(), b.ids.cpu()
-    shared = ((ia.unsqueeze(1) == ib.unsqueeze(0)) & (ia >= 0).unsqueeze(1)).any(dim=1).sum(dim=0)
-    return shared.double() / (ia >= 0).sum(dim=0).clamp(min=1)
+    """(U,) share of ``a``'s references (:func:`real_references`) that are among ``b``'s for the same unit; NaN for a
+    unit without references in ``a`` or in ``b`` (it never fires on the probe, or is never relevant): an overlap of
+    tie-broken zeros would be a number about nothing."""
+    ra, rb = real_references(a), real_references(b)
+    ia, ib = a.ids.cpu(), b.ids.cpu().masked_fill(~rb, -2)  # -2: never an image ID
+    shared = ((ia.unsqueeze(1) == ib.unsqueeze(0)) & ra.unsqueeze(1)).any(dim=1).sum(dim=0)
+    n = ra.sum(dim=0)
+    out = shared.double() / n.clamp(min=1)
+    return out.masked_fill((n == 0) | (rb.sum(dim=0) == 0), float("nan"))
 
 
 @dataclass
@@ -55,7 +66,7 @@ class References:
     shape: tuple[int, ...]  #: the node's output for one image: (C, h, w) or (F,)
 
     def overlap(self) -> torch.Tensor:
-        """(U,) share of the relevance references that are activation references too."""
+        """(U,) share of the relevance references that are activation references too (NaN: see :func:`overlap`)."""
         return overlap(self.by_relevance, self.by_activation)
 
     def rows_cols(self, top: TopK) -> tuple[torch.Tensor, torch.Tensor]:

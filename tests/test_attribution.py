@@ -297,11 +297,12 @@ def test_relevance_references_equal_brute_force_top_k() -> None:
             units = torch.arange(flat.shape[1]).expand_as(rows)
             torch.testing.assert_close(flat[rows, units, top.positions], top.values, atol=1e-6, rtol=1e-5)
             assert all(len(set(c.tolist())) == 5 for c in top.ids.T), "k different images per unit"
-        shared = [
-            len(set(r.by_relevance.ids[:, u].tolist()) & set(r.by_activation.ids[:, u].tolist())) / 5
-            for u in range(r.by_relevance.ids.shape[1])
-        ]
-        torch.testing.assert_close(r.overlap(), torch.tensor(shared, dtype=torch.float64))
+        shared = []  # references are images with a positive value; none on either side: no overlap (NaN)
+        for u in range(r.by_relevance.ids.shape[1]):
+            by_rel = set(r.by_relevance.ids[:, u][r.by_relevance.values[:, u] > 0].tolist())
+            by_act = set(r.by_activation.ids[:, u][r.by_activation.values[:, u] > 0].tolist())
+            shared.append(len(by_rel & by_act) / len(by_rel) if by_rel and by_act else float("nan"))
+        torch.testing.assert_close(r.overlap(), torch.tensor(shared, dtype=torch.float64), equal_nan=True)
     graph = trace_graph(model, x[:1])
     field = graph_receptive_fields(graph, ["relu3"])["relu3"]
     r = refs["relu3"]
@@ -405,3 +406,21 @@ def test_explain_takes_one_step_count_per_image_when_predictions_are_wrong() -> 
     per_image = explain(model, x, labels, node, ig_steps=torch.full((4,), 32))
     assert torch.equal(per_image.ig_true.attributions, scalar.ig_true.attributions)
     assert torch.equal(per_image.ig_predicted.attributions, scalar.ig_predicted.attributions)
+
+
+def test_a_unit_without_references_has_no_overlap() -> None:
+    """Tie-broken zeros are no references: a unit that never fires (or is never relevant) gets NaN, not 8/8 shared,
+    and only positive-valued images count for a unit that fires on fewer than k images."""
+    from cnnfeat.relevance import overlap
+    from cnnfeat.topk import TopK
+
+    ids = torch.tensor([[0, 0, 5, 7], [1, 1, 6, 8], [2, 2, 4, 9]])  # (k=3, 4 units), the same images for both sets
+    pos = torch.zeros_like(ids)
+    act = torch.tensor([[0.0, 2.0, 3.0, 1.0], [0.0, 1.0, 2.0, 0.5], [0.0, 0.5, 0.0, 0.2]])
+    rel = torch.tensor([[0.0, -0.1, 1.0, 0.3], [0.0, -0.2, 0.5, 0.2], [0.0, -0.3, 0.2, 0.1]])
+    got = overlap(TopK(rel, ids, pos), TopK(act, ids, pos))
+    # unit 0 never fires, unit 1 is never relevant: NaN; unit 2: its 3 relevant images, of which 2 fire (4 is a tie
+    # at 0 in the activation set): 2/3; unit 3: all 3 on both sides: 1
+    torch.testing.assert_close(
+        got, torch.tensor([float("nan"), float("nan"), 2 / 3, 1.0], dtype=torch.float64), equal_nan=True
+    )

@@ -94,8 +94,13 @@ def table(refs: relevance.References, overlap: torch.Tensor, units: Sequence[int
     rows = ["| unit | overlap | top relevance | top activation |", "|---|---|---|---|"]
     for u in units:
         rel, act = float(refs.by_relevance.values[0, u]), float(refs.by_activation.values[0, u])
-        note = " (never relevant)" if rel <= 0 else ""
-        rows.append(f"| {u} | {float(overlap[u]):.3f}{note} | {rel:.4g} | {act:.4g} |")
+        if act <= 0:
+            shown = "— (never fires)"
+        elif rel <= 0:
+            shown = "— (never relevant)"
+        else:
+            shown = f"{float(overlap[u]):.3f}"
+        rows.append(f"| {u} | {shown} | {rel:.4g} | {act:.4g} |")
     return "\n".join(rows)
 
 
@@ -306,10 +311,13 @@ class RelevanceCallback(VisualizationCallback):
                 self.skip_nonfinite(layer, "relevances", int(bad.sum()), int(valid.sum()), "references", layer, step)
                 continue
             overlap = r.overlap()
-            pictures.scalars[tags.RELEVANCE_OVERLAP.format(layer=layer)] = float(overlap.mean())
+            if not overlap.isnan().all():  # the mean over the units that fire and are relevant somewhere
+                pictures.scalars[tags.RELEVANCE_OVERLAP.format(layer=layer)] = float(overlap.nanmean())
             pictures.texts[tags.RELEVANCE_TABLE.format(layer=layer)] = table(r, overlap, range(overlap.numel()))
             cells = self._cells(pl_module, probe, node, r)
-            pictures.images[tags.RELEVANCE_REFS.format(layer=layer)] = self.refs_picture(node, cells, overlap)
+            pictures.images[tags.RELEVANCE_REFS.format(layer=layer)] = self.refs_picture(
+                node, cells, overlap, relevance.real_references(r.by_relevance).sum(dim=0)
+            )
             if self.heatmaps:
                 maps = self._heatmaps(pl_module, x, ids, node, r)
                 images = self._images(probe, node, r)
@@ -318,7 +326,7 @@ class RelevanceCallback(VisualizationCallback):
         if self.path_check and self._final:
             start = time.perf_counter()
             for node, r in refs.items():
-                if tags.RELEVANCE_OVERLAP.format(layer=self._layer_of[node]) in pictures.scalars:
+                if tags.RELEVANCE_TABLE.format(layer=self._layer_of[node]) in pictures.texts:
                     self._path(pl_module, x, ids, node, r, pictures)
             self.path_seconds.append(time.perf_counter() - start)
         return pictures
@@ -364,15 +372,22 @@ class RelevanceCallback(VisualizationCallback):
             return torch.nn.functional.interpolate(cells, size=(self.max_cell, self.max_cell), mode="area")
         return cells
 
-    def refs_picture(self, node: str, cells: dict[str, torch.Tensor], overlap: torch.Tensor) -> torch.Tensor:
-        """Per drawn unit: its activation references (top row) above its relevance references, captioned."""
+    def refs_picture(
+        self, node: str, cells: dict[str, torch.Tensor], overlap: torch.Tensor, n_relevant: torch.Tensor
+    ) -> torch.Tensor:
+        """Per drawn unit: its activation references (top row) above its relevance references, captioned with how
+        many of its ``n_relevant`` relevance references (positive relevance) are activation references too."""
         blocks = []
         act, rel = cells["activation"], cells["relevance"]
         k = len(act)
         for j, u in enumerate(self._drawn[node]):
             rows = self._shrink(torch.cat([act[:, j], rel[:, j]]))
-            shared = round(float(overlap[u]) * k)
-            text = f"unit {u}: top {k} by activation (above), by relevance (below); {shared}/{k} shared"
+            n_rel = int(n_relevant[u])
+            if bool(overlap[u].isnan()):
+                note = "no references: never fires or never relevant on the probe (cells are arbitrary)"
+            else:
+                note = f"{round(float(overlap[u]) * n_rel)}/{n_rel} shared"
+            text = f"unit {u}: top {k} by activation (above), by relevance (below); {note}"
             blocks.append(viz.caption(viz.grid(viz.grey(rows), nrow=k, min_cell=self.min_cell), text))
         return vstack(blocks)
 
@@ -449,7 +464,8 @@ class RelevanceCallback(VisualizationCallback):
         assert self._space is not None
         layer, fv_node = self._layer_of[node], self._featviz_node[node]
         top = r.by_activation
-        units = [u for u in self._drawn[node][: self.path_units] if bool((top.ids[:, u] >= 0).all())]
+        # a unit is checked when all its k activation references are real (it fires on k probe images)
+        units = [u for u in self._drawn[node][: self.path_units] if bool(relevance.real_references(top)[:, u].all())]
         if not units:
             return
         rows_, cols_ = r.rows_cols(top)
