@@ -259,6 +259,18 @@ def test_the_sweep_report_folder_is_protected_and_o_is_honoured(
     assert code == 0, "regenerating the sweep report replaces it"
 
 
+def test_a_run_with_a_projector_folder_is_a_run_not_a_sweep(run: Path, capsys: pytest.CaptureFixture) -> None:
+    """TensorBoard's Projector writes a numbered folder into a run; a run without status.json (built with ``build`` and
+    ``fit`` in a script) was taken for a sweep and got an empty "sweep report"."""
+    (run / "status.json").unlink(missing_ok=True)
+    (run / "00015" / "umap%2ffeatures").mkdir(parents=True)
+    assert list(run.glob("events.out.tfevents.*")), "the run's own event files are at its top"
+    code, err = cli([run], capsys)
+    assert code == 0, err
+    text = (run / "report" / "index.html").read_text()
+    assert "Sweep" not in text.split("</title>")[0] and "Training curves" in text
+
+
 def test_a_sweep_job_linked_out_of_the_sweep_is_skipped(
     template: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,11 +25,14 @@ def sweep_jobs(sweep_dir: Path) -> dict[str, Path]:
 
 
 def is_sweep(path: Path) -> bool:
+    """A folder of numbered job folders that is not itself a run: a run has ``status.json``, ``.hydra/`` or event files
+    at its top (TensorBoard's Projector writes a numbered folder, ``00015/``, into a run)."""
     try:
         return (
             path.is_dir()
             and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
-            and not os.path.lexists(path / "status.json")
+            and not any(os.path.lexists(path / marker) for marker in ("status.json", ".hydra"))
+            and not any(path.glob("events.out.tfevents.*"))
         )
     except OSError:
         return False
