@@ -83,10 +83,15 @@ def grid(cells: torch.Tensor, nrow: int, min_cell: int = 32, padding: int = 2) -
     return make_grid(upscale(cells, min_cell), nrow=nrow, padding=padding, pad_value=GRID_PAD_VALUE)
 
 
+#: single-channel filters per row of ``filter_grid`` (SmallCNN's 6 and 16 fit one row)
+SINGLE_ROW = 16
+
+
 def filter_grid(
     weight: torch.Tensor, per: str = "layer", min_cell: int = 24, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Conv weights (out,in,kh,kw) as an out x in grid of diverging cells (one row when in == 1).
+    """Conv weights (out,in,kh,kw) as an out x in grid of diverging cells (when in == 1: one row of up to
+    ``SINGLE_ROW`` filters, wrapped into rows of that many beyond, so ResNet's 64 grey stem filters stay readable).
 
     ``per="layer"`` scales by the largest |w| of the layer (filters comparable to each other);
     ``per="filter"`` scales each output filter by its own largest |w| (shape of weak filters visible).
@@ -101,7 +106,7 @@ def filter_grid(
     elif scale is None:
         scale = w.abs().amax()
     cells = diverging(w, scale).reshape(out_c * in_c, 3, *w.shape[-2:])
-    return grid(cells, nrow=in_c if in_c > 1 else out_c, min_cell=min_cell)
+    return grid(cells, nrow=in_c if in_c > 1 else min(out_c, SINGLE_ROW), min_cell=min_cell)
 
 
 def kernel_grid(kernels: torch.Tensor, scale: torch.Tensor | float | None = None, min_cell: int = 24) -> torch.Tensor:

@@ -549,3 +549,18 @@ def test_the_atlas_refuses_a_layer_whose_boxes_change_with_the_phase() -> None:
     cb = AtlasCallback(layers=["up"], featviz=False, alive_probe_size=20, atlas_dir="/tmp/unused-atlas")
     with pytest.raises(Exception, match=r"cannot record \['up'\].*transposed conv"):
         cb.prepare(Decoder(), probe)
+
+
+def test_many_single_channel_filters_wrap_into_rows_of_sixteen() -> None:
+    """ResNet-18's grey stem (64 filters of 1 x 7 x 7) was one 64-cell row; each filter is its own cell, in order."""
+    w = torch.randn(64, 1, 7, 7)
+    img = viz.filter_grid(w, min_cell=7, scale=torch.tensor(1.0))
+    cell, pad = 7, 2
+    assert img.shape[1:] == (4 * (cell + pad) + pad, 16 * (cell + pad) + pad), "4 rows of 16"
+    want = viz.diverging(w, torch.tensor(1.0))
+    for k in (0, 15, 16, 63):
+        r, c = divmod(k, 16)
+        top, left = pad + r * (cell + pad), pad + c * (cell + pad)
+        torch.testing.assert_close(img[:, top : top + cell, left : left + cell], want[k, 0])
+    six = viz.filter_grid(torch.randn(6, 1, 3, 3), min_cell=3)
+    assert six.shape[1] == 3 + 2 * pad, "the lecture's 6 conv1 filters stay one row"
