@@ -124,8 +124,8 @@ class AttributionCallback(VisualizationCallback):
         assert probe is not None and self.image_ids is not None and self.layer is not None
         positions = probe.positions(self.image_ids)
         x, labels = probe.inputs[positions], probe.labels[positions]
-        # one count for all images: ``explain`` cannot yet take one per image when a prediction is wrong
-        steps = self.ig_steps if self._steps is None else int(self._steps.max())
+        # each image starts at the steps it needed at the previous render (its true-class row too)
+        steps = self.ig_steps if self._steps is None else self._steps
         ex = attribution.explain(pl_module, x, labels, self.layer, ig_steps=steps, ig_max_steps=self.ig_max_steps)
         self._steps = ex.ig_steps()
         gaps = torch.maximum(ex.ig_predicted.relative_gap, ex.ig_true.relative_gap)
