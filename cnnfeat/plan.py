@@ -149,9 +149,10 @@ class LayerPlan:
             raise unknown_names(bad, self.convs, self.owner, "conv layer")
         return [self.layers[n] for n in names]
 
-    def stage_convs(self, limit: int = 4, local: bool = False) -> list[str]:
+    def stage_convs(self, limit: int = 6, local: bool = False) -> list[str]:
         """The first conv of each stage (each new output resolution), in execution order; at most ``limit``, spread
-        evenly over the stages when there are more; ``local``: only convs whose receptive field can be derived."""
+        evenly over the stages when there are more; ``local``: only convs whose receptive field can be derived.
+        (6: a ResNet's stem and its four stages are five resolutions, and each gets its picture.)"""
         firsts, seen = [], set()
         for name in self.convs:
             size = self.layers[name].output_shape[1:]

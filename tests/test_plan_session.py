@@ -222,6 +222,8 @@ def test_the_defaults_fit_a_resnet_and_a_small_split(caplog: pytest.LogCaptureFi
     plan = LayerPlan.trace(net, probe.inputs[:1])
     sizes = [plan[c].output_shape[1:] for c in maps.layers]
     assert maps.layers[0] == plan.convs[0] and len(set(sizes)) == len(sizes) >= 3, "one conv per resolution"
+    every = {plan[c].output_shape[1:] for c in plan.convs}
+    assert set(sizes) == every, "every resolution (stem, layer1..layer4) has its conv: none dropped by the cap"
     assert all(
         plan.convs.index(c) <= plan.convs.index(next(d for d in plan.convs if plan[d].output_shape[1:] == s))
         for c, s in zip(maps.layers, sizes, strict=True)

@@ -208,6 +208,43 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, data_dir: Path, cache_dir: Pat
     assert json.loads((tmp_path / "ddp" / "status.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
+def test_attribution_importance_and_relevance_under_ddp(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    """Issue 24's callbacks under DDP on two CPU processes: rank 0 renders the whole probe once per step, so every
+    picture, importance number and overlap equals a single process's on the same weights (same seed, same data)."""
+    common = [
+        "-m",
+        "cnnfeat.run.train",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=0",  # no training: both runs hold the seed's weights, so the numbers must agree
+        "trainer.limit_val_batches=2",
+        "test=false",
+        "trainer.enable_model_summary=false",
+        f"data.data_dir={data_dir}",
+        f"data.cache_dir={cache_dir}",
+        "callbacks=[none,attribution,importance,relevance]",
+        "callbacks.attribution.image_ids=[22,193]",
+        "callbacks.importance.probe_size=200",
+        "callbacks.relevance.probe_size=200",
+        "callbacks.relevance.path_check=false",
+    ]
+    _run(
+        [*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}"],
+        cwd=tmp_path,
+    )
+    _run([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    ddp, single = read_events(tmp_path / "ddp"), read_events(tmp_path / "single")
+    for tag in ("attribution/img22", "relevance/refs/conv3", "relevance/heatmaps/conv1"):
+        assert [e.step for e in ddp["images"][tag]] == [e.step for e in single["images"][tag]] == [0], tag
+        assert ddp["images"][tag][0].encoded_image_string == single["images"][tag][0].encoded_image_string, tag
+    wanted = [t for t in single["scalars"] if t.startswith(("importance/", "relevance/", "attribution/"))]
+    assert any(t.startswith("importance/conv2/unit") for t in wanted) and "relevance/overlap/conv3" in wanted
+    for tag in wanted:
+        assert ddp["scalars"][tag] == single["scalars"][tag], tag  # written once, by rank 0, the same values
+    assert json.loads((tmp_path / "ddp" / "status.json").read_text())["status"] == "finished"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,14 +36,14 @@ from cnnfeat.topk import TopK, crop_sources
 
 log = logging.getLogger("cnnfeat")
 
-#: networks with more convs than this get the first conv of each stage (at most four) by default
+#: networks with more convs than this get the first conv of each stage (at most six, `LayerPlan.stage_convs`) by default
 MAX_DEFAULT_LAYERS = 8
 #: white pixels between the blocks of one picture
 GAP = 6
 
 
 def default_layers(plan: LayerPlan) -> list[str]:
-    """Every conv, or on a network with more than ``MAX_DEFAULT_LAYERS`` the first conv of each stage (at most four)
+    """Every conv, or on a network with more than ``MAX_DEFAULT_LAYERS`` the first conv of each stage (at most six)
     whose receptive field can be derived."""
     convs = list(plan.convs)
     return convs if len(convs) <= MAX_DEFAULT_LAYERS else plan.stage_convs(local=True)
