@@ -274,3 +274,19 @@ def test_representations_measure_stage_outputs_of_resnet18(caplog: pytest.LogCap
     for name in ("layer1", "layer2", "layer3", "layer4", "flatten"):
         assert torch.equal(out[name], seen[name]), name
     assert torch.equal(out["fc"], logits)
+
+
+def test_stage_outputs_inside_cnnfeats_wrapped_net() -> None:
+    """``model=torchvision`` wraps the network as ``net`` (whose output is the logits, not a map): the stages are found
+    inside it, as deep as needed (a DenseNet's blocks sit in ``net.features``)."""
+    from cnnfeat.models import TorchvisionClassifier
+
+    x = torch.zeros(1, 1, 28, 28)
+    for arch, stages, head in (
+        ("resnet18", [f"net.layer{k}" for k in range(1, 5)], ["net.flatten", "net.fc"]),
+        ("densenet121", [f"net.features.denseblock{k}" for k in range(1, 5)], ["net.flatten", "net.classifier"]),
+    ):
+        net = TorchvisionClassifier(arch=arch, weights="none", num_classes=10, in_channels=1, image_size=28)
+        graph = LayerPlan.trace(net, x).graph
+        assert stage_outputs(graph) == stages, arch
+        assert default_layers(graph) == [*stages, *head], arch

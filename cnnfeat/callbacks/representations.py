@@ -73,10 +73,10 @@ def stage_outputs(graph: Graph) -> list[str]:
     """The output of each stage of a network built of stages, in execution order; ``[]`` for one that is not.
 
     A stage is a top-level child module that is a container holding convolutions (torchvision ResNet's
-    ``layer1``..``layer4``) with a spatial output (N, C, H, W); where the network has only one such child (DenseNet's
-    and MobileNet's ``features``), the containers holding convolutions inside it. Of consecutive stages with one
-    output resolution only the last is kept: a stage ends where the resolution changes, the notion of
-    ``LayerPlan.stage_convs``. A network of single layers (SmallCNN, AlexNet, VGG's ``features``) has none.
+    ``layer1``..``layer4``) with a spatial output (N, C, H, W); where one container holds them all (cnnfeat's wrapped
+    ``net``; DenseNet's and MobileNet's ``features``), the containers inside it, as deep as needed. Of consecutive
+    stages with one output resolution only the last is kept: a stage ends where the resolution changes, the notion
+    of ``LayerPlan.stage_convs``. A network of single layers (SmallCNN, AlexNet, VGG's ``features``) has none.
     """
     convs = conv_nodes(graph)
 
@@ -93,9 +93,25 @@ def stage_outputs(graph: Graph) -> list[str]:
             and any(c.startswith(f"{n.name}.") for c in convs)
         ]
 
-    candidates = stages("")
-    if len(candidates) == 1:
-        candidates = stages(f"{candidates[0].name}.")
+    def holders(prefix: str) -> list[Node]:  # child containers holding convolutions, whatever their output
+        return [
+            n
+            for n in graph
+            if n.kind == "module"
+            and n.alias
+            and n.name.startswith(prefix)
+            and "." not in n.name[len(prefix) :]
+            and any(c.startswith(f"{n.name}.") for c in convs)
+        ]
+
+    prefix = ""
+    candidates = stages(prefix)
+    while len(candidates) <= 1:  # one container holds the stages (cnnfeat's ``net``, DenseNet's ``features``): look in
+        inside = holders(prefix)
+        if len(inside) != 1:
+            break
+        prefix = f"{inside[0].name}."
+        candidates = stages(prefix)
     kept: list[str] = []
     for i, node in enumerate(candidates):
         after = candidates[i + 1] if i + 1 < len(candidates) else None
