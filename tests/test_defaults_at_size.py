@@ -107,6 +107,32 @@ def test_resnet18_top_patches_show_the_16_most_variable_channels(caplog: pytest.
     again = TopPatchesCallback(top_k=2)
     again.load_state_dict(cb.state_dict())
     assert again.chosen == before, "a resumed fit keeps the choice"
+    # the picture names its rows: which channels, chosen how
+    name = cb.layers[0]
+    shown = cb.render(net, probe, 2).images[f"top_patches/{name}"]
+    grid = viz.grid(viz.grey(torch.zeros(16 * 2, 3, 8, 8)), nrow=2, min_cell=cb.min_cell)
+    captioned = viz.caption(
+        viz.caption(grid, "rows, top to bottom: the 16 most variable of 64 channels"), f"{before[name]}"
+    )
+    strips = captioned.shape[1] - grid.shape[1]  # the two caption strips, wider than the 2-cell grid
+    assert shown.shape[2] == captioned.shape[2] and torch.equal(shown[:, -strips:], captioned[:, -strips:])
+    # a resume with another max_channels chooses again (the saved 16 no longer answer max_channels=4)
+    fewer = TopPatchesCallback(top_k=2, max_channels=4, layers=[name], batch_size=16)
+    fewer.load_state_dict(cb.state_dict())
+    fewer.prepare(net, probe)
+    with inference(net):
+        fewer.render(net, probe, 3)
+    assert fewer.chosen[name] == brute_choice(brute_spread(net, probe.inputs, name), 4)
+
+
+def test_two_top_patches_callbacks_in_one_trainer_and_a_wrong_channels_word() -> None:
+    from cnnfeat.run import lightning_api as pl
+
+    a, b = TopPatchesCallback(layers=["conv1"]), TopPatchesCallback(layers=["conv2"], split="train")
+    assert a.state_key != b.state_key
+    pl.Trainer(callbacks=[a, b], logger=False, enable_checkpointing=False)  # stateful callbacks need unique keys
+    with pytest.raises(ConfigError, match="channels must be 'all', null or a list"):
+        TopPatchesCallback(channels="ALL")
 
 
 @pytest.mark.slow  # every one of ResNet-18's 20 convs (~17 s on 2 cores); the default suite checks two of them

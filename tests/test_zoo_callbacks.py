@@ -347,6 +347,11 @@ def test_zoo_network_pictures_equal_ground_truth(name: str, small_dm: FashionMNI
         if cells.shape[-1] > top.max_cell:
             cells = F.interpolate(cells, size=(top.max_cell, top.max_cell), mode="area")
         expected = viz.grid(viz.grey(cells), nrow=top.top_k, min_cell=top.min_cell)
+        width = top.search.tops[node(path, call)].values.shape[1]
+        shown = sorted({c for c, *_ in boxes})
+        if shown != list(range(width)):  # a chosen subset: the picture names its channels under the grid
+            expected = viz.caption(expected, f"rows, top to bottom: the {len(shown)} most variable of {width} channels")
+            expected = viz.caption(expected, f"{shown}")
         assert np.array_equal(pixels(images[f"top_patches/{node(path, call)}"][-1]), png(expected)), path
 
     # UMAP of a named node: maps at both steps, from vectors of the node's width

@@ -102,6 +102,9 @@ class TopPatchesCallback(VisualizationCallback):
         if max_cell < min_cell:
             raise ConfigError(f"max_cell ({max_cell}) must be >= min_cell ({min_cell})")
         self.layers, self.top_k = check_names("layers", layers), top_k
+        self._given_layers = None if self.layers is None else list(self.layers)  # for state_key: check rewrites layers
+        if isinstance(channels, str) and channels != ALL:
+            raise ConfigError(f"channels must be {ALL!r}, null or a list of channel indices, got {channels!r}")
         if channels == ALL:
             self.channels: list[int] | str | None = ALL
         else:  # range: in check
@@ -115,6 +118,11 @@ class TopPatchesCallback(VisualizationCallback):
         #: the last search (``cnnfeat.topk.search_patches``): top-k, each image's fields, non-finite counts
         self.search: PatchSearch | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self._given_layers, split=self.split, channels=self.channels)
+
     def _setting(self) -> int | str | list[int]:
         return self.max_channels if self.channels is None else self.channels
 
@@ -122,7 +130,8 @@ class TopPatchesCallback(VisualizationCallback):
         """The channels drawn for node ``name`` (``n`` wide): see the class docstring."""
         if not needs_spread(self._setting(), n):
             return choose_units(self._setting(), n, name)
-        if name not in self.chosen or any(u >= n for u in self.chosen[name]):  # once (a resumed fit: its choice)
+        kept = self.chosen.get(name)  # chosen once; a resumed fit keeps its choice while it answers the setting
+        if kept is None or any(u >= n for u in kept) or len(kept) != min(self.max_channels, n):
             self.chosen[name] = choose_units(self._setting(), n, name, search.spread[name])
         return self.chosen[name]
 
@@ -207,9 +216,12 @@ class TopPatchesCallback(VisualizationCallback):
             patches = centre_pad(cells).float()  # fields that differ between batches: padded, never stretched
             if patches.shape[-1] > self.max_cell:  # big receptive fields (AlexNet conv5: 163 px) are shrunk
                 patches = torch.nn.functional.interpolate(patches, size=(self.max_cell, self.max_cell), mode="area")
-            pictures.images[tags.TOP_PATCHES.format(node=name)] = viz.grid(
-                viz.grey(patches), nrow=len(top.values), min_cell=self.min_cell
-            )
+            picture = viz.grid(viz.grey(patches), nrow=len(top.values), min_cell=self.min_cell)
+            if chans != list(range(top.values.shape[1])):  # a subset: the rows say which channels they are
+                how = "listed" if isinstance(self.channels, list) else f"the {len(chans)} most variable"
+                picture = viz.caption(picture, f"rows, top to bottom: {how} of {top.values.shape[1]} channels")
+                picture = viz.caption(picture, f"{chans}")
+            pictures.images[tags.TOP_PATCHES.format(node=name)] = picture
         self._say({name: top.values.shape[1] for name, top in tops.items()}, probe.check_size(self.probe_size))
         return pictures
 
