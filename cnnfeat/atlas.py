@@ -273,8 +273,14 @@ class AtlasWriter:
         text = json.dumps(json_safe({"format": FORMAT, **data}), indent=1, allow_nan=False) + "\n"
         return atomic_write(self.dir / MANIFEST, lambda f: f.write(text.encode()))
 
-    def step(self, layer: str, step: int, unit_max: torch.Tensor, weights: torch.Tensor | None) -> Path:
+    def step(
+        self, layer: str, step: int, unit_max: torch.Tensor, weights: torch.Tensor | None, layer_dead: int | None = None
+    ) -> Path:
+        """``unit_max`` and ``weights`` of the shown units; ``layer_dead``: dead units of the whole layer (shown or
+        not: a most-variable choice never shows a dead unit, whose variability is 0)."""
         arrays = {"unit_max": unit_max.detach().float().cpu().numpy()}
+        if layer_dead is not None:
+            arrays["layer_dead"] = np.int64(layer_dead)
         if weights is not None:
             arrays["weights"] = weights.detach().float().cpu().numpy()
         return _npz(self.dir / slug(layer) / f"step_{step:03d}.npz", **arrays)

@@ -316,3 +316,40 @@ def test_stage_outputs_inside_cnnfeats_wrapped_net() -> None:
         graph = LayerPlan.trace(net, x).graph
         assert stage_outputs(graph) == stages, arch
         assert default_layers(graph) == [*stages, *head], arch
+
+
+def test_a_half_dead_wide_layer_reports_its_dead_units(tmp_path: Path) -> None:
+    """The most variable units are never dead (a dead unit's variability is 0): the atlas records the whole layer's dead
+    count at every step, and the report says how the shown units were chosen (review finding: "0 of 16" dead and
+    "max_units" for a layer with 16 dead of 32 and no max_units)."""
+    from cnnfeat.report import write_report
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.relu1 = nn.Conv2d(1, 32, 3), nn.ReLU()
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, 10)
+            with torch.no_grad():
+                self.conv1.bias[::2] = -100.0  # the even channels never fire
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.relu1(self.conv1(x))).flatten(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    probe = probe_from_tensors(torch.rand(32, 1, 28, 28) * torch.rand(32, 1, 1, 1), torch.arange(32) % 10)
+    out = tmp_path / "atlas"
+    kw = {"probe_size": 32, "alive_probe_size": 32, "top_k": 2, "class_top": 2, "batch_size": 32, "featviz": False}
+    cb = AtlasCallback(**kw, atlas_dir=str(out))
+    cb.prepare(net, probe)
+    with inference(net):
+        cb.render(net, probe, 0)
+    a = atlas.Atlas.load(out)
+    layer = a.layers[0]
+    with torch.no_grad():
+        truth = int((net.relu1(net.conv1(probe.inputs)).amax(dim=(0, 2, 3)) <= 0).sum())  # by hand: 16
+    assert truth == 16 and all(u % 2 == 1 for u in layer.shown), "the shown units are the live ones"
+    steps, data = a.step_data(layer)
+    assert int(data[steps[-1]]["layer_dead"]) == truth
+    page = (write_report(tmp_path).parent / "conv1.html").read_text()
+    assert "16 shown: the most variable, chosen at the first render" in page and "dead at the end: 16 of 32" in page

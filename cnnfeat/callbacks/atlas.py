@@ -47,6 +47,7 @@ from cnnfeat.units import (
     SpreadAccumulator,
     check_units,
     choose_units,
+    fires,
     needs_spread,
 )
 
@@ -384,7 +385,8 @@ class AtlasCallback(VisualizationCallback):
             weights = None
             if info.weights:
                 weights = modules[info.name.rsplit(":", 1)[0]].weight.detach()[info.shown]
-            writer.step(info.name, step, maxima[info.name][info.shown], weights)
+            layer_dead = int((~fires(maxima[info.name])).sum())  # the whole layer, not only the shown units
+            writer.step(info.name, step, maxima[info.name][info.shown], weights, layer_dead)
             self._recorded.add((info.name, "step", step))
         last = self._max_epochs is not None and step >= self._max_epochs
         if step % self.patches_every_n_epochs == 0 and not last:

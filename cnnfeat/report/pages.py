@@ -594,14 +594,31 @@ class _Writer:
             )
         return "".join(figs)
 
+    def shown_how(self, info: LayerInfo) -> str:
+        """How the shown units of a layer were chosen, from the atlas's settings."""
+        a = self.data.atlas
+        assert a is not None
+        settings = a.manifest.get("settings") or {}
+        if info.name in (settings.get("units_chosen_by_variability") or []):
+            return "the most variable, chosen at the first render"
+        if isinstance(settings.get("units"), (list, dict)):
+            return "the listed units"
+        return "the first ones (max_units)"
+
     def layer_summary(self, info: LayerInfo) -> dict[str, str]:
         a = self.data.atlas
         assert a is not None
         steps, data = a.step_data(info)
         dead = "&ndash;"
         if steps:
-            m = data[steps[-1]]["unit_max"]
-            dead = f"{int((~fires(m)).sum())} of {len(m)}"
+            last = data[steps[-1]]
+            m = last["unit_max"]
+            if "layer_dead" in last:  # the whole layer's count (a most-variable choice never shows a dead unit)
+                dead = f"{int(last['layer_dead'])} of {info.units}"
+            elif len(m) < info.units:
+                dead = f"{int((~fires(m)).sum())} of the {len(m)} shown"
+            else:
+                dead = f"{int((~fires(m)).sum())} of {len(m)}"
         fv = a.featviz(info)
         fid = "&ndash;"
         if fv is not None:
@@ -738,7 +755,7 @@ class _Writer:
         s = self.layer_summary(info)
         intro = (
             f"<p>{esc(info.kind)} layer, {info.units} units"
-            f"{f' ({len(info.shown)} shown: max_units)' if len(info.shown) < info.units else ''}; "
+            f"{f' ({len(info.shown)} shown: {self.shown_how(info)})' if len(info.shown) < info.units else ''}; "
             f"alive/dead read at {esc(info.activation or info.name)}; "
             f"receptive field {'&times;'.join(map(str, info.rf_size)) + ' px' if info.rf_size else 'the whole image'}"
             f"{' of ' + esc(info.frame) + ' output' if info.frame else ''}; dead at the end: {s['dead']}; optimised "
