@@ -431,7 +431,8 @@ RELEVANCE_OVERLAP = Tag(
     _S,
     _EPOCHS,
     _REL,
-    "mean over a layer's units of the share of relevance references that are activation references too",
+    "share of relevance references that are activation references too, mean over the layer's units that fire and "
+    "are relevant somewhere (others have no references)",
 )
 RELEVANCE_TABLE = Tag(
     "relevance/{layer}/table", _T, _EPOCHS, _REL, "each unit's overlap, best relevance and best activation"

@@ -17,7 +17,7 @@ from torch import nn
 from cnnfeat import atlas, viz
 from cnnfeat.callbacks import AtlasCallback, TopPatchesCallback
 from cnnfeat.callbacks.base import inference
-from cnnfeat.callbacks.representations import RepresentationCallback, default_layers, stage_outputs
+from cnnfeat.callbacks.representations import RepresentationCallback, default_layers, penultimate, stage_outputs
 from cnnfeat.errors import ConfigError
 from cnnfeat.graph import capture
 from cnnfeat.models import SmallCNN
@@ -316,6 +316,10 @@ def test_stage_outputs_inside_cnnfeats_wrapped_net() -> None:
         graph = LayerPlan.trace(net, x).graph
         assert stage_outputs(graph) == stages, arch
         assert default_layers(graph) == [*stages, *head], arch
+    # the penultimate features are the vector a Dropout hands on, not the Dropout (MobileNetV2: classifier.0)
+    net = TorchvisionClassifier(arch="mobilenet_v2", weights="none", num_classes=10, in_channels=1, image_size=28)
+    graph = LayerPlan.trace(net.eval(), x).graph
+    assert graph.nodes["net.classifier.0"].op == "Dropout" and penultimate(graph) == "net.flatten"
 
 
 def test_a_half_dead_wide_layer_reports_its_dead_units(tmp_path: Path) -> None:

@@ -120,13 +120,22 @@ def stage_outputs(graph: Graph) -> list[str]:
     return kept if len(kept) >= 2 else []
 
 
+#: ops that hand their input on unchanged in evaluation (what a probe pass runs), skipped to name the penultimate layer
+_PASS_THROUGH = ("Dropout", "Identity", "dropout")
+
+
 def penultimate(graph: Graph) -> str | None:
     """The features the last layer reads: the node feeding the output node (ResNet's ``flatten``), if one."""
     produced = [n for n in graph if n.kind != "input" and not n.alias and n.depends_on_input]
     if not produced:
         return None
     parents = [p for p in produced[-1].parents if graph.nodes[p].kind != "input"]
-    return parents[0] if len(parents) == 1 else None
+    if len(parents) != 1:
+        return None
+    node = graph.nodes[parents[0]]
+    while node.op in _PASS_THROUGH and len(node.parents) == 1:  # not "classifier.0": the vector the Dropout passes on
+        node = graph.nodes[node.parents[0]]
+    return node.name if node.kind != "input" else None
 
 
 def default_layers(graph: Graph) -> list[str]:
