@@ -82,6 +82,8 @@ def test_attribution_and_importance_in_a_real_run(make_cfg: MakeCfg, tmp_path: P
                 found = tags.family(tag, kind)
                 assert found is not None and found.writer in ours and found.axis is tags.Axis.EPOCHS, tag
     assert len({(e.width, e.height) for e in images[tags.ATTRIBUTION.format(image=IDS[0])]}) == 1
+    status = (tmp_path / "status.json").read_text()  # per-unit series go to the loggers, not the run's summary
+    assert "importance/acc_drop_max/conv1" in status and "/unit0/" not in status
 
     datamodule, model, _ = build(cfg)  # seeded as the run was: the untrained weights of step 0
     untrained = {k: v.clone() for k, v in model.state_dict().items()}

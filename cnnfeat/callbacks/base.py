@@ -124,6 +124,12 @@ class Pictures:
     scalars: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    #: scalars for the loggers only, kept out of the trainer's metrics (``status.json``, HParams): per-unit series
+    detail: dict[str, float] = field(default_factory=dict)
+
+    def logged(self) -> dict[str, float]:
+        """Every scalar the loggers receive: ``scalars`` and ``detail``."""
+        return {**self.scalars, **self.detail}
 
     def write(self, writer: SummaryWriter | None, step: int, png_dir: Path | None = None, scalars: bool = True) -> None:
         """Send everything to ``writer`` (if any) and images to ``png_dir/<tag>/step_NNN.png`` (if set)."""
@@ -135,7 +141,7 @@ class Pictures:
             for tag, text in self.texts.items():
                 writer.add_text(tag, text, step)
             if scalars:
-                for tag, value in self.scalars.items():
+                for tag, value in self.logged().items():
                     writer.add_scalar(tag, value, step)
         if png_dir is not None:
             for tag, img in self.images.items():
@@ -426,9 +432,9 @@ class VisualizationCallback(pl.Callback):
         writer = tensorboard_writer(trainer)
         for step, pictures in results.items():
             pictures.write(writer, step, self.png_dir(), scalars=False)
-            if pictures.scalars:
+            if pictures.logged():
                 for lg in trainer.loggers:  # an explicit step, as everywhere else
-                    lg.log_metrics(dict(pictures.scalars), step=step)
+                    lg.log_metrics(pictures.logged(), step=step)
         if results:
             self.seconds.append(time.perf_counter() - start)
 
@@ -443,9 +449,9 @@ class VisualizationCallback(pl.Callback):
         with inference(pl_module):
             pictures = self.render(pl_module, self.probe, step)
         pictures.write(writer, step, self.png_dir(), scalars=False)
-        if pictures.scalars:
+        if pictures.logged():
             for lg in trainer.loggers:  # an explicit step, as LearningRateMonitor does
-                lg.log_metrics(dict(pictures.scalars), step=step)
+                lg.log_metrics(pictures.logged(), step=step)
             if step > 0:  # also in trainer.callback_metrics (HParams, status.json); Lightning logs nothing here
                 for tag, value in pictures.scalars.items():
                     pl_module.log(tag, value, on_step=False, on_epoch=True, logger=False, rank_zero_only=True)

@@ -160,6 +160,6 @@ class ImportanceCallback(VisualizationCallback):
             pictures.texts[tags.IMPORTANCE_TABLE.format(layer=layer)] = table(imp, roles)
             drops = zip(imp.units.tolist(), imp.acc_drop.tolist(), imp.logit_drop.tolist(), strict=True)
             for unit, acc, logit in drops:
-                pictures.scalars[tags.IMPORTANCE_UNIT_ACC_DROP.format(layer=layer, unit=unit)] = acc
-                pictures.scalars[tags.IMPORTANCE_UNIT_LOGIT_DROP.format(layer=layer, unit=unit)] = logit
+                pictures.detail[tags.IMPORTANCE_UNIT_ACC_DROP.format(layer=layer, unit=unit)] = acc
+                pictures.detail[tags.IMPORTANCE_UNIT_LOGIT_DROP.format(layer=layer, unit=unit)] = logit
         return pictures
