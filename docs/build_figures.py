@@ -82,6 +82,15 @@ def main() -> None:
     shutil.copy(args.run_dir / "umap_embedding.gif", DOCS / "umap_embedding.gif")
     print(DOCS / "umap_embedding.gif")
 
+    # issue 24: where the network looks (one image over the epochs, and the others at the end), which units matter
+    strips = [
+        viz.caption(load(img / "attribution" / "img312" / f"step_{s:03d}.png"), label)
+        for s, label in ((0, "untrained"), (1, "after epoch 1"), (5, "after epoch 5"), (args.last, "trained"))
+    ]
+    strips += [load(img / "attribution" / f"img{i}" / last) for i in (22, 193, 36, 1087, 74)]
+    save(vstack(strips, gap=10), "attribution.png")
+    save(load(img / "relevance" / "refs" / "conv3" / last), "relevance_conv3.png")
+
 
 if __name__ == "__main__":
     main()
