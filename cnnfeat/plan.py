@@ -14,6 +14,7 @@ each patch comes from the geometry of the pass that produced it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -106,6 +107,19 @@ class LayerPlan:
                 activation_note=note,
             )
         self._fields: dict[str, ReceptiveField] = {}
+
+    def image_bytes(self, outputs: Iterable[str] | None = None, inputs: Iterable[str] = ()) -> int:
+        """Bytes (float32) one image's values take at the ``outputs`` nodes (``None``: every node, what a traced pass
+        holds) and at the inputs of the ``inputs`` nodes (their parents' outputs): what sizes a probe batch."""
+        nodes = self.graph.nodes
+
+        def size(name: str) -> int:
+            node = nodes.get(name)
+            return 0 if node is None else math.prod(node.output_shape[1:])
+
+        names = list(nodes) if outputs is None else list(outputs)
+        names += [p for n in inputs if n in nodes for p in nodes[n].parents]
+        return 4 * sum(size(n) for n in names)
 
     @classmethod
     def trace(cls, model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> LayerPlan:

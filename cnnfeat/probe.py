@@ -162,6 +162,18 @@ class ProbeSource(Protocol):
     def probe_set(self, spec: ProbeSpec) -> ProbeSet: ...
 
 
+#: bytes of activations a batch of the probe may hold at once (float32); batches of big images are cut to fit, which
+#: changes results only by float rounding (the analyses sum or merge over images); small images stay as asked
+CAPTURE_BUDGET = 512 * 2**20
+
+
+def fitting_batch(batch_size: int, bytes_per_image: int, budget: int | None = None) -> int:
+    """``batch_size``, cut so that ``bytes_per_image`` x the batch stays within ``budget`` (default
+    ``CAPTURE_BUDGET``; at least one image)."""
+    budget = CAPTURE_BUDGET if budget is None else budget
+    return max(1, min(batch_size, budget // max(bytes_per_image, 1)))
+
+
 def batches(positions: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive chunks of ``positions``."""
     for start in range(0, len(positions), batch_size):

@@ -26,7 +26,7 @@ from torch import nn
 
 from cnnfeat.embedding import stratified_ids
 from cnnfeat.graph import capture, device_of
-from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probe import ProbeSet, batches, fitting_batch
 
 #: the seed of the shared stratified selection (the UMAP and representation callbacks' default)
 SHARED_SEED = 0
@@ -71,9 +71,14 @@ class PassConsumer(Protocol):
     def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest | None: ...
 
 
-def run_pass(model: nn.Module, probe: ProbeSet, requests: Sequence[PassRequest]) -> int:
+def run_pass(
+    model: nn.Module, probe: ProbeSet, requests: Sequence[PassRequest], image_bytes: Sequence[int] | None = None
+) -> int:
     """Run ``model`` over the requests' positions (once per distinct selection), feeding every accumulator; returns
-    the number of forward calls. Call under ``torch.no_grad()`` and the mode you want (``inference``)."""
+    the number of forward calls. Call under ``torch.no_grad()`` and the mode you want (``inference``).
+    ``image_bytes``: per request, what one image's captured values take; a selection's batches are cut to
+    ``cnnfeat.probe.CAPTURE_BUDGET`` (``fitting_batch``) so big images do not hold gigabytes at once."""
+    per_request = dict(zip(map(id, requests), image_bytes or [0] * len(requests), strict=True))
     groups: list[list[PassRequest]] = []
     for r in requests:
         group = next((g for g in groups if torch.equal(g[0].positions, r.positions)), None)
@@ -84,7 +89,7 @@ def run_pass(model: nn.Module, probe: ProbeSet, requests: Sequence[PassRequest])
         positions = group[0].positions
         outs = list(dict.fromkeys(n for r in group for n in r.outputs))
         ins = list(dict.fromkeys(n for r in group for n in r.inputs))
-        size = min(r.batch_size for r in group)
+        size = fitting_batch(min(r.batch_size for r in group), sum(per_request[id(r)] for r in group))
         with ExitStack() as stack:
             out = stack.enter_context(capture(model, outs)) if outs else {}
             pre = stack.enter_context(capture(model, ins, inputs=True)) if ins else {}
@@ -97,6 +102,14 @@ def run_pass(model: nn.Module, probe: ProbeSet, requests: Sequence[PassRequest])
                     r.accumulator.update(batch)
                 start += len(b)
     return calls
+
+
+def _image_bytes(consumer: PassConsumer, model: nn.Module, request: PassRequest) -> int:
+    """What one image of ``request`` captures, from the consumer's traced layer plan (0, no cut, without one: the
+    pass never traces the model itself, so it stays one forward pass per batch)."""
+    plan_of = getattr(consumer, "traced_plan", None)
+    plan = plan_of(model) if callable(plan_of) else None
+    return 0 if plan is None else plan.image_bytes(request.outputs, request.inputs)
 
 
 @dataclass
@@ -139,7 +152,8 @@ class ProbePass:
         wanted = [(c, r) for c, r in wanted if r is not None]
         if not wanted:
             return
-        self.forward_calls += run_pass(model, probe, [r for _, r in wanted])
+        sizes = [_image_bytes(c, model, r) for c, r in wanted]
+        self.forward_calls += run_pass(model, probe, [r for _, r in wanted], sizes)
         self.runs += 1
         for c, r in wanted:
             self._results[id(c)] = PassResult(r.accumulator, probe.ids[r.positions])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cnnfeat.graph import capture, device_of, trace_graph
-from cnnfeat.probe import ProbeSet, batches
+from cnnfeat.probe import ProbeSet, batches, fitting_batch
 from cnnfeat.receptive_field import ReceptiveField, graph_receptive_fields
 from cnnfeat.units import SpreadAccumulator, nonfinite_rows
 
@@ -78,12 +78,14 @@ class PatchSearch:
 
 
 def search_patches(
-    model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int
+    model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int, image_bytes: int = 0
 ) -> PatchSearch:
     """Stream the first ``n`` probe images through ``model`` (under ``no_grad`` and the mode you want) and keep the
     top-``k`` per channel of each spatial node in ``layers`` (see the module docstring), and each channel's variability
-    (``cnnfeat.units.SpreadAccumulator``, from the same per-image maxima)."""
-    device = device_of(model)
+    (``cnnfeat.units.SpreadAccumulator``, from the same per-image maxima). Each batch is traced whole: with
+    ``image_bytes`` (one image's values at every node, ``LayerPlan.image_bytes()``) batches are cut to the capture
+    budget (``cnnfeat.probe.fitting_batch``)."""
+    device, batch_size = device_of(model), fitting_batch(batch_size, image_bytes)
     result = PatchSearch({}, {}, dict.fromkeys(layers, 0))
     spread = {name: SpreadAccumulator() for name in layers}
     with capture(model, layers) as out:

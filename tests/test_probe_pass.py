@@ -239,3 +239,39 @@ def test_one_forward_pass_per_epoch_in_a_real_fit(make_cfg, tmp_path: Path) -> N
     first = probe.inputs[probe.positions(ids[0][:1])]
     pass_starts = sum(torch.equal(s[:1], first) for s in starts)
     assert pass_starts == 3, f"the probe's first image went through the model {pass_starts} times, not once a step"
+
+
+def test_batches_of_big_images_are_cut_to_the_capture_budget(
+    model: nn.Module, probe: ProbeSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holds at most ``CAPTURE_BUDGET`` bytes of captured values (ResNet-18 at 224 px held 5 GB at batch 256):
+    with the budget at two images' worth the pass runs in batches of two, and the numbers stay the same."""
+    import cnnfeat.probe as probe_module
+    from cnnfeat.topk import search_patches
+
+    dead = DeadReluCallback(probe_size=SIZE, batch_size=32, hist_samples=500)
+    dead.prepare(model, probe)
+    plan = dead.layer_plan(model)
+    relus = [n for n, layer in plan.layers.items() if layer.kind == "relu"]
+    per_image = plan.image_bytes(relus)
+    with torch.no_grad():  # the plan's sizes are the captured tensors' sizes
+        with capture(model, relus) as out:
+            model(probe.inputs[:3])
+        assert per_image * 3 == sum(t.numel() * t.element_size() for t in out.values())
+    with inference(model):
+        whole = dead.render(model, probe, 0).scalars
+        monkeypatch.setattr(probe_module, "CAPTURE_BUDGET", 2 * per_image)
+        counter = Forwards(model)
+        cut = DeadReluCallback(probe_size=SIZE, batch_size=32, hist_samples=500)
+        cut.prepare(model, probe)
+        cut.layer_plan(model)  # traced before the pass, as in a fit (setup)
+        counter.calls = 0
+        assert cut.render(model, probe, 0).scalars == whole
+        assert counter.calls == SIZE // 2, "batches of two images"
+        every = plan.image_bytes()
+        monkeypatch.setattr(probe_module, "CAPTURE_BUDGET", 5 * every)
+        counter.calls = 0
+        found = search_patches(model, probe, ["conv1"], 2, 20, 16, every)
+        assert counter.calls == 4, "the top-k search's traced batches: 5 images each"
+        again = search_patches(model, probe, ["conv1"], 2, 20, 16)
+    assert torch.equal(found.tops["conv1"].ids, again.tops["conv1"].ids)

@@ -478,7 +478,7 @@ class AtlasCallback(VisualizationCallback):
         n = probe.check_size(self.probe_size)
         convs = [i.name for i in infos if i.kind == "conv"]
         if convs:
-            search = search_patches(model, probe, convs, k, n, self.batch_size)
+            search = search_patches(model, probe, convs, k, n, self.batch_size, self.image_bytes(model))
             result.update({name: (search.tops[name], search) for name in convs})
         fcs = [i.name for i in infos if i.kind == "fc"]
         if fcs:

@@ -328,6 +328,16 @@ class VisualizationCallback(pl.Callback):
             self.session = AnalysisSession()
         return self.session.plan(pl_module, self.probe)
 
+    def traced_plan(self, pl_module: nn.Module) -> LayerPlan | None:
+        """The layer plan if the session traced it already (``layer_plan`` without a forward pass), else None."""
+        return None if self.session is None else self.session.traced_plan(pl_module)
+
+    def image_bytes(self, pl_module: nn.Module) -> int:
+        """What one probe image's values take at every node (``LayerPlan.image_bytes``) once the plan is traced, else
+        0: what a traced batch holds, to cut batches of big images to ``cnnfeat.probe.CAPTURE_BUDGET``."""
+        plan = self.traced_plan(pl_module)
+        return 0 if plan is None else plan.image_bytes()
+
     def pass_result(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> PassResult | None:
         """This callback's accumulator fed by the shared probe pass at ``step`` (the first consumer to ask runs the
         model once for all; a callback without peers gets a pass of its own)."""

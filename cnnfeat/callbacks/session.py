@@ -96,6 +96,11 @@ class AnalysisSession:
         """The one pass of the probe ``spec`` that its consumers share."""
         return self._passes.setdefault(spec, ProbePass())
 
+    def traced_plan(self, model: nn.Module) -> LayerPlan | None:
+        """The plan of ``model`` if it was traced already (no forward pass), else None."""
+        held = self._plans.get(id(model))
+        return held[1] if held is not None and held[0]() is model else None
+
     def plan(self, model: nn.Module, probe: ProbeSet) -> LayerPlan:
         """The layer plan of ``model``, traced once on the first probe image (then the same object)."""
         held = self._plans.get(id(model))

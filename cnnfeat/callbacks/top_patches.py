@@ -174,7 +174,8 @@ class TopPatchesCallback(VisualizationCallback):
         """Stream the probe through the model and return the top-k per node (image IDs are the probe's); the search,
         with each image's receptive fields, is kept as ``search`` (``cnnfeat.topk.search_patches``)."""
         n = probe.check_size(self.probe_size)
-        self.search = search_patches(pl_module, probe, self.layers, self.top_k, n, self.batch_size)
+        size = self.image_bytes(pl_module)
+        self.search = search_patches(pl_module, probe, self.layers, self.top_k, n, self.batch_size, size)
         return self.search.tops
 
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
