@@ -360,7 +360,7 @@ def _objective_statistic(s: FeatVizSettings) -> str:
 
 
 @contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
+def cpu_threads(n: int | None) -> Iterator[None]:
     """Run with ``n`` intra-op CPU threads (None: unchanged), restoring the previous number afterwards."""
     before = torch.get_num_threads()
     if n is not None:
@@ -442,7 +442,7 @@ def visualise(
     image_shape = tuple(int(v) for v in image_shape)
     targets = positions.long().cpu()[units] if positions is not None and s.objective == "neuron" else None
     start = time.perf_counter()
-    with _cpu_threads(s.threads), torch.inference_mode(False), torch.enable_grad():
+    with cpu_threads(s.threads), torch.inference_mode(False), torch.enable_grad():
         images = torch.cat(
             [
                 _optimise(

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,19 +46,6 @@ def default_layers(plan: LayerPlan) -> list[str]:
     whose receptive field can be derived."""
     convs = list(plan.convs)
     return convs if len(convs) <= MAX_DEFAULT_LAYERS else plan.stage_convs(local=True)
-
-
-@contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Torch's CPU threads set to ``n`` inside (``None``: left alone), restored after: the many small ops of a render
-    ran 4x faster on one thread than on two on a shared 2-core machine (the featviz settings' ``threads`` likewise)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def vstack(images: Sequence[torch.Tensor], gap: int = GAP) -> torch.Tensor:
@@ -293,7 +279,7 @@ class RelevanceCallback(VisualizationCallback):
 
     @override
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
-        with cpu_threads(self.threads):
+        with featviz.cpu_threads(self.threads):  # one thread: a render's many small ops ran 4x faster
             return self._render(pl_module, probe, step)
 
     def _render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int) -> Pictures:
