@@ -80,29 +80,19 @@ def stage_outputs(graph: Graph) -> list[str]:
     """
     convs = conv_nodes(graph)
 
-    def stages(prefix: str) -> list[Node]:
+    def holders(prefix: str) -> list[Node]:  # child containers (below ``prefix``) holding convolutions
         return [
             n
             for n in graph
             if n.kind == "module"
             and n.alias
-            and n.depends_on_input
             and n.name.startswith(prefix)
             and "." not in n.name[len(prefix) :]
-            and len(n.output_shape) == 4
             and any(c.startswith(f"{n.name}.") for c in convs)
         ]
 
-    def holders(prefix: str) -> list[Node]:  # child containers holding convolutions, whatever their output
-        return [
-            n
-            for n in graph
-            if n.kind == "module"
-            and n.alias
-            and n.name.startswith(prefix)
-            and "." not in n.name[len(prefix) :]
-            and any(c.startswith(f"{n.name}.") for c in convs)
-        ]
+    def stages(prefix: str) -> list[Node]:  # those with a spatial output computed from the input
+        return [n for n in holders(prefix) if n.depends_on_input and len(n.output_shape) == 4]
 
     prefix = ""
     candidates = stages(prefix)
