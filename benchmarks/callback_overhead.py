@@ -53,7 +53,9 @@ def main() -> None:
     ]
     for name, rs in runs.items():
         t = statistics.median(x.fit_seconds for x in rs)
-        inside = statistics.median(sum(sum(v) for v in x.callback_seconds.values()) for x in rs)
+        inside = statistics.median(
+            sum(sum(v) for v in x.callback_seconds.values()) + sum(x.end_seconds.values()) for x in rs
+        )
         same = all(x.epochs == ref_epochs for x in rs)
         md.append(
             f"| {name} ({' '.join(variants[name])}) | {t:.1f} s | {100 * (t / base - 1):+.1f}% | "
@@ -61,22 +63,24 @@ def main() -> None:
         )
     md.append(
         "\nWall-time overhead compares whole fits and carries the machine's run-to-run noise (a few %); "
-        "time inside callbacks is measured around each render and is the more precise cost."
+        "time inside callbacks is measured around each render and the end of fit (GIF, Projector, summaries) and is "
+        "the more precise cost."
     )
     md += [
         "",
-        "Seconds spent per callback (median over repeats; renders = untrained + scheduled epochs):",
+        "Seconds spent per callback (median over repeats; renders = untrained + scheduled epochs; end of fit apart):",
         "",
-        "| variant | callback | renders | total | per render |",
-        "|---|---|---:|---:|---:|",
+        "| variant | callback | renders | renders total | per render | end of fit |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, rs in runs.items():
         for cb in rs[0].callback_seconds:
             totals = [sum(x.callback_seconds[cb]) for x in rs]
             n = len(rs[0].callback_seconds[cb])
+            end = statistics.median(x.end_seconds.get(cb, 0.0) for x in rs)
             md.append(
                 f"| {name} | {cb} | {n} | {statistics.median(totals):.2f} s | "
-                f"{statistics.median(totals) / max(n, 1):.3f} s |"
+                f"{statistics.median(totals) / max(n, 1):.3f} s | {end:.2f} s |"
             )
     m = machine()
     md.append(

@@ -27,7 +27,8 @@ class RunResult:
     fit_seconds: float
     test_acc: float
     epochs: list[dict[str, float]]  # per epoch: train/acc, train/loss, val/acc, val/loss
-    callback_seconds: dict[str, list[float]] = field(default_factory=dict)
+    callback_seconds: dict[str, list[float]] = field(default_factory=dict)  # each render (untrained + epochs)
+    end_seconds: dict[str, float] = field(default_factory=dict)  # each callback's end of fit (finish, GIF, ...)
 
 
 def compose_config(overrides: list[str], out: Path) -> DictConfig:
@@ -54,8 +55,10 @@ def run_config(overrides: list[str], out: Path) -> RunResult:
     keys = ("train/acc", "train/loss", "val/acc", "val/loss")
     n = len(sc.get("train/acc", []))
     epochs = [{k: sc[k][i][1] for k in keys if k in sc and i < len(sc[k])} for i in range(n)]
-    cb_seconds = {type(cb).__name__: cb.seconds for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)}
-    return RunResult(list(overrides), fit_seconds, test_acc, epochs, cb_seconds)
+    viz = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
+    cb_seconds = {type(cb).__name__: cb.seconds for cb in viz}
+    end = {type(cb).__name__: cb.end_seconds for cb in viz}
+    return RunResult(list(overrides), fit_seconds, test_acc, epochs, cb_seconds, end)
 
 
 def machine() -> dict[str, object]:

@@ -100,7 +100,7 @@ def child(out: Path, overrides: list[str]) -> dict:
         "memory": memory,
         "signatures_in_memory_mb": sum(c.history.nbytes for c in cbs) / 2**20,
         "spilled_mb": sum(f.stat().st_size for f in out.glob("representations/*/*/*.pt")) / 2**20,
-        "callback_seconds": [s for c in cbs for s in c.seconds],
+        "callback_seconds": [s for c in cbs for s in c.seconds] + [c.end_seconds for c in cbs if c.end_seconds],
         "timings": [t for c in cbs for t in c.timings],
         "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
     }

@@ -213,6 +213,7 @@ def worker(spec: dict) -> dict:
         "batch_seconds": timer.batches,
         "val_seconds": timer.val,
         "callback_seconds": {type(cb).__name__: cb.seconds for cb in viz},
+        "end_of_fit_seconds": {type(cb).__name__: cb.end_seconds for cb in viz},
         "callback_calls": calls,
         "rss_before_fit_mb": rss_before_fit,
         "peak_rss_fit_mb": peak_rss_mb(),

@@ -270,3 +270,36 @@ def test_one_probe_is_shared_by_every_callback(datamodule: FashionMNISTDataModul
     x, y = datamodule.images("test")
     assert torch.equal(probe.images, x) and torch.equal(probe.inputs, x) and torch.equal(probe.labels, y)
     assert probe.class_names == datamodule.classes and probe.split == "test" and not probe.note
+
+
+def test_end_of_fit_work_is_counted_apart_from_the_renders(
+    datamodule: FashionMNISTDataModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GIF and the Projector run after the last render; their time is ``end_seconds``, not lost (benchmarks
+    add it to the renders' ``seconds``)."""
+    import time
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    cb = EmbeddingCallback(probe_size=100, pixels=False)
+    calls = []
+
+    def slow_end(trainer: pl.Trainer) -> None:
+        calls.append(trainer)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(cb, "end_of_fit", slow_end)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=TensorBoardLogger(tmp_path, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(SmallCNN(), datamodule=datamodule)
+    assert len(cb.seconds) == 2, "untrained + epoch 1: the end of fit is not a render"
+    assert calls == [trainer] and cb.end_seconds >= 0.2
+    assert (tmp_path / "umap_embedding.gif").is_file(), "finish wrote the GIF inside the timed end of fit"

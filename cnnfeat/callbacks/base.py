@@ -256,6 +256,8 @@ class VisualizationCallback(pl.Callback):
         self._warned: set[str] = set()
         #: wall seconds of each emission (render + write), for cost accounting in benchmarks
         self.seconds: list[float] = []
+        #: wall seconds of the end of fit (``finish``, its pictures and ``end_of_fit``), rank 0; 0 until then
+        self.end_seconds: float = 0.0
         #: what this callback shares with the others of its fit (probe, layer plan, probe pass); set in ``prepare``
         self.session: AnalysisSession | None = None
         #: the pass shared with the other consumers of the probe (a pass consumer's, set in ``prepare``)
@@ -433,6 +435,9 @@ class VisualizationCallback(pl.Callback):
         last checkpoint, so both produce the same outputs. Default: nothing."""
         return {}
 
+    def end_of_fit(self, trainer: pl.Trainer) -> None:
+        """Rank 0's end-of-fit work that needs the trainer (e.g. the Projector), after ``finish``. Default: nothing."""
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -445,8 +450,8 @@ class VisualizationCallback(pl.Callback):
             if pictures.logged():
                 for lg in trainer.loggers:  # an explicit step, as everywhere else
                     lg.log_metrics(pictures.logged(), step=step)
-        if results:
-            self.seconds.append(time.perf_counter() - start)
+        self.end_of_fit(trainer)
+        self.end_seconds = time.perf_counter() - start
 
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Render on rank 0 and write everything at ``step`` (= epochs trained); no collective is involved."""

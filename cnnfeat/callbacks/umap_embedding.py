@@ -326,9 +326,9 @@ class EmbeddingCallback(VisualizationCallback):
         return {}
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)  # the GIF
-        if not trainer.is_global_zero or not self.embeddings or self.probe is None:
+    def end_of_fit(self, trainer: pl.Trainer) -> None:
+        """The last map's feature vectors in TensorBoard's Projector tab (after ``finish``'s GIF)."""
+        if not self.embeddings or self.probe is None:
             return
         writer = tensorboard_writer(trainer)
         if self.projector and writer is not None and self._last_features is not None:
