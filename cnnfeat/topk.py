@@ -53,8 +53,10 @@ class TopK:
     def update_from_maps(self, maps: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """Each image (row of ``maps``: (B, C, h, w) or (B, C)) contributes its strongest position per channel (so
         top-k are k different images); a NaN never wins. Returns those per-image maxima (B, C)."""
-        flat = maps.flatten(2) if maps.ndim > 2 else maps.unsqueeze(2)
-        best, pos = flat.float().nan_to_num(nan=-torch.inf).max(dim=2)  # (B, C)
+        flat = (maps.flatten(2) if maps.ndim > 2 else maps.unsqueeze(2)).float()
+        best, pos = flat.max(dim=2)  # (B, C); NaN and infinities propagate into it ...
+        if not torch.isfinite(best).all():  # ... then NaN loses, and +-inf count as the largest finite values
+            best, pos = flat.nan_to_num(nan=-torch.inf).max(dim=2)
         ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
         self.update(best, ids, pos)
         return best

@@ -28,8 +28,19 @@ AllGather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
-    """(N,) bool on the CPU: which items along dim 0 (probe images, filters) hold a NaN or infinite value."""
-    return ~torch.isfinite(t.detach().reshape(len(t), -1)).all(dim=1).cpu()
+    """(N,) bool on the CPU: which items along dim 0 (probe images, filters) hold a NaN or infinite value.
+
+    A row's sum is finite only when all its values are (NaN and infinity propagate into it), so the element-wise test
+    runs only on the rows whose sum is not: those holding NaN or infinity, or finite values whose sum overflows
+    (exactly the same answer, at the cost of one reduction for a network that has not diverged)."""
+    flat = t.detach().reshape(len(t), -1)
+    if not (flat.is_floating_point() or flat.is_complex()):
+        return torch.zeros(len(t), dtype=torch.bool)  # integers are always finite
+    bad = ~torch.isfinite(flat.sum(dim=1))
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)
+        bad[rows] = ~torch.isfinite(flat[rows]).all(dim=1)
+    return bad.cpu()
 
 
 def fires(acts: torch.Tensor) -> torch.Tensor:

@@ -107,3 +107,25 @@ def test_raster_picture() -> None:
     Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save("/tmp/cnnfeat_raster_relu4.png")
     with pytest.raises(ValueError, match=r"alive must be \(units, 16 epochs\), got \(120, 15\)"):
         plots.unit_raster(big[:, :15], list(range(16)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_nonfinite_rows_and_per_image_maxima_equal_the_elementwise_definitions(dtype: torch.dtype) -> None:
+    """The fast paths (a row sum; a plain max) give exactly the element-wise answers, overflowing sums included."""
+    from cnnfeat.topk import TopK
+    from cnnfeat.units import nonfinite_rows
+
+    gen = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max
+    for trial in range(60):
+        x = (torch.randn(6, 3, 4, 4, generator=gen) * 10.0 ** (trial % 5)).to(dtype)
+        for value in (float("nan"), float("inf"), -float("inf"), big):  # big: finite, but rows of it overflow a sum
+            x[torch.rand(x.shape, generator=gen) < 0.03 * (trial % 4)] = value
+        want_rows = torch.tensor([not torch.isfinite(row).all() for row in x])
+        assert torch.equal(nonfinite_rows(x), want_rows)
+        top = TopK.empty(3, 3, x.device)
+        best = top.update_from_maps(x, torch.arange(6))
+        cleaned = x.flatten(2).float().nan_to_num(nan=-torch.inf)  # NaN never wins; +-inf as the largest finite
+        assert torch.equal(best, cleaned.max(dim=2).values)
+        assert torch.equal(nonfinite_rows(torch.full((2, 3), big, dtype=dtype)), torch.tensor([False, False]))
+    assert torch.equal(nonfinite_rows(torch.arange(6).reshape(2, 3)), torch.tensor([False, False]))
