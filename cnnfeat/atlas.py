@@ -9,10 +9,11 @@ and ``cnnfeat.report`` draws it as HTML. What is a unit: every channel of a conv
 
     manifest.json             layers (name, kind, units, shown units, activation node, receptive field, frozen ...),
                               class names, probe, settings, per-step seconds, what ``finish`` measured
-    <slug>/step_NNN.npz       weights (U, in, kh, kw) or (U, in) float32 of the shown units; unit_max (U,) float32:
-                              each unit's largest activation on the alive probe (alive = > 0; NaN counts as dead)
-    <slug>/patches_NNN.npz    values, ids (U, k); rows, cols (U, k) in the layer's output; boxes (U, k, 4) (top,
-                              left, bottom, right, inclusive, in ``frame``'s pixels); crops (U, k, C, s, s) uint8
+    <slug>/step_NNN.npz       units (U,): the shown units, row by row; weights (U, in, kh, kw) or (U, in) float32;
+                              unit_max (U,) float32: each unit's largest activation on the alive probe (alive = > 0;
+                              NaN counts as dead); layer_dead: dead units of the whole layer
+    <slug>/patches_NNN.npz    units (U,); values, ids (U, k); rows, cols (U, k) in the layer's output; boxes (U, k, 4)
+                              (top, left, bottom, right, inclusive, in ``frame``'s pixels); crops (U, k, C, s, s) uint8
     <slug>/classes.npz        step; counts (U, classes): classes of each unit's top activations; values, ids (U, t)
     <slug>/featviz.npz        step; units (F,); images (F, C, H, W) uint8; activation, reference, fidelity (F,) float32;
                               flagged (F,) bool; targets (F, 2): where the objective read (-1: channel
@@ -20,7 +21,9 @@ and ``cnnfeat.report`` draws it as HTML. What is a unit: every channel of a conv
 
 ``NNN`` is the step (= epochs trained, 0 = untrained): the same axis as every TensorBoard picture. ``<slug>`` is the
 node name made safe for file names and URLs (``slug``), stable for a name. The step files are the callback's state:
-a resumed run rewrites the steps it redoes and keeps the others.
+a resumed run rewrites the steps it redoes and keeps the others, and keeps the units they were recorded for (a
+resume with another ``units`` setting is warned about, not obeyed). A step or patch file whose ``units`` are not the
+manifest's ``shown`` is refused when read (a ``DataError``), never drawn under the wrong unit.
 
 **Feature visualisation input** (``InputSpace``): optimised images live in display space, [0, 1]. By default they
 enter the model as its own input, mapped by the per-channel affine map that takes the probe's display images to the
@@ -274,11 +277,19 @@ class AtlasWriter:
         return atomic_write(self.dir / MANIFEST, lambda f: f.write(text.encode()))
 
     def step(
-        self, layer: str, step: int, unit_max: torch.Tensor, weights: torch.Tensor | None, layer_dead: int | None = None
+        self,
+        layer: str,
+        step: int,
+        unit_max: torch.Tensor,
+        weights: torch.Tensor | None,
+        layer_dead: int | None = None,
+        units: Sequence[int] | None = None,
     ) -> Path:
-        """``unit_max`` and ``weights`` of the shown units; ``layer_dead``: dead units of the whole layer (shown or
-        not: a most-variable choice never shows a dead unit, whose variability is 0)."""
+        """``unit_max`` and ``weights`` of the shown units (``units``: which, row by row); ``layer_dead``: dead units
+        of the whole layer (shown or not: a most-variable choice never shows a dead unit, whose variability is 0)."""
         arrays = {"unit_max": unit_max.detach().float().cpu().numpy()}
+        if units is not None:
+            arrays["units"] = np.asarray(list(units), dtype=np.int64)
         if layer_dead is not None:
             arrays["layer_dead"] = np.int64(layer_dead)
         if weights is not None:
@@ -355,19 +366,35 @@ class Atlas:
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {path}: {e}") from e
 
+    def _of_shown(self, layer: LayerInfo, path: Path) -> dict[str, np.ndarray]:
+        """A per-unit file of ``layer``; one that names other units than the manifest's ``shown`` (written under
+        another ``units`` setting) is refused: its rows would be drawn as the wrong units."""
+        arrays = self._load(path)
+        units = arrays.get("units")
+        if units is not None and units.tolist() != list(layer.shown):
+            raise DataError(
+                f"{path} holds units {units.tolist()} of {layer.name}, the manifest shows {list(layer.shown)}: it was "
+                "recorded under another units setting; delete the atlas directory and rerun"
+            )
+        return arrays
+
     def steps(self, layer: LayerInfo) -> list[int]:
         """Recorded steps of the layer's weights and alive/dead, in order."""
         return sorted(_step_of(p) for p in (self.dir / layer.slug).glob("step_*.npz"))
 
     def step_data(self, layer: LayerInfo) -> tuple[list[int], dict[int, dict[str, np.ndarray]]]:
         steps = self.steps(layer)
-        return steps, {s: self._load(self.dir / layer.slug / f"step_{s:03d}.npz") for s in steps}
+        return steps, {s: self._of_shown(layer, self.dir / layer.slug / f"step_{s:03d}.npz") for s in steps}
 
     def patch_steps(self, layer: LayerInfo) -> list[int]:
         return sorted(_step_of(p) for p in (self.dir / layer.slug).glob("patches_*.npz"))
 
     def patches(self, layer: LayerInfo, step: int) -> dict[str, np.ndarray]:
-        return self._load(self.dir / layer.slug / f"patches_{step:03d}.npz")
+        return self._of_shown(layer, self.dir / layer.slug / f"patches_{step:03d}.npz")
+
+    def has_history(self, layer: LayerInfo) -> bool:
+        """Whether per-step files (weights and alive/dead, or patches) of the layer's shown units exist."""
+        return bool(self.steps(layer) or self.patch_steps(layer))
 
     def classes(self, layer: LayerInfo) -> dict[str, np.ndarray] | None:
         path = self.dir / layer.slug / "classes.npz"

@@ -6,6 +6,7 @@ forward hooks and autograd on the whole probe at once, max over positions per im
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from cnnfeat import tags, viz
+from cnnfeat.atlas import Atlas
 from cnnfeat.callbacks import RelevanceCallback
 from cnnfeat.callbacks.relevance import GAP
 from cnnfeat.callbacks.session import build_probe
@@ -32,7 +34,7 @@ from tests.conftest import read_events
 MakeCfg = Callable[..., DictConfig]
 PROBE = 300
 K = 8
-UNITS = 6  #: units drawn per layer
+UNITS = 6  #: units drawn per layer: all of conv1/conv2 (6 wide), the 6 most variable of conv3's 16
 PATH_UNITS = 2  #: units per layer whose optimised input's path is checked
 RELU_OF = {"conv1": "relu1", "conv2": "relu2", "conv3": "relu3"}
 
@@ -87,15 +89,32 @@ def _block(cells: torch.Tensor, text: str) -> torch.Tensor:
     return viz.caption(viz.grid(viz.grey(cells), nrow=K, min_cell=40), text)
 
 
+def _spread_choice(acts: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` units of largest population std over images of their per-image max ``acts`` (N, C), ascending."""
+    spread = acts.double().std(dim=0, unbiased=False)
+    order = spread.argsort(descending=True)
+    if k < len(spread):
+        assert spread[order[k - 1]] - spread[order[k]] > 1e-9 * spread[order[0]], "a near tie at the cut"
+    return sorted(order[:k].tolist())
+
+
 def test_relevance_references_in_a_real_run(make_cfg: MakeCfg, tmp_path: Path) -> None:
     cfg = make_cfg(
-        "callbacks=[none,relevance]",
+        "callbacks=[none,relevance,atlas]",
         "save_png=true",
         f"callbacks.relevance.probe_size={PROBE}",
         f"callbacks.relevance.max_units={UNITS}",
         "callbacks.relevance.path_settings.steps=8",
         f"callbacks.relevance.path_units={PATH_UNITS}",
         "callbacks.relevance.path_arbitrary=16",
+        # the atlas beside it, on the same probe images: it must show the same units of the layers both record
+        "callbacks.atlas.layers=[conv1,conv2,conv3]",
+        f"callbacks.atlas.units={UNITS}",
+        f"callbacks.atlas.alive_probe_size={PROBE}",
+        f"callbacks.atlas.probe_size={PROBE}",
+        "callbacks.atlas.featviz=false",
+        "callbacks.atlas.top_k=2",
+        "callbacks.atlas.class_top=2",
     )
     train(cfg)
     ev = read_events(tmp_path)
@@ -117,9 +136,13 @@ def test_relevance_references_in_a_real_run(make_cfg: MakeCfg, tmp_path: Path) -
     sub = ProbeSet(probe.images[rows], x, probe.labels[rows], probe.class_names, ids, probe.split, probe.split_size)
     plan = LayerPlan.trace(model, x[:2])
     checked = 0
+    drawn: dict[str, list[int]] = {}
     for step, weights in ((0, untrained), (1, trained)):
         model.load_state_dict(weights)
         brute = _brute_force(model, x)
+        if step == 0:  # chosen at the first render (the untrained network) and kept
+            drawn = {layer: _spread_choice(brute[node]["act"], UNITS) for layer, node in RELU_OF.items()}
+            assert drawn["conv1"] == drawn["conv2"] == list(range(UNITS)) and drawn["conv3"] != list(range(UNITS))
         model.eval()
         with torch.no_grad():
             search = search_patches(model, sub, list(RELU_OF.values()), K, PROBE, 128)
@@ -160,7 +183,7 @@ def test_relevance_references_in_a_real_run(make_cfg: MakeCfg, tmp_path: Path) -
             picture = _decode(event)
             field = plan.field(node)
             y = 0
-            for u in range(UNITS):
+            for u in drawn[layer]:
                 cells = []
                 for refs, pos in ((act_ids, act_pos), (rel_ids, rel_pos)):
                     for r in range(K):
@@ -184,6 +207,12 @@ def test_relevance_references_in_a_real_run(make_cfg: MakeCfg, tmp_path: Path) -
             coloured = (heat.max(0).values - heat.min(0).values) > 0.2
             assert coloured.float().mean() > 0.01, f"{layer} step {step}: the heatmaps are blank"
     assert checked >= 20
+    # the atlas beside it shows the same units; both choices are in the checkpoint
+    states = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    (rel_state,) = [v for k, v in states.items() if k.startswith("RelevanceCallback")]
+    assert json.loads(rel_state["chosen"]) == {"conv3": drawn["conv3"]}, "a choice only where the layer is wider"
+    recorded = Atlas.load(tmp_path)
+    assert recorded is not None and {i.name: i.shown for i in recorded.layers} == drawn
     # the refs PNG holds patches, not a blank canvas
     png = torch.from_numpy(np.asarray(Image.open(tmp_path / "images" / "relevance/refs/conv3" / "step_001.png")))
     assert png.float().std() > 20

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from typing_extensions import override
@@ -98,7 +99,9 @@ class AtlasCallback(VisualizationCallback):
             ``alive_probe_size`` images of the shared probe pass, of the unit's largest activation (after its
             activation function, the value whose sign says alive) in each image (``cnnfeat.units``); decided at the
             first render (the untrained network when ``log_untrained``) and kept for every later step and a resumed
-            fit, so a unit's cards compare across epochs. The log says what was chosen.
+            fit, so a unit's cards compare across epochs. The log says what was chosen. A fit resumed into an atlas
+            that holds a layer's history keeps the units that history was recorded for, whatever ``units`` and
+            ``max_units`` say (a warning names the layers and both settings): a card never shows another unit's past.
         max_units: instead of ``units``, the first N units of each layer (``None``: use ``units``).
         probe_size: probe images searched for top patches and classes (``None``: the whole probe split).
         atlas_dir: where the files go (``None``: ``<run dir>/atlas``, the folder ``cnnfeat-report`` reads).
@@ -209,6 +212,9 @@ class AtlasCallback(VisualizationCallback):
         #: ``{layer: units}`` chosen by variability (kept in checkpoints: a resumed fit shows the same units)
         self.chosen: dict[str, list[int]] = {}
         self._said = False
+        #: the atlas found in ``atlas_dir`` before the first render (a resumed fit's), read once; None: none
+        self._record: atlas.Atlas | None = None
+        self._record_read = False
 
     @staticmethod
     def _check_units(units: Any) -> int | str | list[int] | dict[str, int | str | list[int]]:
@@ -316,6 +322,7 @@ class AtlasCallback(VisualizationCallback):
         if self.atlas_dir is None:
             self.atlas_dir = (self._run_dir or Path(".")) / atlas.ATLAS_DIR
         self._max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self._read_record()  # before training: a damaged manifest fails now, not after the first epoch
 
     @override
     def should_render(self, writer: object) -> bool:
@@ -336,6 +343,56 @@ class AtlasCallback(VisualizationCallback):
         if self.atlas_dir is not None:  # a resumed fit: what the files hold
             mine |= {int(p.stem.rsplit("_", 1)[1]) for p in (self.atlas_dir / info.slug).glob(f"{kind}_*.npz")}
         return bool(mine) if step is None else step in mine
+
+    def _read_record(self) -> None:
+        """Read, once and before anything is written, the atlas already in ``atlas_dir`` (a resumed fit's)."""
+        if not self._record_read:
+            self._record_read = True
+            self._record = atlas.Atlas.load(self.atlas_dir) if self.atlas_dir is not None else None
+
+    def _keep_recorded(self) -> None:
+        """At the first render: every layer whose history ``atlas_dir`` holds keeps the units it was recorded for (the
+        report reads each file's rows as the manifest's ``shown`` units). Where this run's ``units`` / ``max_units``
+        would show others, warn naming the layers and both settings, and take the recorded settings (the manifest
+        says how the units were chosen)."""
+        self._read_record()
+        record, self._record = self._record, None
+        if record is None:
+            return
+        settings = record.manifest.get("settings") or {}
+        by_variability = set(settings.get("units_chosen_by_variability") or [])
+        old_layers = {i.name: i for i in record.layers}
+        changed = []
+        for info in self.infos:
+            old = old_layers.get(info.name)
+            if old is None or old.units != info.units or not old.shown or not record.has_history(old):
+                continue
+            pending = self._pending.get(info.name)
+            if pending is None and info.shown == old.shown:
+                continue
+            if not (pending is not None and info.name in by_variability and len(old.shown) == min(pending, info.units)):
+                asked = f"the {pending} most variable" if pending is not None else str(info.shown)
+                changed.append(f"{info.name}: recorded {old.shown}, asked {asked}")
+            self._set_shown(info, old.shown)
+            if info.name not in by_variability:
+                self.chosen.pop(info.name, None)
+        if not changed:
+            return
+        asked = f"units={self.units!r}, max_units={self.max_units}"
+        recorded = f"units={settings.get('units', AUTO)!r}, max_units={settings.get('max_units')}"
+        try:  # what the manifest says from now on (how the shown units were chosen)
+            units = self._check_units(settings.get("units", AUTO))
+            check_int("max_units", settings.get("max_units"), allow_none=True)
+        except ConfigError:
+            pass
+        else:
+            self.units, self.max_units = units, settings.get("max_units")
+        self.warn_once(
+            "kept-units",
+            f"{record.dir} holds the history of units recorded with {recorded}; this run asks {asked}. Keeping the "
+            f"recorded units so that each unit's cards show its own history ({'; '.join(changed)}); to record other "
+            "units, start a new run or give another atlas_dir",
+        )
 
     def write_manifest(self, probe: ProbeSet) -> None:
         """The atlas's static description plus what was measured so far."""
@@ -377,6 +434,7 @@ class AtlasCallback(VisualizationCallback):
         writer = self._atlas()
         self._model, self._last_step = weakref.ref(pl_module), step
         self._apply_chosen()
+        self._keep_recorded()
         todo = [i for i in self.infos if not (i.frozen and self._has(i, "step")) or i.name in self._pending]
         maxima, spread = self._unit_max(pl_module, probe, todo, step)
         self._choose(spread)
@@ -386,7 +444,7 @@ class AtlasCallback(VisualizationCallback):
             if info.weights:
                 weights = modules[info.name.rsplit(":", 1)[0]].weight.detach()[info.shown]
             layer_dead = int((~fires(maxima[info.name])).sum())  # the whole layer, not only the shown units
-            writer.step(info.name, step, maxima[info.name][info.shown], weights, layer_dead)
+            writer.step(info.name, step, maxima[info.name][info.shown], weights, layer_dead, info.shown)
             self._recorded.add((info.name, "step", step))
         last = self._max_epochs is not None and step >= self._max_epochs
         if step % self.patches_every_n_epochs == 0 and not last:
@@ -537,6 +595,7 @@ class AtlasCallback(VisualizationCallback):
             writer.patches(
                 info.name,
                 step,
+                units=np.asarray(shown, dtype=np.int64),
                 values=values.float().numpy(),
                 ids=ids.numpy(),
                 labels=torch.where(ids >= 0, probe.labels[self._positions(probe, ids).clamp(min=0)], -1).numpy(),

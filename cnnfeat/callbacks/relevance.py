@@ -3,6 +3,7 @@ trusted (``cnnfeat.relevance``, issue 24 items 3 and 4)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,6 @@ from cnnfeat.callbacks.base import (
     Pictures,
     VisualizationCallback,
     check_bool,
-    check_indices,
     check_names,
     device_of,
 )
@@ -28,10 +28,11 @@ from cnnfeat.callbacks.top_patches import check_top_k
 from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.plan import LayerPlan
 from cnnfeat.probe import ProbeSet
-from cnnfeat.probe_pass import shared_positions
+from cnnfeat.probe_pass import PassBatch, PassRequest, shared_positions
 from cnnfeat.receptive_field import ReceptiveField, crop
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.topk import TopK, crop_sources
+from cnnfeat.units import ALL, DEFAULT_UNITS, SpreadAccumulator, check_units, choose_units, needs_spread
 
 log = logging.getLogger("cnnfeat")
 
@@ -105,6 +106,18 @@ def path_table(check: relevance.PathCheck) -> str:
     return "\n".join(rows)
 
 
+class _Spreads:
+    """Each unit's variability (``cnnfeat.units.SpreadAccumulator``) at the nodes whose units are still to be chosen,
+    fed by the shared probe pass."""
+
+    def __init__(self, nodes: Sequence[str]) -> None:
+        self.spread = {node: SpreadAccumulator() for node in nodes}
+
+    def update(self, batch: PassBatch) -> None:
+        for node, acc in self.spread.items():
+            acc.update(batch.outputs[node])
+
+
 class RelevanceCallback(VisualizationCallback):
     """Per unit, the top-k probe images by relevance for the predicted class beside the top-k by activation
     (``cnnfeat.relevance.references``: activation x gradient, one forward and one backward pass per batch for all
@@ -118,8 +131,17 @@ class RelevanceCallback(VisualizationCallback):
     outlined, above its conditional heatmap: where in the image the unit's relevance comes from, red for the
     predicted class, blue against),
     ``relevance/overlap/<layer>`` (the mean over all units of the share of relevance references that are activation
-    references too) and the text ``relevance/<layer>/table`` (every unit's overlap). Drawn units: ``units``, else the
-    first ``max_units``.
+    references too) and the text ``relevance/<layer>/table`` (every unit's overlap).
+
+    Drawn units (the picture blocks; the overlap and the table cover every unit), as the atlas and the top patches
+    choose them (``cnnfeat.units``): every unit of a layer up to ``max_units`` wide, else its ``max_units`` most
+    *variable* (largest population standard deviation, across the ``probe_size`` probe images, of the unit's largest
+    activation in each image, read at the node the layer is read at), decided at the first render from the shared
+    probe pass (``cnnfeat.probe_pass``) and kept for every later render and a resumed fit. ``units``: ``"all"``, a
+    count N (as ``max_units=N``) or a list of unit indices drawn in every layer. The atlas recording the same layer on
+    the same probe images (the defaults: ``probe_size`` = its ``alive_probe_size`` = 2000) at the same first render
+    reads the same pass batches, so the same count gives the same units (a smaller count: the most variable of them).
+    The log says what was drawn.
 
     ``path_check`` (at the last epoch of the fit): the first ``path_units`` drawn units of each layer get an input
     optimised by ``cnnfeat.featviz`` (``path_settings``), whose activation path below the unit is compared with those
@@ -128,13 +150,15 @@ class RelevanceCallback(VisualizationCallback):
     Each unit is optimised once, at the position of its best real patch. Renders run on ``threads`` CPU threads.
     """
 
+    uses_probe_pass = True  #: only to choose the units of wide layers at the first render; references run the model
+
     def __init__(
         self,
         layers: Sequence[str] | None = None,
         top_k: int = 8,
         probe_size: int = DEFAULT_PROBE_SIZE,
-        max_units: int = 16,
-        units: Sequence[int] | None = None,
+        max_units: int = DEFAULT_UNITS,
+        units: int | str | Sequence[int] | None = None,
         batch_size: int = 256,
         heatmaps: bool = True,
         path_check: bool = True,
@@ -186,7 +210,8 @@ class RelevanceCallback(VisualizationCallback):
                 f"path_check compares each unit with its top real images: top_k must be >= 2, got {top_k}"
             )
         self.layers = check_names("layers", layers, allow_none=True)
-        self.units = check_indices("units", units, allow_none=True)
+        self._given_layers = None if self.layers is None else list(self.layers)  # for state_key: check rewrites layers
+        self.units = None if units is None else check_units("units", units)
         self.top_k, self.probe_size, self.max_units, self.batch_size = top_k, probe_size, max_units, batch_size
         self.heatmaps, self.path_check = heatmaps, path_check
         self.path_units, self.path_arbitrary = path_units, path_arbitrary
@@ -200,6 +225,11 @@ class RelevanceCallback(VisualizationCallback):
         self._featviz_node: dict[str, str] = {}
         self._space: atlas.InputSpace | None = None
         self._final = False  # whether the coming render is the fit's last (the path check runs then)
+        #: ``{layer: units}`` chosen by variability (kept in checkpoints: a resumed fit draws the same units)
+        self.chosen: dict[str, list[int]] = {}
+        self._pending: dict[str, int] = {}  #: nodes whose units are chosen at the first render: ``{node: count}``
+        self._widths: dict[str, int] = {}  #: units of each node
+        self._said = False
         #: the last render's references and path checks by node (for a report or a test)
         self.last_references: dict[str, relevance.References] = {}
         self.last_path_checks: dict[str, relevance.PathCheck] = {}
@@ -214,6 +244,7 @@ class RelevanceCallback(VisualizationCallback):
             self.layers = default_layers(plan)
         self.layers = [layer.name for layer in plan.resolve(self.layers)]
         self._layer_of, self._fields, self._drawn, self._featviz_node = {}, {}, {}, {}
+        self._pending, self._widths, self._said = {}, {}, False
         for layer in self.layers:
             node = ablated_node(plan, layer)
             if node in self._layer_of:
@@ -225,12 +256,18 @@ class RelevanceCallback(VisualizationCallback):
                 )
             self._layer_of[node] = layer
             self._fields[node] = plan.field(node) if len(shape) == 4 else None  # no geometry: an error naming why
-            count = int(shape[1])
-            chosen = self.units if self.units is not None else list(range(min(count, self.max_units)))
-            bad = [u for u in chosen if u >= count]
-            if bad:
-                raise ConfigError(f"units {bad} out of range for {layer!r}, which has {count} (valid 0..{count - 1})")
-            self._drawn[node] = chosen
+            count = self._widths[node] = int(shape[1])
+            setting = self._setting()
+            if isinstance(setting, list):
+                bad = [u for u in setting if u >= count]
+                if bad:
+                    raise ConfigError(
+                        f"units {bad} out of range for {layer!r}, which has {count} (valid 0..{count - 1})"
+                    )
+            if needs_spread(setting, count):  # chosen at the first render (or kept from a resumed fit's state)
+                self._drawn[node], self._pending[node] = [], int(setting)  # type: ignore[arg-type]
+            else:
+                self._drawn[node] = choose_units(setting, count, layer)
         self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
         if self.path_check:
             if self.path_arbitrary > self.probe_size:
@@ -241,15 +278,73 @@ class RelevanceCallback(VisualizationCallback):
                 raise ConfigError(f"path_check: {e} (set path_check=false to skip it)") from e
             for node, layer in self._layer_of.items():
                 self._featviz_node[node] = self._optimisable(pl_module, node, layer)
+        self._apply_kept()
+        if not self._pending:
+            self._say()  # nothing to decide at the first render
+
+    def _setting(self) -> int | str | list[int]:
+        return self.max_units if self.units is None else self.units
+
+    def _apply_kept(self) -> None:
+        """Units chosen before (a resumed fit's state, restored after ``check``) for the nodes still pending."""
+        for node, count in list(self._pending.items()):
+            kept = self.chosen.get(self._layer_of[node]) or []
+            if len(kept) == min(count, self._widths[node]) and all(u < self._widths[node] for u in kept):
+                self._drawn[node] = list(kept)
+                del self._pending[node]
+
+    def _choose(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> None:
+        """Choose the pending nodes' units by variability (once), from this step's shared probe pass."""
+        self._apply_kept()
+        if self._pending:
+            result = self.pass_result(pl_module, probe, step)
+            assert result is not None
+            spreads = {node: acc.finish() for node, acc in result.accumulator.spread.items()}
+            for node, count in self._pending.items():
+                layer = self._layer_of[node]
+                self._drawn[node] = self.chosen[layer] = choose_units(count, self._widths[node], layer, spreads[node])
+            self._pending = {}
+        self._say()
+
+    def _say(self) -> None:
+        """One log line: the layers, where they are read, the probe, which units are drawn and how."""
+        if self._said:
+            return
+        self._said = True
+        parts = []
+        for node, drawn in self._drawn.items():
+            layer, width = self._layer_of[node], self._widths[node]
+            parts.append(f"{layer} {len(drawn)} of {width}" + (f" {drawn}" if drawn != list(range(width)) else ""))
+        setting = self._setting()
+        how = (
+            "every unit"
+            if setting == ALL
+            else f"the listed units {setting}"
+            if isinstance(setting, list)
+            else f"every unit of a layer up to {setting} wide, else its {setting} most variable (std over the "
+            f"{self.probe_size} probe images of each unit's per-image max activation, chosen at the first render and "
+            "kept)"
+        )
         log.info(
-            "%s: layers=%s (read at %s), %d probe images, drawn units %s%s",
+            "%s: layers=%s (read at %s), %d probe images, drawn units: %s; %s%s",
             type(self).__name__,
             self.layers,
             list(self._layer_of),
             self.probe_size,
-            {self._layer_of[n]: len(u) for n, u in self._drawn.items()},
-            f", path check of {self.path_units} units per layer at the last epoch" if self.path_check else "",
+            ", ".join(parts),
+            how,
+            f"; path check of {self.path_units} units per layer at the last epoch" if self.path_check else "",
         )
+
+    def pass_request(self, model: nn.Module, probe: ProbeSet, step: int) -> PassRequest | None:
+        """While units are still to be chosen: the pending nodes' outputs on the probe images the references read
+        (the atlas's alive probe with the defaults: one pass, the same batches)."""
+        self._apply_kept()
+        if not self._pending:
+            return None
+        nodes = list(self._pending)
+        positions = shared_positions(probe, self.probe_size)
+        return PassRequest(positions, self.batch_size, _Spreads(nodes), outputs=nodes)
 
     def _optimisable(self, pl_module: nn.Module, node: str, layer: str) -> str:
         """The node whose units ``cnnfeat.featviz`` optimises for ``node``: itself, else its layer (a functional
@@ -284,6 +379,7 @@ class RelevanceCallback(VisualizationCallback):
 
     def _render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int) -> Pictures:
         assert probe is not None
+        self._choose(pl_module, probe, step)
         positions = shared_positions(probe, self.probe_size)
         ids, x = probe.ids[positions], probe.inputs[positions]
         refs = relevance.references(pl_module, x, list(self._layer_of), self.top_k, ids, self.batch_size)
@@ -434,6 +530,24 @@ class RelevanceCallback(VisualizationCallback):
             text = f"unit {u}: top {k} by relevance (above), where it comes from (below, |max| {float(scale):.3g})"
             blocks.append(viz.caption(viz.grid(rows, nrow=k, min_cell=self.heatmap_cell), text))
         return vstack(blocks)
+
+    # -- checkpoints: the units chosen by variability stay chosen -------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self._given_layers, split=self.split)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": json.dumps(self.chosen)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            chosen = json.loads(state_dict.get("chosen", "{}"))
+            self.chosen = {str(k): [int(u) for u in v] for k, v in dict(chosen).items()}
+        except (TypeError, ValueError):
+            self.chosen = {}
 
     # -- trust in optimised inputs --------------------------------------------------------------------------------
     def _path(
