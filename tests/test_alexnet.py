@@ -1,14 +1,14 @@
-"""The frozen-AlexNet transfer classifier, its weights, its feature cache and its pictures (random weights)."""
+"""The original frozen-AlexNet route (model=alexnet: TransferClassifier, FrozenAlexNet), its weights, its feature cache
+and its layers (random weights). experiment=transfer now runs through model=torchvision: tests/test_transfer_freeze.py
+checks that it gives this route's numbers, and runs it end to end with every picture."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torchvision.models import alexnet
 
 from cnnfeat import layers
@@ -21,11 +21,7 @@ from cnnfeat.models import SmallCNN, TransferClassifier
 from cnnfeat.models.alexnet import FrozenAlexNet, WeightsError, imagenet_weights_file
 from cnnfeat.probe import ProbeSpec, check_batch_inputs
 from cnnfeat.receptive_field import receptive_fields
-from cnnfeat.run.checkpoints import load_model
-from cnnfeat.run.train import train
-from tests.conftest import read_events
 
-MakeCfg = Callable[..., DictConfig]
 CONVS = [f"backbone.conv{i}" for i in range(1, 6)]
 
 
@@ -170,37 +166,3 @@ def test_model_and_cache_share_one_backbone_and_a_mismatch_is_refused(data_dir: 
             else:
                 with pytest.raises(ConfigError, match=r"cached frozen-backbone features\) do not give TransferClass"):
                     check_batch_inputs(model, probe)
-
-
-def test_transfer_experiment_end_to_end(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    cfg = make_cfg(
-        "experiment=transfer",
-        "backbone.weights=none",
-        "model.hidden=[256]",
-        "data.max_images=128",
-        "trainer.max_epochs=1",
-        "callbacks.feature_maps.image_ids=[22,36,74]",
-        "callbacks.top_patches.probe_size=32",
-        "callbacks.umap.probe_size=100",
-        "callbacks.top_patches.max_channels=4",
-    )
-    assert cfg.model.weights == cfg.data.backbone.weights == "none", "one node sets both"
-    metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
-    ev = read_events(tmp_path)
-    images = ev["images"]
-    conv1 = images["filters/backbone.conv1"][0]
-    assert (conv1.width, conv1.height) == (8 * 35 + 2, 8 * 35 + 2)  # 64 RGB filters 11x11 upscaled to 33, 8 x 8
-    assert "filters/backbone.conv2/out2" in images
-    conv2 = images["filters/backbone.conv2"][0]
-    assert (conv2.width, conv2.height) == (64 * 27 + 2, 16 * 27 + 2)  # the first 16 of 192 filters x 64 inputs
-    for kind in ("conv", "relu"):
-        e = images[f"feature_maps/backbone.conv1/{kind}/img22"][0]
-        assert (e.width, e.height) == (7 * 57 + 2, 55 + 4)  # the lecture's 7 filters, 55x55 maps
-    for conv in CONVS:
-        assert [e.step for e in images[f"top_patches/{conv}"]] == [0], "frozen layers are drawn once"
-    assert [e.step for e in images["umap/features"]] == [0, 1]
-    assert "model/shapes/text_summary" in ev["tensors"]
-    reloaded, _ = load_model(tmp_path / "checkpoints" / "last.ckpt")  # hparams as before: weights -> "none"
-    assert isinstance(reloaded, TransferClassifier) and reloaded.hparams.input_size == 224
-    assert torch.equal(reloaded.backbone.conv5.weight, TransferClassifier(weights="none").backbone.conv5.weight)

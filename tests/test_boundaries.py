@@ -19,7 +19,7 @@ from torch import nn
 from cnnfeat.callbacks.representations import CrossModelCKACallback
 from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.errors import CheckpointError, ConfigError
-from cnnfeat.models import FrozenAlexNet, SmallCNN, TransferClassifier
+from cnnfeat.models import FrozenAlexNet, FrozenTorchvision, SmallCNN, TorchvisionClassifier, TransferClassifier
 from cnnfeat.probe import probe_from_tensors
 from cnnfeat.run.checkpoints import reference_model
 from cnnfeat.run.cli import instantiate_node
@@ -233,12 +233,15 @@ def test_the_config_gives_the_cache_a_frozen_alexnet(make_cfg: MakeCfg, override
     cfg = make_cfg(*overrides)
     dm = instantiate_node(cfg.data, "data")
     seed = 3 if "backbone.seed=3" in overrides else 0
-    assert isinstance(dm.backbone, FrozenAlexNet)
-    assert dm.fingerprint == FrozenAlexNet("none", seed, 64).fingerprint()
-    assert dm.cache_file("test").parent.name == f"alexnet-{dm.fingerprint}", "the cache key of earlier versions"
-    if "experiment=transfer_quick" in overrides:
+    if "experiment=transfer_quick" in overrides:  # experiment=transfer: torchvision's AlexNet up to its new MLP top
+        expected = FrozenTorchvision("alexnet", "none", seed, 64, head_hidden=[4096, 4096], grey_to_rgb=True)
+        assert isinstance(dm.backbone, FrozenTorchvision) and dm.fingerprint == expected.fingerprint()
         model = instantiate_node(cfg.model, "model")
-        assert isinstance(model, TransferClassifier) and model.fingerprint() == dm.fingerprint
+        assert isinstance(model, TorchvisionClassifier) and model.fingerprint() == dm.fingerprint
+    else:  # the data config's default: the original route's FrozenAlexNet
+        assert isinstance(dm.backbone, FrozenAlexNet)
+        assert dm.fingerprint == FrozenAlexNet("none", seed, 64).fingerprint()
+    assert dm.cache_file("test").parent.name == f"alexnet-{dm.fingerprint}", "the cache key of earlier versions"
 
 
 # -- the cross-model CKA callback is given its reference ------------------------------------------------------

@@ -1,6 +1,7 @@
-"""LightningModules: the shared classifier base and the networks built on it (the lecture's CNN, the frozen-AlexNet
-transfer classifier, any torchvision classification network, your own nn.Module), and the frozen parts that the
-transfer classifiers and the feature cache's config share."""
+"""LightningModules: the shared classifier base and the networks built on it (the lecture's CNN, any torchvision
+classification network, your own nn.Module, and the original frozen-AlexNet transfer classifier, whose recipe
+experiment=transfer now runs through TorchvisionClassifier), and the frozen parts that the transfer classifiers and
+the feature cache's config share."""
 
 from cnnfeat.models.alexnet import FrozenAlexNet, TransferClassifier
 from cnnfeat.models.classifier import ImageClassifier, NetClassifier

@@ -1,5 +1,11 @@
 """Transfer learning: torchvision's AlexNet convolutional part, frozen, with an MLP head for Fashion-MNIST.
 
+The lecture's original route (``model=alexnet``). ``experiment=transfer`` now expresses the same recipe through
+``model=torchvision model.arch=alexnet model.freeze=backbone`` with a new MLP top (``model.head_hidden=[4096, 4096]``,
+``model.grey_to_rgb=true``) and ``FrozenTorchvision`` feeding the cache: the same features bit for bit, the same
+head at init and the same numbers (``tests/test_transfer_freeze.py``). These classes stay public and load their
+checkpoints; their layer names are ``backbone.conv1..pool5`` (the new route's: ``net.features.0..12``).
+
 ``FrozenAlexNet`` is the frozen part as one object (resize, ImageNet normalisation, the conv layers, average
 pooling: images -> (N, 9216)) with the hash that keys cached features (a ``cnnfeat.data.feature_cache.FrozenBackbone``).
 ``TransferClassifier`` builds its frozen layers as a ``FrozenAlexNet``, and the feature cache is *given* one to
@@ -139,6 +145,9 @@ def _frozen_features(m: FrozenAlexNet | TransferClassifier, x: torch.Tensor) -> 
 class FrozenAlexNet(nn.Module):
     """AlexNet's frozen part: images (N,1,H,W) in [0,1] -> (N, 9216); no gradients, always in eval mode.
 
+    The original route's (``model=alexnet``); ``experiment=transfer`` now uses ``FrozenTorchvision("alexnet", ...,
+    head_hidden=[4096, 4096], grey_to_rgb=True)``, which gives the same vectors (another cache key).
+
     ``weights`` as in ``build_backbone``; ``seed`` initialises random weights; ``input_size`` is the side the
     images are resized to. ``fingerprint()`` hashes the weights and the preprocessing (the cache key); ``name``
     names the feature cache's folder (``alexnet-<fingerprint>``) and its log lines.
@@ -181,6 +190,11 @@ class FrozenAlexNet(nn.Module):
 
 class TransferClassifier(ImageClassifier):
     """Frozen AlexNet ``features`` + ``avgpool`` and a trainable MLP head (AlexNet's classifier shape by default).
+
+    The lecture's original route (``model=alexnet``), kept for its checkpoints and code; ``experiment=transfer`` now
+    expresses it as ``TorchvisionClassifier("alexnet", freeze="backbone", head_hidden=[4096, 4096], grey_to_rgb=True)``
+    (the same head at init and the same numbers; parameters ``hidden.1``, ``hidden.4``, ``classifier`` there are
+    ``net.classifier.1``, ``net.classifier.4``, ``net.classifier.6``).
 
     Input: Fashion-MNIST images (N,1,28,28) in [0, 1], resized to ``input_size`` and made ImageNet-like on
     the device (``resize`` then ``to_imagenet``), or, for training on the frozen-feature cache, backbone

@@ -9,7 +9,7 @@ Subclasses define ``features(x)`` (the last hidden layer, what the UMAP callback
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from cnnfeat import graph as cgraph
 from cnnfeat import layers
 from cnnfeat.errors import ConfigError
 from cnnfeat.models import optim
-from cnnfeat.models.parts import Resize, Standardize
+from cnnfeat.models.parts import RepeatGrey, Resize, Standardize
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.run.rng import rng_states, set_rng_states
 
@@ -191,13 +191,15 @@ def check_freeze(freeze: Any) -> bool:
 class NetClassifier(ImageClassifier):
     """A network ``net`` (images -> logits) as a cnnfeat classifier, whatever its layout.
 
-    In front of ``net`` sit an optional ``resize`` (bilinear, to ``input_size``) and ``normalize`` (per-channel
-    standardisation), so that the model takes the DataModule's images in [0, 1] as they are. The *head* is the
-    module that computes the logits (a network's last ``Linear``; found by the subclass); ``features(x)`` is its
-    input, the penultimate vector (a spatial input, as SqueezeNet's final conv has, is averaged over its positions).
-    ``freeze=backbone`` is transfer learning: everything but the head gets ``requires_grad=False`` and stays in eval
-    mode when Lightning calls ``train()``, so only the head reaches the optimizer; the model then also takes the head's
-    inputs (N, D) in place of images (a frozen-feature cache) and sends them straight to the head.
+    In front of ``net`` sit an optional ``resize`` (bilinear, to ``input_size``), ``to_rgb`` (grey images repeated
+    to 3 channels, for an RGB network kept as it is) and ``normalize`` (per-channel standardisation), so that the model
+    takes the DataModule's images in [0, 1] as they are. The *head* is the module that computes the logits (a
+    network's last ``Linear``; found by the subclass); ``features(x)`` is its input, the penultimate vector (a spatial
+    input, as SqueezeNet's final conv has, is averaged over its positions). The *top* is the part after the feature
+    vector that transfer learning retrains: the head itself, or a block ending in it (a new MLP head).
+    ``freeze=backbone`` is transfer learning: everything but the top gets ``requires_grad=False`` and stays in eval
+    mode when Lightning calls ``train()``, so only the top reaches the optimizer; the model then also takes the top's
+    inputs (N, D) in place of images (a frozen-feature cache) and sends them straight to the top.
     Layer names are ``net.<the network's own names>`` (``net.conv1``, ``net.features.0``).
     """
 
@@ -211,12 +213,18 @@ class NetClassifier(ImageClassifier):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         freeze: bool = False,
+        top: str | None = None,
+        grey_to_rgb: bool = False,
     ) -> None:
-        """Install ``net`` with its head's name, the input modules and the frozen part (call once, in ``__init__``)."""
-        self.net, self.head_name, self.frozen = net, head, freeze
+        """Install ``net`` with its head's and top's names (``top``: ``None`` = the head), the input modules and the
+        frozen part (call once, in ``__init__``). ``grey_to_rgb``: 1-channel images enter ``net`` as 3 channels."""
+        self.net, self.head_name, self.top_name, self.frozen = net, head, top or head, freeze
+        if self.top_name != head and not head.startswith(f"{self.top_name}."):
+            raise ValueError(f"the top {self.top_name} must hold the head {head}")  # a bug of the subclass
         self.in_channels, self.image_size = in_channels, image_size
         self.input_size = input_size or image_size
         self.resize = Resize(self.input_size) if self.input_size != image_size else None
+        self.to_rgb = RepeatGrey(3) if grey_to_rgb else None
         self.normalize = Standardize(mean, std) if mean is not None and std is not None else None
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         if freeze:
@@ -226,7 +234,7 @@ class NetClassifier(ImageClassifier):
                     f"this network ({head}) is a {type(self.head).__name__}"
                 )
             for name, p in self.net.named_parameters():
-                p.requires_grad_(name.startswith(f"{head}."))
+                p.requires_grad_(name.startswith(f"{self.top_name}."))
             self.train(self.training)
 
     @property
@@ -234,45 +242,66 @@ class NetClassifier(ImageClassifier):
         """The module that computes the logits (``net.<head_name>``)."""
         return self.net.get_submodule(self.head_name)
 
+    @property
+    def top(self) -> nn.Module:
+        """The part that takes the feature vector and ends in the head (``net.<top_name>``; the head itself, or a block
+        holding it): what ``freeze=backbone`` trains."""
+        return self.net.get_submodule(self.top_name)
+
     def train(self, mode: bool = True) -> NetClassifier:
-        """With a frozen backbone, only the head follows ``mode``; everything before it stays in eval mode."""
+        """With a frozen backbone, only the top follows ``mode``; everything before it stays in eval mode."""
         super().train(mode)
         if getattr(self, "frozen", False):
             self.net.train(False)
-            self.head.train(mode)
+            self.top.train(mode)
         return self
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N,C,H,W) in [0, 1] -> what ``net`` takes (resized to ``input_size``, standardised)."""
+        """Images (N,C,H,W) in [0, 1] -> what ``net`` takes (resized to ``input_size``, grey to RGB, standardised)."""
         if self.resize is not None:
             x = self.resize(x)
+        if self.to_rgb is not None:
+            x = self.to_rgb(x)
         return self.normalize(x) if self.normalize is not None else x
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's input (N, D) for images ``x``: one forward pass, read by a pre-hook on the head."""
+    def _input_of(self, module: nn.Module, run: Callable[[], object], name: str) -> torch.Tensor:
+        """The input of the last call of ``module`` while ``run()`` runs, read by a forward pre-hook."""
         seen: list[torch.Tensor] = []
-        handle = self.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+        handle = module.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
         try:
-            self.net(self.preprocess(x))
+            run()
         finally:
             handle.remove()
         if not seen:
-            raise ConfigError(f"{type(self).__name__}: the head net.{self.head_name} was not called by net's forward")
-        v = seen[-1]
+            raise ConfigError(f"{type(self).__name__}: net.{name} was not called by net's forward")
+        return seen[-1]
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input (N, D) for images ``x``: one forward pass, read by a pre-hook on the head."""
+        v = self._input_of(self.head, lambda: self.net(self.preprocess(x)), self.head_name)
         return v.mean(dim=tuple(range(2, v.ndim))) if v.ndim > 2 else v
 
+    def top_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The top's input (N, D) for images ``x``: the frozen part's output, what a frozen-feature cache stores."""
+        if self.top_name == self.head_name:
+            return self.head_input(x)
+        return self._input_of(self.top, lambda: self.net(self.preprocess(x)), self.top_name)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate vector (the head's input) for images (N,C,H,W), or cached head inputs (N, D) as they are."""
+        """The penultimate vector (the head's input) for images (N,C,H,W), or (frozen backbone) for cached top inputs
+        (N, D): those themselves when the top is the head, else the top's last hidden layer."""
         if self.frozen and x.ndim == 2:
-            return x
+            if self.top_name == self.head_name:
+                return x
+            return self._input_of(self.head, lambda: self.top(x), self.head_name)
         return self.head_input(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits for images (N,C,H,W) in [0, 1], or (frozen backbone) for cached head inputs (N, D)."""
+        """Class logits for images (N,C,H,W) in [0, 1], or (frozen backbone) for cached top inputs (N, D)."""
         if self.frozen and x.ndim == 2:
-            return self.head(x)
+            return self.top(x)
         return self.net(self.preprocess(x))
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors of everything before the head (what a frozen-feature cache depends on)."""
-        return {k: v for k, v in self.net.state_dict().items() if not k.startswith(f"{self.head_name}.")}
+        """The tensors of everything before the top (what a frozen-feature cache depends on)."""
+        return {k: v for k, v in self.net.state_dict().items() if not k.startswith(f"{self.top_name}.")}

@@ -90,6 +90,17 @@ class Resize(nn.Module):
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
+class RepeatGrey(nn.Module):
+    """Grey images (N, 1, H, W) -> ``channels`` identical channels (a view): grey pictures for an RGB network."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, self.channels, -1, -1)
+
+
 class Standardize(nn.Module):
     """``(x - mean) / std`` per channel (one value each, or one per channel), on the device."""
 
