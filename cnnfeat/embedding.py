@@ -4,10 +4,10 @@ Why the pieces are as they are (measured on a 2-core CPU, 2,000 x 100 points):
   * the k-NN graph is computed exactly with ``torch.cdist`` (~0.05 s) and handed to UMAP as
     ``precomputed_knn``, which skips pynndescent and its JIT;
   * the first map is a full fit (200 epochs, ~0.8 s after UMAP's one-off ~4 s numba JIT per process);
-    later maps (:func:`fit_aligned`) run UMAP's optimisation from the previous map for 100 epochs (~0.3 s
-    CPU) with each point pulled back toward its old position as strongly as its neighbourhood stayed the
+    later maps (:func:`fit_aligned`) run UMAP's optimisation, in float32, from the previous map for 100 epochs
+    (~0.25 s CPU) with each point pulled back toward its old position as strongly as its neighbourhood stayed the
     same (k-NN overlap between the two frames' vectors): on a real training trajectory frames then move 2-4x
-    less than after a plain warm start and less than umap-learn's ``AlignedUMAP``'s, in 1/13 of its time,
+    less than after a plain warm start and less than umap-learn's ``AlignedUMAP``'s, in 1/23 of its CPU time,
     with 2-D accuracy and trustworthiness within ~0.005 of independent fits (benchmarks/aligned_umap.py);
   * each map is centred, scaled to unit RMS radius and rotated/reflected onto the previous one
     (orthogonal Procrustes), so frames can share fixed axes;
