@@ -82,6 +82,14 @@ def main() -> None:
                 f"| {name} | {cb} | {n} | {statistics.median(totals):.2f} s | "
                 f"{statistics.median(totals) / max(n, 1):.3f} s | {end:.2f} s |"
             )
+    for name, rs in runs.items():
+        for cb in rs[0].path_seconds:
+            path = statistics.median(x.path_seconds[cb] for x in rs)
+            rest = statistics.median(sum(x.callback_seconds[cb]) - x.path_seconds[cb] for x in rs)
+            md.append(
+                f"\n{name}: {cb}'s renders without its path check (last epoch): {rest:.2f} s = "
+                f"{100 * rest / base:.1f}% of `none`; the path check {path:.2f} s = {100 * path / base:.1f}%"
+            )
     m = machine()
     md.append(
         f"\n{m['machine']} CPU, {m['threads']} threads, torch {m['torch']}, Lightning {m['lightning']}; "

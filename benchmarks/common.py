@@ -29,6 +29,7 @@ class RunResult:
     epochs: list[dict[str, float]]  # per epoch: train/acc, train/loss, val/acc, val/loss
     callback_seconds: dict[str, list[float]] = field(default_factory=dict)  # each render (untrained + epochs)
     end_seconds: dict[str, float] = field(default_factory=dict)  # each callback's end of fit (finish, GIF, ...)
+    path_seconds: dict[str, float] = field(default_factory=dict)  # of the renders: relevance's path check
 
 
 def compose_config(overrides: list[str], out: Path) -> DictConfig:
@@ -58,7 +59,8 @@ def run_config(overrides: list[str], out: Path) -> RunResult:
     viz = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
     cb_seconds = {type(cb).__name__: cb.seconds for cb in viz}
     end = {type(cb).__name__: cb.end_seconds for cb in viz}
-    return RunResult(list(overrides), fit_seconds, test_acc, epochs, cb_seconds, end)
+    path = {type(cb).__name__: sum(cb.path_seconds) for cb in viz if hasattr(cb, "path_seconds")}
+    return RunResult(list(overrides), fit_seconds, test_acc, epochs, cb_seconds, end, path)
 
 
 def machine() -> dict[str, object]:
