@@ -409,6 +409,10 @@ IMPORTANCE_UNIT_LOGIT_DROP = Tag(
 IMPORTANCE_TABLE = Tag(
     "importance/{layer}/table", _T, _EPOCHS, _IMP, "each removed unit's accuracy and logit drop, firing rate and role"
 )
+#: ``IMPORTANCE_TABLE``'s markdown columns (one row per unit, most important first) and the words of its role column:
+#: the callback writes them, the report reads them back
+IMPORTANCE_TABLE_COLUMNS = ("rank", "unit", "accuracy drop", "logit drop", "firing rate", "role")
+ROLE_BUSY_IDLE, ROLE_RARE_VITAL = "fires a lot, does not matter", "rarely fires, matters"
 _REL = "RelevanceCallback"
 _PATH = "only with path_check=true, at the last epoch of the fit"
 RELEVANCE_REFS = Tag(

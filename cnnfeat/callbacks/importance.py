@@ -46,15 +46,10 @@ def ablated_node(plan: LayerPlan, layer: str) -> str:
 
 def table(imp: importance.UnitImportance, roles: importance.UnitRoles) -> str:
     """A markdown table of one layer's units, most important first."""
-    rows = ["| rank | unit | accuracy drop | logit drop | firing rate | role |", "|---|---|---|---|---|---|"]
+    columns = tags.IMPORTANCE_TABLE_COLUMNS
+    rows = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
     for rank, i in enumerate(imp.ranking().tolist(), start=1):
-        role = (
-            "fires a lot, does not matter"
-            if roles.busy_idle[i]
-            else "rarely fires, matters"
-            if roles.rare_vital[i]
-            else ""
-        )
+        role = tags.ROLE_BUSY_IDLE if roles.busy_idle[i] else tags.ROLE_RARE_VITAL if roles.rare_vital[i] else ""
         rows.append(
             f"| {rank} | {int(imp.units[i])} | {float(imp.acc_drop[i]):.4f} | {float(imp.logit_drop[i]):.4f} "
             f"| {float(imp.firing[i]):.3f} | {role} |"

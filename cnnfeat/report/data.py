@@ -37,8 +37,6 @@ _IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 #: TensorBoard image tags shown at every step, not only the last (the attribution strips), by prefix
 SERIES_PREFIXES = (tags.ATTRIBUTION.prefix,)
-#: the roles the importance table names (``cnnfeat.callbacks.importance.table``), by how its role cell starts
-BUSY_IDLE, RARE_VITAL = "fires a lot", "rarely fires"
 
 
 def _wanted(tag: str, kind: str) -> bool:
@@ -60,18 +58,18 @@ class UnitImportance:
     acc_drop: float
     logit_drop: float
     firing: float
-    role: str  #: empty, or how the table calls the unit out (``BUSY_IDLE`` / ``RARE_VITAL`` start it)
+    role: str  #: empty, or how the table calls the unit out (``tags.ROLE_BUSY_IDLE`` / ``tags.ROLE_RARE_VITAL``)
 
     @property
     def busy_idle(self) -> bool:
-        return self.role.startswith(BUSY_IDLE)
+        return self.role == tags.ROLE_BUSY_IDLE
 
     @property
     def rare_vital(self) -> bool:
-        return self.role.startswith(RARE_VITAL)
+        return self.role == tags.ROLE_RARE_VITAL
 
 
-_IMPORTANCE_HEAD = ("rank", "unit", "accuracy drop", "logit drop", "firing rate", "role")
+_IMPORTANCE_HEAD = tags.IMPORTANCE_TABLE_COLUMNS
 
 
 def importance_rows(text: str) -> list[UnitImportance]:
