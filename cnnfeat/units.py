@@ -16,6 +16,7 @@ activation in each image (``SpreadAccumulator``), chosen once and kept so that p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -268,6 +269,19 @@ def most_variable(spread: torch.Tensor, k: int) -> list[int]:
     s = spread.double().nan_to_num(nan=-torch.inf)
     order = sorted(range(len(s)), key=lambda u: (-float(s[u]), u))
     return sorted(order[:k])
+
+
+def dump_chosen(chosen: Mapping[str, Sequence[int]]) -> str:
+    """Units chosen per layer (``{layer: [units]}``) as a checkpoint's string."""
+    return json.dumps({str(k): [int(u) for u in v] for k, v in chosen.items()})
+
+
+def load_chosen(text: object) -> dict[str, list[int]]:
+    """:func:`dump_chosen`'s string back as ``{layer: [units]}``; ``{}`` for anything else (another version's state)."""
+    try:
+        return {str(k): [int(u) for u in v] for k, v in dict(json.loads(text)).items()}  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return {}
 
 
 def check_units(name: str, value: object) -> int | str | list[int]:

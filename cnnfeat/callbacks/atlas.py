@@ -48,7 +48,9 @@ from cnnfeat.units import (
     SpreadAccumulator,
     check_units,
     choose_units,
+    dump_chosen,
     fires,
+    load_chosen,
     needs_spread,
 )
 
@@ -732,7 +734,7 @@ class AtlasCallback(VisualizationCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"timings": json.dumps(self._timings), "chosen": json.dumps(self.chosen)}
+        return {"timings": json.dumps(self._timings), "chosen": dump_chosen(self.chosen)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -740,8 +742,4 @@ class AtlasCallback(VisualizationCallback):
             self._timings = dict(json.loads(state_dict.get("timings", "{}")))
         except (TypeError, ValueError):
             self._timings = {}
-        try:
-            chosen = dict(json.loads(state_dict.get("chosen", "{}")))
-            self.chosen = {str(k): [int(u) for u in v] for k, v in chosen.items()}
-        except (TypeError, ValueError):
-            self.chosen = {}
+        self.chosen = load_chosen(state_dict.get("chosen", "{}"))

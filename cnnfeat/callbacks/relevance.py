@@ -3,7 +3,6 @@ trusted (``cnnfeat.relevance``, issue 24 items 3 and 4)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,16 @@ from cnnfeat.probe_pass import PassBatch, PassRequest, shared_positions
 from cnnfeat.receptive_field import ReceptiveField, crop
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.topk import TopK, crop_sources
-from cnnfeat.units import ALL, DEFAULT_UNITS, SpreadAccumulator, check_units, choose_units, needs_spread
+from cnnfeat.units import (
+    ALL,
+    DEFAULT_UNITS,
+    SpreadAccumulator,
+    check_units,
+    choose_units,
+    dump_chosen,
+    load_chosen,
+    needs_spread,
+)
 
 log = logging.getLogger("cnnfeat")
 
@@ -539,15 +547,11 @@ class RelevanceCallback(VisualizationCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"chosen": json.dumps(self.chosen)}
+        return {"chosen": dump_chosen(self.chosen)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        try:
-            chosen = json.loads(state_dict.get("chosen", "{}"))
-            self.chosen = {str(k): [int(u) for u in v] for k, v in dict(chosen).items()}
-        except (TypeError, ValueError):
-            self.chosen = {}
+        self.chosen = load_chosen(state_dict.get("chosen", "{}"))
 
     # -- trust in optimised inputs --------------------------------------------------------------------------------
     def _path(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from cnnfeat.errors import ConfigError, check_int
 from cnnfeat.probe import MAX_IMAGES, ProbeSet
 from cnnfeat.receptive_field import crop
 from cnnfeat.topk import PatchSearch, TopK, centre_pad, crop_sources, search_patches
-from cnnfeat.units import ALL, DEFAULT_UNITS, choose_units, needs_spread
+from cnnfeat.units import ALL, DEFAULT_UNITS, choose_units, dump_chosen, load_chosen, needs_spread
 
 log = logging.getLogger("cnnfeat")
 
@@ -229,12 +228,8 @@ class TopPatchesCallback(VisualizationCallback):
     # -- checkpoints: the channels chosen by variability stay chosen ----------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"chosen": json.dumps(self.chosen)}
+        return {"chosen": dump_chosen(self.chosen)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        try:
-            chosen = json.loads(state_dict.get("chosen", "{}"))
-            self.chosen = {str(k): [int(u) for u in v] for k, v in dict(chosen).items()}
-        except (TypeError, ValueError):
-            self.chosen = {}
+        self.chosen = load_chosen(state_dict.get("chosen", "{}"))
