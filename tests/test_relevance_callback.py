@@ -103,7 +103,7 @@ def test_relevance_references_in_a_real_run(make_cfg: MakeCfg, tmp_path: Path) -
         "callbacks=[none,relevance,atlas]",
         "save_png=true",
         f"callbacks.relevance.probe_size={PROBE}",
-        f"callbacks.relevance.max_units={UNITS}",
+        f"callbacks.relevance.units={UNITS}",
         "callbacks.relevance.path_settings.steps=8",
         f"callbacks.relevance.path_units={PATH_UNITS}",
         "callbacks.relevance.path_arbitrary=16",

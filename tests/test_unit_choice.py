@@ -228,3 +228,19 @@ def test_relevance_units_all_a_list_or_fewer_and_smallcnn_keeps_every_unit(caplo
     assert {cb._layer_of[n]: d for n, d in cb._drawn.items()} == {"conv1": list(range(6)), "conv2": list(range(6)),
                                                                    "conv3": list(range(16))}  # fmt: skip
     assert not cb._pending and cb.pass_request(small, cb.probe, 0) is None, "SmallCNN: nothing to choose, no pass"
+
+
+def test_relevance_max_units_means_the_first_units_as_the_atlas_says() -> None:
+    """``max_units=N`` is the atlas's "the first N units of each layer" in relevance too: the same setting on both
+    callbacks must draw the same units (a review found relevance reading it as "the N most variable")."""
+    torch.manual_seed(0)
+    net, probe = Wide().eval(), wide_probe()
+    at = AtlasCallback(layers=list(LAYERS), max_units=4, probe_size=32, alive_probe_size=32, top_k=2, featviz=False)
+    rel = RelevanceCallback(layers=list(LAYERS), max_units=4, **REL)
+    for cb in (at, rel):
+        cb.prepare(net, probe)
+    assert {i.name: i.shown for i in at.infos} == {"conv1": [0, 1, 2, 3], "conv2": [0, 1, 2, 3]}
+    assert {rel._layer_of[n]: d for n, d in rel._drawn.items()} == {"conv1": [0, 1, 2, 3], "conv2": [0, 1, 2, 3]}
+    assert not rel._pending, "nothing to choose by variability"
+    with pytest.raises(ConfigError, match=r"give units \(8\) or max_units \(4\), not both"):
+        RelevanceCallback(units=8, max_units=4)

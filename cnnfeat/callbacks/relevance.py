@@ -141,15 +141,15 @@ class RelevanceCallback(VisualizationCallback):
     ``relevance/overlap/<layer>`` (the mean over all units of the share of relevance references that are activation
     references too) and the text ``relevance/<layer>/table`` (every unit's overlap).
 
-    Drawn units (the picture blocks; the overlap and the table cover every unit), as the atlas and the top patches
-    choose them (``cnnfeat.units``): every unit of a layer up to ``max_units`` wide, else its ``max_units`` most
+    Drawn units (the picture blocks; the overlap and the table cover every unit), with the atlas's settings and
+    meanings (``cnnfeat.units``): ``units`` a count N (default 16) = every unit of a layer up to N wide, else its N most
     *variable* (largest population standard deviation, across the ``probe_size`` probe images, of the unit's largest
     activation in each image, read at the node the layer is read at), decided at the first render from the shared
-    probe pass (``cnnfeat.probe_pass``) and kept for every later render and a resumed fit. ``units``: ``"all"``, a
-    count N (as ``max_units=N``) or a list of unit indices drawn in every layer. The atlas recording the same layer on
-    the same probe images (the defaults: ``probe_size`` = its ``alive_probe_size`` = 2000) at the same first render
-    reads the same pass batches, so the same count gives the same units (a smaller count: the most variable of them).
-    The log says what was drawn.
+    probe pass (``cnnfeat.probe_pass``) and kept for every later render and a resumed fit; ``"all"``; or a list of
+    unit indices drawn in every layer. ``max_units=N`` instead: the first N units of each layer (as the atlas's
+    ``max_units``). The atlas recording the same layer on the same probe images (the defaults: ``probe_size`` = its
+    ``alive_probe_size`` = 2000) at the same first render reads the same pass batches, so the same setting gives the
+    same units (a smaller count: the most variable of them). The log says what was drawn.
 
     ``path_check`` (at the last epoch of the fit): the first ``path_units`` drawn units of each layer get an input
     optimised by ``cnnfeat.featviz`` (``path_settings``), whose activation path below the unit is compared with those
@@ -165,8 +165,8 @@ class RelevanceCallback(VisualizationCallback):
         layers: Sequence[str] | None = None,
         top_k: int = 8,
         probe_size: int = DEFAULT_PROBE_SIZE,
-        max_units: int = DEFAULT_UNITS,
-        units: int | str | Sequence[int] | None = None,
+        units: int | str | Sequence[int] = DEFAULT_UNITS,
+        max_units: int | None = None,
         batch_size: int = 256,
         heatmaps: bool = True,
         path_check: bool = True,
@@ -201,7 +201,6 @@ class RelevanceCallback(VisualizationCallback):
         check_top_k("top_k", top_k)
         for name, value in (
             ("probe_size", probe_size),
-            ("max_units", max_units),
             ("batch_size", batch_size),
             ("path_units", path_units),
             ("path_arbitrary", path_arbitrary),
@@ -211,6 +210,9 @@ class RelevanceCallback(VisualizationCallback):
         ):
             check_int(name, value)
         check_int("threads", threads, allow_none=True)
+        check_int("max_units", max_units, allow_none=True)
+        if max_units is not None and units != DEFAULT_UNITS:
+            raise ConfigError(f"give units ({units!r}) or max_units ({max_units}), not both")
         check_bool("heatmaps", heatmaps)
         check_bool("path_check", path_check)
         if path_check and top_k < 2:
@@ -219,7 +221,7 @@ class RelevanceCallback(VisualizationCallback):
             )
         self.layers = check_names("layers", layers, allow_none=True)
         self._given_layers = None if self.layers is None else list(self.layers)  # for state_key: check rewrites layers
-        self.units = None if units is None else check_units("units", units)
+        self.units = check_units("units", units)
         self.top_k, self.probe_size, self.max_units, self.batch_size = top_k, probe_size, max_units, batch_size
         self.heatmaps, self.path_check = heatmaps, path_check
         self.path_units, self.path_arbitrary = path_units, path_arbitrary
@@ -265,7 +267,7 @@ class RelevanceCallback(VisualizationCallback):
             self._layer_of[node] = layer
             self._fields[node] = plan.field(node) if len(shape) == 4 else None  # no geometry: an error naming why
             count = self._widths[node] = int(shape[1])
-            setting = self._setting()
+            setting = self.units if self.max_units is None else list(range(min(self.max_units, count)))
             if isinstance(setting, list):
                 bad = [u for u in setting if u >= count]
                 if bad:
@@ -289,9 +291,6 @@ class RelevanceCallback(VisualizationCallback):
         self._apply_kept()
         if not self._pending:
             self._say()  # nothing to decide at the first render
-
-    def _setting(self) -> int | str | list[int]:
-        return self.max_units if self.units is None else self.units
 
     def _apply_kept(self) -> None:
         """Units chosen before (a resumed fit's state, restored after ``check``) for the nodes still pending."""
@@ -323,9 +322,11 @@ class RelevanceCallback(VisualizationCallback):
         for node, drawn in self._drawn.items():
             layer, width = self._layer_of[node], self._widths[node]
             parts.append(f"{layer} {len(drawn)} of {width}" + (f" {drawn}" if drawn != list(range(width)) else ""))
-        setting = self._setting()
+        setting = self.units
         how = (
-            "every unit"
+            f"the first {self.max_units} units of each layer (max_units)"
+            if self.max_units is not None
+            else "every unit"
             if setting == ALL
             else f"the listed units {setting}"
             if isinstance(setting, list)
