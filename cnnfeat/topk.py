@@ -54,8 +54,9 @@ class TopK:
         """Each image (row of ``maps``: (B, C, h, w) or (B, C)) contributes its strongest position per channel (so
         top-k are k different images); a NaN never wins. Returns those per-image maxima (B, C)."""
         flat = (maps.flatten(2) if maps.ndim > 2 else maps.unsqueeze(2)).float()
-        best, pos = flat.max(dim=2)  # (B, C); NaN and infinities propagate into it ...
-        if not torch.isfinite(best).all():  # ... then NaN loses, and +-inf count as the largest finite values
+        best, pos = flat.max(dim=2)  # (B, C); NaN and +inf propagate into it, -inf can tie with the lowest finite
+        if not torch.isfinite(best).all() or (best == torch.finfo(best.dtype).min).any():
+            # NaN never wins; +inf and -inf count as the largest and the lowest finite value (ties go to the first)
             best, pos = flat.nan_to_num(nan=-torch.inf).max(dim=2)
         ids = image_ids.to(maps.device).unsqueeze(1).expand_as(best)
         self.update(best, ids, pos)

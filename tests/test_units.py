@@ -125,7 +125,15 @@ def test_nonfinite_rows_and_per_image_maxima_equal_the_elementwise_definitions(d
         assert torch.equal(nonfinite_rows(x), want_rows)
         top = TopK.empty(3, 3, x.device)
         best = top.update_from_maps(x, torch.arange(6))
-        cleaned = x.flatten(2).float().nan_to_num(nan=-torch.inf)  # NaN never wins; +-inf as the largest finite
-        assert torch.equal(best, cleaned.max(dim=2).values)
+        cleaned = x.flatten(2).float().nan_to_num(nan=-torch.inf)  # NaN never wins; +-inf: the extreme finite values
+        want = TopK.empty(3, 3, x.device)
+        values, positions = cleaned.max(dim=2)
+        want.update(values, torch.arange(6).unsqueeze(1).expand(6, 3), positions)
+        assert torch.equal(best, values)
+        assert torch.equal(top.ids, want.ids) and torch.equal(top.positions, want.positions)
         assert torch.equal(nonfinite_rows(torch.full((2, 3), big, dtype=dtype)), torch.tensor([False, False]))
     assert torch.equal(nonfinite_rows(torch.arange(6).reshape(2, 3)), torch.tensor([False, False]))
+    lowest = torch.finfo(torch.float32).min  # -inf ties with it, as it always did: the first position wins
+    top = TopK.empty(1, 1, torch.device("cpu"))
+    top.update_from_maps(torch.tensor([[[[-torch.inf, lowest]]]]), torch.tensor([0]))
+    assert top.positions.item() == 0
