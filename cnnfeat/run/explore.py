@@ -2,7 +2,7 @@
 
     cnnfeat-explore ckpt=outputs/runs/DATE/TIME-PID/checkpoints/last.ckpt
     cnnfeat-explore ckpt=outputs/runs/DATE/TIME-PID/checkpoints          # every epochNN-*.ckpt, in order
-    cnnfeat-explore ckpt=... callbacks=transfer                          # for a TransferClassifier checkpoint
+    cnnfeat-explore ckpt=... callbacks=transfer                          # for an experiment=transfer checkpoint
     cnnfeat-explore ckpt=... callbacks=[attribution,importance]          # where it looks, which units matter
 
 Given a directory, every ``epochNN-*.ckpt`` and ``last.ckpt`` is explored, once per epoch (each checkpoint's own
@@ -183,7 +183,9 @@ def _named(cb: VisualizationCallback) -> Iterator[None]:
         yield
     except ConfigError as e:
         raise ConfigError(
-            f"{type(cb).__name__}: {e} (for a TransferClassifier checkpoint use callbacks=transfer)"
+            f"{type(cb).__name__}: {e} (an experiment=transfer checkpoint: callbacks=transfer; one of the original "
+            "model=alexnet (TransferClassifier): name its layers backbone.conv1..5, README 'Exploring a saved "
+            "checkpoint')"
         ) from e
 
 
