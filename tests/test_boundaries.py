@@ -234,7 +234,9 @@ def test_the_config_gives_the_cache_a_frozen_alexnet(make_cfg: MakeCfg, override
     dm = instantiate_node(cfg.data, "data")
     seed = 3 if "backbone.seed=3" in overrides else 0
     if "experiment=transfer_quick" in overrides:  # experiment=transfer: torchvision's AlexNet up to its new MLP top
-        expected = FrozenTorchvision("alexnet", "none", seed, 64, head_hidden=[4096, 4096], grey_to_rgb=True)
+        expected = FrozenTorchvision(
+            "alexnet", "none", seed, 64, head_hidden=[4096, 4096], grey_to_rgb=True, channels_last=True
+        )
         assert isinstance(dm.backbone, FrozenTorchvision) and dm.fingerprint == expected.fingerprint()
         model = instantiate_node(cfg.model, "model")
         assert isinstance(model, TorchvisionClassifier) and model.fingerprint() == dm.fingerprint

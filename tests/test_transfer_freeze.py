@@ -69,9 +69,12 @@ def test_frozen_torchvision_alexnet_gives_frozen_alexnets_features_bit_for_bit(
     ImageNet's RGB mean/std in front of the RGB stem; both run channels-last (FrozenAlexNet's habit), so the same
     kernels give the same bits. Ground truth for both: torchvision's AlexNet built from the seed, run by hand."""
     old = FrozenAlexNet("none", seed=3, input_size=224)
-    new = FrozenTorchvision("alexnet", "none", seed=3, input_size=224, head_hidden=[4096, 4096], grey_to_rgb=True)
+    kw = {"input_size": 224, "head_hidden": [4096, 4096], "grey_to_rgb": True}
+    new = FrozenTorchvision("alexnet", "none", seed=3, channels_last=True, **kw)
     x = torch.cat([datamodule.images("test", range(3))[0], torch.rand(2, 1, 28, 28)])
     assert torch.equal(new(x), old(x))
+    default_layout = FrozenTorchvision("alexnet", "none", seed=3, **kw)
+    assert default_layout.fingerprint() != new.fingerprint(), "the layout changes the last bits: another cache key"
     torch.manual_seed(3)
     ref = tvm.alexnet(weights=None).eval()
     big = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
@@ -88,7 +91,7 @@ def test_the_same_weights_file_gives_the_same_features(tmp_path: Path) -> None:
     path = tmp_path / "alexnet.pth"
     torch.save(tvm.alexnet(weights=None).state_dict(), path)
     old = FrozenAlexNet(str(path), input_size=64)
-    new = FrozenTorchvision("alexnet", str(path), input_size=64, head_hidden=[8], grey_to_rgb=True)
+    new = FrozenTorchvision("alexnet", str(path), input_size=64, head_hidden=[8], grey_to_rgb=True, channels_last=True)
     x = torch.rand(3, 1, 28, 28)
     assert torch.equal(new(x), old(x))
 
@@ -97,6 +100,7 @@ def test_experiment_transfer_is_torchvision_alexnet_with_the_original_head_at_in
     cfg = make_cfg("experiment=transfer", "backbone.weights=none", "backbone.input_size=64")
     assert cfg.model.arch == cfg.data.backbone.arch == "alexnet" and cfg.model.freeze == "backbone"
     assert cfg.model.head_hidden == cfg.data.backbone.head_hidden == [4096, 4096] and cfg.model.grey_to_rgb
+    assert cfg.model.channels_last and cfg.data.backbone.channels_last, "as the original route ran AlexNet"
     pl.seed_everything(cfg.seed)
     dm = instantiate_node(cfg.data, "data")
     model = instantiate_node(cfg.model, "model")
