@@ -6,6 +6,7 @@ Foreign networks and DataModules are covered in ``test_zoo_callbacks.py``.
 from __future__ import annotations
 
 import csv
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from cnnfeat import layers
 from cnnfeat.callbacks import (
@@ -277,10 +278,6 @@ def test_end_of_fit_work_is_counted_apart_from_the_renders(
 ) -> None:
     """The GIF and the Projector run after the last render; their time is ``end_seconds``, not lost (benchmarks
     add it to the renders' ``seconds``)."""
-    import time
-
-    from pytorch_lightning.loggers import TensorBoardLogger
-
     cb = EmbeddingCallback(probe_size=100, pixels=False)
     calls = []
 

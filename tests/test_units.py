@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from cnnfeat import plots
-from cnnfeat.units import EpochChange, FiringAccumulator, UnitHistory
+from cnnfeat.topk import TopK
+from cnnfeat.units import EpochChange, FiringAccumulator, UnitHistory, nonfinite_rows
 
 KILL, RESTORE, EPOCHS = 3, 6, 9
 
@@ -112,9 +113,6 @@ def test_raster_picture() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_nonfinite_rows_and_per_image_maxima_equal_the_elementwise_definitions(dtype: torch.dtype) -> None:
     """The fast paths (a row sum; a plain max) give exactly the element-wise answers, overflowing sums included."""
-    from cnnfeat.topk import TopK
-    from cnnfeat.units import nonfinite_rows
-
     gen = torch.Generator().manual_seed(0)
     big = torch.finfo(dtype).max
     for trial in range(60):
