@@ -135,6 +135,8 @@ class LayerInfo:
     frame: str | None = None  #: node whose output the boxes refer to (None: the model's input)
     output_shape: list[int] = field(default_factory=list)  #: (C, H, W) or (F,) of one image
     featviz_units: list[int] = field(default_factory=list)  #: units given an optimised input at the end
+    #: how ``shown`` was chosen (``CHOSEN_BY``); None in an atlas of an older version (its settings say, ``chosen_by``)
+    chosen_by: str | None = None
 
     @property
     def slug(self) -> str:
@@ -155,6 +157,22 @@ class LayerInfo:
     def from_dict(cls, d: Mapping[str, Any]) -> LayerInfo:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+#: the ways a layer's shown units are chosen: every unit, the first N, listed ones, the most variable
+CHOSEN_BY = ("all", "first", "list", "variability")
+
+
+def chosen_by(info: LayerInfo, settings: Mapping[str, Any]) -> str:
+    """How ``info``'s shown units were chosen (one of ``CHOSEN_BY``): its own record, else (an atlas of an older
+    version) what the atlas's ``settings`` say."""
+    if info.chosen_by is not None:
+        return info.chosen_by
+    if info.name in (settings.get("units_chosen_by_variability") or []):
+        return "variability"
+    if len(info.shown) == info.units:
+        return "all"
+    return "list" if isinstance(settings.get("units"), (list, dict)) else "first"
 
 
 def _is_int(value: Any, minimum: int = 0) -> bool:
@@ -186,6 +204,7 @@ _LAYER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rf_start": (_pair(_is_number), "null or two numbers"),
     "frame": (_str_or_none, "a node name or null"),
     "output_shape": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers >= 0"),
+    "chosen_by": (lambda v: v is None or v in CHOSEN_BY, f"null or one of {', '.join(CHOSEN_BY)}"),
 }
 _REQUIRED = ("name", "kind", "units", "shown", "activation", "weights", "frozen")
 

@@ -109,8 +109,11 @@ def test_a_resume_with_another_units_setting_keeps_each_units_history(make_cfg: 
     assert "recorded with units=4, max_units=None; this run asks units='auto', max_units=4" in text, text
     for layer in ("conv1", "conv2"):
         assert f"{layer}: recorded {chosen[layer]}, asked [0, 1, 2, 3]" in text, text
-    assert a.manifest["settings"]["units"] == 4 and a.manifest["settings"]["max_units"] is None
+    # the settings are this run's; each layer says how its units were chosen (the report's caption reads that)
+    assert a.manifest["settings"]["units"] == "auto" and a.manifest["settings"]["max_units"] == 4
     assert sorted(a.manifest["settings"]["units_chosen_by_variability"]) == ["conv1", "conv2"]
+    for info in a.layers:
+        assert info.chosen_by == atlas.chosen_by(info, a.manifest["settings"]) == "variability", info.name
 
 
 def test_an_atlas_file_of_other_units_than_the_manifest_is_refused(tmp_path: Path) -> None:
@@ -125,7 +128,7 @@ def test_an_atlas_file_of_other_units_than_the_manifest_is_refused(tmp_path: Pat
     with inference(net):
         cb.render(net, probe, 0)
     a = atlas.Atlas.load(tmp_path)
-    assert a is not None and a.layers[0].shown == [1, 3]
+    assert a is not None and a.layers[0].shown == [1, 3] and a.layers[0].chosen_by == "list"
     a.layers[0].shown = [3, 1]  # what an older cnnfeat did: another setting's units under the old files
     with pytest.raises(DataError, match=r"step_000.npz holds units \[1, 3\] of conv1, the manifest shows \[3, 1\]"):
         a.step_data(a.layers[0])
@@ -244,3 +247,14 @@ def test_relevance_max_units_means_the_first_units_as_the_atlas_says() -> None:
     assert not rel._pending, "nothing to choose by variability"
     with pytest.raises(ConfigError, match=r"give units \(8\) or max_units \(4\), not both"):
         RelevanceCallback(units=8, max_units=4)
+
+
+def test_how_units_were_chosen_is_each_layers_record_else_an_older_atlass_settings() -> None:
+    """The report's caption ("the most variable", "the listed units", ...) comes from the layer's own entry, so a
+    resume that changes the settings and adds a layer describes each layer truly; an older atlas has only settings."""
+    info = atlas.LayerInfo("conv2", "conv", 6, [1, 3], None, True, False)
+    assert atlas.chosen_by(info, {"units": 4, "units_chosen_by_variability": ["conv2"]}) == "variability"
+    assert atlas.chosen_by(info, {"units": [1, 3]}) == "list"
+    assert atlas.chosen_by(info, {"units": "auto", "max_units": 2}) == "first"
+    info.chosen_by = "list"
+    assert atlas.chosen_by(info, {"max_units": 2, "units_chosen_by_variability": ["conv2"]}) == "list", "its own"

@@ -285,14 +285,15 @@ class AtlasCallback(VisualizationCallback):
         kind = atlas.layer_kind(plan.graph, name)
         units = plan.graph[name].output_shape[1]
         if self.max_units is not None:
-            shown = list(range(min(units, self.max_units)))
+            shown, how = list(range(min(units, self.max_units))), "first"
         elif needs_spread(setting := self._setting(name, wide), units):
             assert isinstance(setting, int)
-            shown = self.chosen.get(name, [])
+            shown, how = self.chosen.get(name, []), "variability"
             if len(shown) != min(setting, units) or any(u >= units for u in shown):
                 shown, self._pending[name] = [], setting  # chosen at the first render, by variability
         else:
             shown = choose_units(setting, units, name)  # every unit, or the listed ones (an error names the layer)
+            how = "list" if isinstance(setting, list) else "all"
         module = atlas.layer_module(plan.graph, name)
         act = layer.activation if layer.kind in ("conv", "linear") else activation_after(plan.graph, name)[0]
         frozen = module is not None and not any(p.requires_grad for p in module.parameters())
@@ -304,6 +305,7 @@ class AtlasCallback(VisualizationCallback):
             kind=kind,
             units=units,
             shown=shown,
+            chosen_by=how,
             activation=act,
             weights=module is not None,
             frozen=frozen,
@@ -354,9 +356,9 @@ class AtlasCallback(VisualizationCallback):
 
     def _keep_recorded(self) -> None:
         """At the first render: every layer whose history ``atlas_dir`` holds keeps the units it was recorded for (the
-        report reads each file's rows as the manifest's ``shown`` units). Where this run's ``units`` / ``max_units``
-        would show others, warn naming the layers and both settings, and take the recorded settings (the manifest
-        says how the units were chosen)."""
+        report reads each file's rows as the manifest's ``shown`` units) and how they were chosen (``chosen_by``, per
+        layer). Where this run's ``units`` / ``max_units`` would show others, warn naming the layers and both
+        settings."""
         self._read_record()
         record, self._record = self._record, None
         if record is None:
@@ -375,20 +377,11 @@ class AtlasCallback(VisualizationCallback):
             if not (pending is not None and info.name in by_variability and len(old.shown) == min(pending, info.units)):
                 asked = f"the {pending} most variable" if pending is not None else str(info.shown)
                 changed.append(f"{info.name}: recorded {old.shown}, asked {asked}")
-            self._set_shown(info, old.shown)
-            if info.name not in by_variability:
-                self.chosen.pop(info.name, None)
+            self._set_shown(info, old.shown, atlas.chosen_by(old, settings))
         if not changed:
             return
         asked = f"units={self.units!r}, max_units={self.max_units}"
         recorded = f"units={settings.get('units', AUTO)!r}, max_units={settings.get('max_units')}"
-        try:  # what the manifest says from now on (how the shown units were chosen)
-            units = self._check_units(settings.get("units", AUTO))
-            check_int("max_units", settings.get("max_units"), allow_none=True)
-        except ConfigError:
-            pass
-        else:
-            self.units, self.max_units = units, settings.get("max_units")
         self.warn_once(
             "kept-units",
             f"{record.dir} holds the history of units recorded with {recorded}; this run asks {asked}. Keeping the "
@@ -491,11 +484,16 @@ class AtlasCallback(VisualizationCallback):
             if info.name in self._pending and len(got) == wanted and all(u < info.units for u in got):
                 self._set_shown(info, got)
 
-    def _set_shown(self, info: atlas.LayerInfo, units: list[int]) -> None:
-        info.shown = list(units)
+    def _set_shown(self, info: atlas.LayerInfo, units: list[int], how: str = "variability") -> None:
+        """``info`` shows ``units``, chosen ``how`` (``atlas.CHOSEN_BY``); a choice by variability is kept in the
+        checkpoint."""
+        info.shown, info.chosen_by = list(units), how
         info.featviz_units = info.shown[: self.featviz_max_units or len(info.shown)] if self.featviz else []
         self._pending.pop(info.name, None)
-        self.chosen[info.name] = info.shown
+        if how == "variability":
+            self.chosen[info.name] = info.shown
+        else:
+            self.chosen.pop(info.name, None)
 
     def _choose(self, spread: dict[str, torch.Tensor]) -> None:
         """Choose the pending layers' units by variability (once), then say in one log line what every layer shows."""

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from cnnfeat import tags
-from cnnfeat.atlas import LayerInfo, anchor, slug
+from cnnfeat.atlas import LayerInfo, anchor, chosen_by, slug
 from cnnfeat.errors import ConfigError
 from cnnfeat.lecture import LECTURE_LOG
 from cnnfeat.report.data import (
@@ -595,15 +595,15 @@ class _Writer:
         return "".join(figs)
 
     def shown_how(self, info: LayerInfo) -> str:
-        """How the shown units of a layer were chosen, from the atlas's settings."""
+        """How the shown units of a layer were chosen (its manifest entry, or an older atlas's settings)."""
         a = self.data.atlas
         assert a is not None
-        settings = a.manifest.get("settings") or {}
-        if info.name in (settings.get("units_chosen_by_variability") or []):
-            return "the most variable, chosen at the first render"
-        if isinstance(settings.get("units"), (list, dict)):
-            return "the listed units"
-        return "the first ones (max_units)"
+        return {
+            "variability": "the most variable, chosen at the first render",
+            "list": "the listed units",
+            "first": "the first ones (max_units)",
+            "all": "every unit",
+        }[chosen_by(info, a.manifest.get("settings") or {})]
 
     def layer_summary(self, info: LayerInfo) -> dict[str, str]:
         a = self.data.atlas
