@@ -50,6 +50,10 @@ from cnnfeat.graph import device_of as device_of  # relevance imports it from he
 #: Test-set images the lecture looks at (Fashion-MNIST test IDs).
 LECTURE_IMAGE_IDS = lecture.LECTURE_IMAGE_IDS
 
+IG, LRP = "integrated_gradients", "lrp"
+#: the pixel-level methods ``explain`` and the attribution callback offer
+PIXEL_METHODS = (IG, LRP)
+
 #: ``edit(output, inplace) -> new output`` of one node; ``inplace``: the node is a function that modified its first
 #: argument in place (``x.relu_()``), whose caller may keep using that tensor and ignore the returned one.
 Edit = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -270,6 +274,20 @@ class IGResult:
         return torch.where(d > 0, self.delta.abs() / d.clamp(min=1e-30), self.delta.abs())
 
 
+@dataclass
+class LRPResult:
+    """LRP of one class per input row (``cnnfeat.lrp.lrp``)."""
+
+    relevance: torch.Tensor  #: like the inputs: each input value's relevance for the class
+    logit: torch.Tensor  #: (N,) the class's logit (the relevance put in at the output)
+
+    @property
+    def conserved(self) -> torch.Tensor:
+        """(N,) the input relevance's sum / the logit (1 = all of it reached the input; 0 where the logit is 0)."""
+        total = self.relevance.flatten(1).double().sum(1).float()
+        return torch.where(self.logit != 0, total / self.logit.where(self.logit != 0, torch.ones_like(self.logit)), 0.0)
+
+
 def integrated_gradients(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -341,7 +359,8 @@ def integrated_gradients(
 # -- both maps for the lecture's images --------------------------------------------------------------------------
 @dataclass
 class Explanation:
-    """Grad-CAM and Integrated Gradients of a few images for their predicted and their true class."""
+    """Grad-CAM and a pixel-level map (Integrated Gradients or LRP) of a few images for their predicted and their
+    true class; the pixel-level method's results are set (``ig_*`` or ``lrp_*``), the other's are ``None``."""
 
     node: str  #: where Grad-CAM was taken
     labels: torch.Tensor  #: (N,) true classes
@@ -349,12 +368,22 @@ class Explanation:
     probabilities: torch.Tensor  #: (N, K) softmax of the logits
     cam_predicted: torch.Tensor  #: (N, h, w) Grad-CAM (ReLU) at ``node``
     cam_true: torch.Tensor  #: (N, h, w)
-    ig_predicted: IGResult  #: attributions like the inputs
-    ig_true: IGResult
+    ig_predicted: IGResult | None = None  #: attributions like the inputs
+    ig_true: IGResult | None = None
+    lrp_predicted: LRPResult | None = None  #: relevance like the inputs
+    lrp_true: LRPResult | None = None
 
     def ig_steps(self) -> torch.Tensor:
         """(N,) the steps each image needed (the larger of its two classes): a start for the next epoch."""
+        assert self.ig_predicted is not None and self.ig_true is not None, "not an Integrated Gradients explanation"
         return torch.maximum(self.ig_predicted.steps, self.ig_true.steps)
+
+    def pixel_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixel-level maps (like the inputs) for the predicted and the true class."""
+        if self.lrp_predicted is not None and self.lrp_true is not None:
+            return self.lrp_predicted.relevance, self.lrp_true.relevance
+        assert self.ig_predicted is not None and self.ig_true is not None
+        return self.ig_predicted.attributions, self.ig_true.attributions
 
 
 def explain(
@@ -367,10 +396,16 @@ def explain(
     ig_tolerance: float = 0.01,
     ig_atol: float = 1e-3,
     baselines: torch.Tensor | float = 0.0,
+    pixel_method: str = "integrated_gradients",
+    graph: Graph | None = None,
 ) -> Explanation:
-    """Grad-CAM at ``node`` and Integrated Gradients for each image's predicted and true class (each distinct
-    (image, class) pair is computed once: a correct prediction costs one map of each kind). ``ig_steps``: where
-    Integrated Gradients start, one count or one per image (e.g. ``Explanation.ig_steps()`` of the previous epoch)."""
+    """Grad-CAM at ``node`` and a pixel-level map for each image's predicted and true class (each distinct (image,
+    class) pair is computed once: a correct prediction costs one map of each kind). ``pixel_method``:
+    ``"integrated_gradients"`` (``ig_steps``: where they start, one count or one per image, e.g.
+    ``Explanation.ig_steps()`` of the previous epoch) or ``"lrp"`` (``cnnfeat.lrp.lrp`` on the model's ``graph``,
+    traced here when ``None``)."""
+    if pixel_method not in PIXEL_METHODS:
+        raise ConfigError(f"pixel_method must be one of {list(PIXEL_METHODS)}, got {pixel_method!r}")
     labels = check_targets(labels, len(inputs))
     with evaluating(model), torch.no_grad():
         logits = model(inputs.to(device_of(model))).float()
@@ -381,26 +416,33 @@ def explain(
     rows_in = torch.cat([torch.arange(n), wrong])
     rows_t = torch.cat([predicted, labels[wrong]])
     cams = grad_cam(model, inputs[rows_in], rows_t, node)
-    steps = torch.as_tensor(ig_steps)
-    steps = steps[rows_in.to(steps.device)] if steps.numel() > 1 else ig_steps  # per image: also its true-class row
-    ig = integrated_gradients(model, inputs[rows_in], rows_t, baselines, steps, ig_max_steps, ig_tolerance, ig_atol)
     pred_rows = torch.arange(n)
     true_rows = pred_rows.clone()
     true_rows[wrong] = torch.arange(n, n + len(wrong))
-
-    def sub(r: IGResult, rows_: torch.Tensor) -> IGResult:
-        return IGResult(r.attributions[rows_], r.delta[rows_], r.difference[rows_], r.steps[rows_])
-
-    return Explanation(
+    ex = Explanation(
         node=node,
         labels=labels,
         predicted=predicted,
         probabilities=logits.softmax(dim=1).cpu(),
         cam_predicted=cams[pred_rows],
         cam_true=cams[true_rows],
-        ig_predicted=sub(ig, pred_rows),
-        ig_true=sub(ig, true_rows),
     )
+    if pixel_method == LRP:
+        from cnnfeat.lrp import lrp  # lrp builds on this module
+
+        r = lrp(model, inputs[rows_in], rows_t, graph)
+        ex.lrp_predicted = LRPResult(r.relevance[pred_rows], r.logit[pred_rows])
+        ex.lrp_true = LRPResult(r.relevance[true_rows], r.logit[true_rows])
+        return ex
+    steps = torch.as_tensor(ig_steps)
+    steps = steps[rows_in.to(steps.device)] if steps.numel() > 1 else ig_steps  # per image: also its true-class row
+    ig = integrated_gradients(model, inputs[rows_in], rows_t, baselines, steps, ig_max_steps, ig_tolerance, ig_atol)
+
+    def sub(r: IGResult, rows_: torch.Tensor) -> IGResult:
+        return IGResult(r.attributions[rows_], r.delta[rows_], r.difference[rows_], r.steps[rows_])
+
+    ex.ig_predicted, ex.ig_true = sub(ig, pred_rows), sub(ig, true_rows)
+    return ex
 
 
 # -- relevance at units -----------------------------------------------------------------------------------------

@@ -377,7 +377,7 @@ ATTRIBUTION = Tag(
     _I,
     _EPOCHS,
     "AttributionCallback",
-    "an image with Grad-CAM and Integrated Gradients for its predicted and its true class",
+    "an image with Grad-CAM and a pixel-level map (Integrated Gradients or LRP) for its predicted and its true class",
 )
 ATTRIBUTION_IG_GAP = Tag(
     "attribution/ig_gap/img{image}",
@@ -385,6 +385,16 @@ ATTRIBUTION_IG_GAP = Tag(
     _EPOCHS,
     "AttributionCallback",
     "Integrated Gradients' completeness gap relative to the logit difference (the larger of the two classes)",
+    condition="with pixel_method=integrated_gradients",
+)
+ATTRIBUTION_LRP_CONSERVED = Tag(
+    "attribution/lrp_conserved/img{image}",
+    _S,
+    _EPOCHS,
+    "AttributionCallback",
+    "LRP: the input relevance's sum over the class logit (1 = all of it reached the pixels; biases absorb the rest), "
+    "of the class farther from 1",
+    condition="with pixel_method=lrp",
 )
 _IMP = "ImportanceCallback"
 IMPORTANCE_ACC_DROP_MAX = Tag(

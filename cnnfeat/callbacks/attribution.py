@@ -12,6 +12,7 @@ from typing_extensions import override
 from cnnfeat import attribution, lecture, tags, viz
 from cnnfeat.callbacks.base import CallbackOptions, Pictures, VisualizationCallback, check_indices, nonfinite_rows
 from cnnfeat.errors import ConfigError
+from cnnfeat.lrp import lrp_rules
 from cnnfeat.probe import ProbeSet
 
 log = logging.getLogger("cnnfeat")
@@ -28,10 +29,10 @@ def cam_cells(cam_predicted: torch.Tensor, cam_true: torch.Tensor, size: tuple[i
     return list(viz.sequential(maps, maps.max()))
 
 
-def ig_cells(ig_predicted: torch.Tensor, ig_true: torch.Tensor) -> list[torch.Tensor]:
-    """Two Integrated Gradients attributions (C, H, W) of one image -> two diverging panels (summed over channels,
-    0 = white, red = evidence for the class) sharing one scale."""
-    maps = torch.stack([ig_predicted, ig_true]).float().sum(dim=1)
+def pixel_cells(predicted: torch.Tensor, true: torch.Tensor) -> list[torch.Tensor]:
+    """Two pixel-level maps (C, H, W) of one image (Integrated Gradients or LRP) -> two diverging panels (summed over
+    channels, 0 = white, red = evidence for the class) sharing one scale."""
+    maps = torch.stack([predicted, true]).float().sum(dim=1)
     return list(viz.diverging(maps, maps.abs().max()))
 
 
@@ -42,22 +43,30 @@ def attribution_row(image: torch.Tensor, cells: Sequence[torch.Tensor], text: st
 
 
 class AttributionCallback(VisualizationCallback):
-    """Grad-CAM and Integrated Gradients of chosen images for their predicted and their true class, every epoch.
+    """Grad-CAM and a pixel-level map of chosen images for their predicted and their true class, every epoch.
 
-    One picture per image, ``attribution/img<ID>``: ``[input | Grad-CAM predicted | Grad-CAM true | IG predicted |
-    IG true]`` with a caption naming both classes and the predicted probability. Grad-CAM is taken at ``layer``
-    (``None``: ``cnnfeat.attribution.last_conv_stage``, the activation after the last conv) and drawn in viridis,
-    the two classes on one scale; Integrated Gradients (black baseline, Captum's Gauss-Legendre) are summed over the
-    input's channels and drawn in diverging colours (red for, blue against the class). ``attribution/ig_gap/img<ID>``
-    is the larger completeness gap (relative, ``IGResult.relative_gap``) of the image's two classes. Integration
-    starts at the most steps an image needed the epoch before. ``image_ids`` ``None``: the lecture's six test images
-    on Fashion-MNIST, else the first probe image of each of the first six classes (as ``FeatureMapCallback``).
+    One picture per image, ``attribution/img<ID>``: ``[input | Grad-CAM predicted | Grad-CAM true | pixel map
+    predicted | pixel map true]`` with a caption naming both classes, the predicted probability and the method.
+    Grad-CAM is taken at ``layer`` (``None``: ``cnnfeat.attribution.last_conv_stage``, the activation after the last
+    conv) and drawn in viridis, the two classes on one scale. The pixel-level map (``pixel_method``) is summed over the
+    input's channels and drawn in diverging colours (red for, blue against the class):
+
+    - ``"integrated_gradients"`` (default; any network): black baseline, Captum's Gauss-Legendre, starting at the most
+      steps an image needed the epoch before and doubling to 1% completeness; ``attribution/ig_gap/img<ID>`` is the
+      larger completeness gap (relative, ``IGResult.relative_gap``) of the image's two classes.
+    - ``"lrp"``: ``cnnfeat.lrp`` (zennit, epsilon-plus-flat), one gradient per map instead of tens to hundreds; networks
+      its rules do not fit (residual additions, ...) are refused before training, naming the node.
+      ``attribution/lrp_conserved/img<ID>``: the input relevance's sum over the logit, of the class farther from 1.
+
+    ``image_ids`` ``None``: the lecture's six test images on Fashion-MNIST, else the first probe image of each of the
+    first six classes (as ``FeatureMapCallback``).
     """
 
     def __init__(
         self,
         image_ids: Sequence[int] | None = None,
         layer: str | None = None,
+        pixel_method: str = attribution.IG,
         ig_steps: int = 32,
         ig_max_steps: int = 512,
         split: str = "test",
@@ -81,6 +90,9 @@ class AttributionCallback(VisualizationCallback):
                 class_names=class_names,
             )
         )
+        if pixel_method not in attribution.PIXEL_METHODS:
+            raise ConfigError(f"pixel_method must be one of {list(attribution.PIXEL_METHODS)}, got {pixel_method!r}")
+        self.pixel_method = pixel_method
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ConfigError(f"layer must be a graph node name or null (the last conv stage), got {layer!r}")
         for name, value in (("ig_steps", ig_steps), ("ig_max_steps", ig_max_steps)):
@@ -107,6 +119,8 @@ class AttributionCallback(VisualizationCallback):
         if self.layer is None:
             self.layer = attribution.last_conv_stage(graph)
             log.info("%s: layer=%s (the last conv stage)", type(self).__name__, self.layer)
+        if self.pixel_method == attribution.LRP:
+            lrp_rules(graph)  # a network LRP's rules do not fit: refused now, naming the node
         node = graph[self.layer]  # an unknown name: an error listing the valid ones
         self.layer = node.name
         if len(node.output_shape) != 4:
@@ -124,13 +138,24 @@ class AttributionCallback(VisualizationCallback):
         assert probe is not None and self.image_ids is not None and self.layer is not None
         positions = probe.positions(self.image_ids)
         x, labels = probe.inputs[positions], probe.labels[positions]
+        graph = self.layer_plan(pl_module).graph
         # each image starts at the steps it needed at the previous render (its true-class row too)
         steps = self.ig_steps if self._steps is None else self._steps
-        ex = attribution.explain(pl_module, x, labels, self.layer, ig_steps=steps, ig_max_steps=self.ig_max_steps)
-        self._steps = ex.ig_steps()
-        gaps = torch.maximum(ex.ig_predicted.relative_gap, ex.ig_true.relative_gap)
+        ex = attribution.explain(
+            pl_module, x, labels, self.layer, steps, self.ig_max_steps, pixel_method=self.pixel_method, graph=graph
+        )
+        pixel_predicted, pixel_true = ex.pixel_maps()
+        if ex.lrp_predicted is not None and ex.lrp_true is not None:
+            kept = torch.stack([ex.lrp_predicted.conserved, ex.lrp_true.conserved])
+            score = kept.gather(0, (kept - 1).abs().argmax(dim=0, keepdim=True)).squeeze(0)  # farther from 1
+            score_tag, method = tags.ATTRIBUTION_LRP_CONSERVED, "LRP"
+        else:
+            self._steps = ex.ig_steps()
+            assert ex.ig_predicted is not None and ex.ig_true is not None
+            score = torch.maximum(ex.ig_predicted.relative_gap, ex.ig_true.relative_gap)
+            score_tag, method = tags.ATTRIBUTION_IG_GAP, "IG"
         size = (probe.images.shape[-2], probe.images.shape[-1])
-        maps = (ex.cam_predicted, ex.cam_true, ex.ig_predicted.attributions, ex.ig_true.attributions, gaps)
+        maps = (ex.cam_predicted, ex.cam_true, pixel_predicted, pixel_true, score)
         bad = torch.stack([nonfinite_rows(m) for m in maps]).any(dim=0)  # NaN logits leave the gradients finite
         if bad.any():
             what = "attribution/img*"
@@ -141,14 +166,13 @@ class AttributionCallback(VisualizationCallback):
                 continue
             pred, true = int(ex.predicted[k]), int(ex.labels[k])
             cams = [ex.cam_predicted[k], ex.cam_true[k]]
-            igs = [ex.ig_predicted.attributions[k], ex.ig_true.attributions[k]]
             text = (
                 f"{probe.split} {img_id}: predicted {probe.class_name(pred)} ({float(ex.probabilities[k, pred]):.2f}),"
-                f" true {probe.class_name(true)}"
+                f" true {probe.class_name(true)}; Grad-CAM, {method}"
             )
-            cells = cam_cells(*cams, size) + ig_cells(*igs)
+            cells = cam_cells(*cams, size) + pixel_cells(pixel_predicted[k], pixel_true[k])
             pictures.images[tags.ATTRIBUTION.format(image=img_id)] = attribution_row(
                 viz.grey(probe.images[positions[k]]), cells, text
             )
-            pictures.scalars[tags.ATTRIBUTION_IG_GAP.format(image=img_id)] = float(gaps[k])
+            pictures.scalars[score_tag.format(image=img_id)] = float(score[k])
         return pictures

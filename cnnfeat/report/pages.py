@@ -42,6 +42,7 @@ log = logging.getLogger("cnnfeat")
 _STATUS_METRICS = (_VAL_ACC, _TEST_ACC, _TRAIN_ACC, _TRAIN_LOSS, _VAL_LOSS)
 #: the pages of the attribution and importance callbacks (issue 24), when the run logged their tags
 ATTRIBUTION_PAGE, IMPORTANCE_PAGE = "attribution.html", "importance.html"
+_PIXEL_NAMES = {"IG": "Integrated Gradients", "LRP": "LRP"}
 #: units of a layer drawn in the importance-across-epochs chart (the most important at the last kept step)
 _CHART_UNITS = 8
 #: rows of a ranking table shown before the rest folds away
@@ -289,13 +290,17 @@ class _Writer:
                 out[m["image"]] = steps
         return dict(sorted(out.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
 
-    def ig_gaps(self) -> dict[str, dict[int, float]]:
-        """Image ID -> its Integrated Gradients completeness gap (relative) by step."""
+    def attribution_scores(self, family: tags.Tag) -> dict[str, dict[int, float]]:
+        """Image ID -> its ``family`` scalar by step (``ATTRIBUTION_IG_GAP`` or ``ATTRIBUTION_LRP_CONSERVED``)."""
         out = {}
         for tag, values in self.data.scalars.items():
-            if (m := tags.ATTRIBUTION_IG_GAP.match(tag)) is not None:
+            if (m := family.match(tag)) is not None:
                 out[m["image"]] = dict(values)
         return out
+
+    def pixel_method(self) -> str:
+        """Which pixel-level map the run's attribution pictures hold ("LRP" or "IG"), from the scalars it logged."""
+        return "LRP" if self.attribution_scores(tags.ATTRIBUTION_LRP_CONSERVED) else "IG"
 
     def importance_scalars(self, layer: str) -> dict[str, dict[int, float]]:
         """A layer's importance scalars by step: ``acc_drop_max``, ``busy_idle``, ``rare_vital``."""
@@ -335,8 +340,8 @@ class _Writer:
             images = self.attribution_images()
             steps = sorted({s for v in images.values() for s, _ in v})
             items.append(
-                f"<li><a href='{ATTRIBUTION_PAGE}'>Where the network looks</a>: Grad-CAM and Integrated Gradients of "
-                f"{len(images)} image(s) at steps {_ranges(steps)}</li>"
+                f"<li><a href='{ATTRIBUTION_PAGE}'>Where the network looks</a>: Grad-CAM and "
+                f"{_PIXEL_NAMES[self.pixel_method()]} of {len(images)} image(s) at steps {_ranges(steps)}</li>"
             )
         if self.has_page(IMPORTANCE_PAGE):
             rows = []
@@ -363,25 +368,42 @@ class _Writer:
         return "<h2>Attribution and unit importance</h2><ul>" + "".join(items) + "</ul>"
 
     def attribution_page(self) -> str:
-        """Per image, its attribution picture at every step (as logged) with the IG completeness gap of the step."""
-        images, gaps = self.attribution_images(), self.ig_gaps()
+        """Per image, its attribution picture at every step (as logged) with the pixel-level method's check (IG's
+        completeness gap or LRP's conserved share) of the step."""
+        images, method = self.attribution_images(), self.pixel_method()
+        lrp = method == "LRP"
+        scores = self.attribution_scores(tags.ATTRIBUTION_LRP_CONSERVED if lrp else tags.ATTRIBUTION_IG_GAP)
+        if lrp:
+            pixel = (
+                "<b>LRP</b> (layer-wise relevance propagation, zennit's epsilon-plus-flat rules) for the predicted and "
+                "the true class: the class's logit handed back layer by layer to the pixels (summed over channels; red "
+                "= pixels that are evidence for the class, blue = against it, white = none). When the prediction is "
+                "right, the two Grad-CAMs (and the two LRP maps) are the same. <b>LRP conserved</b> is the input "
+                "relevance's sum over the logit (the class farther from 1): 1 means all of it reached the pixels, the "
+                "rest was absorbed by the biases."
+            )
+            score_name, chart_y = "LRP conserved", "sum of relevance / logit"
+        else:
+            pixel = (
+                "<b>Integrated Gradients</b> for the predicted and the true class (summed over channels; red = pixels "
+                "that are evidence for the class, blue = against it, white = none). When the prediction is right, the "
+                "two Grad-CAMs (and the two IG maps) are the same. The <b>IG gap</b> is how far the attributions' sum "
+                "misses the logit difference to the black baseline (relative, the larger of the two classes): near 0 "
+                "means the IG map accounts for the whole score."
+            )
+            score_name, chart_y = "IG gap", "relative gap"
         parts = [
             "<p>Each row is the picture the attribution callback logged at that step (0 = untrained, then epochs "
             "trained): <b>the input</b>, <b>Grad-CAM</b> at the last conv stage for the <b>predicted</b> and the "
             "<b>true</b> class (viridis, both on one scale: bright = the region that raises the class score), and "
-            "<b>Integrated Gradients</b> for the predicted and the true class (summed over channels; red = pixels "
-            "that are evidence for the class, blue = against it, white = none). When the prediction is right, the "
-            "two Grad-CAMs (and the two IG maps) are the same. The <b>IG gap</b> is how far the attributions' sum "
-            "misses the logit difference to the black baseline (relative, the larger of the two classes): near 0 "
-            "means the IG map accounts for the whole score.</p>",
+            f"{pixel}</p>",
             self.explored_line(),
         ]
-        if gaps:
-            series = {f"img{k}": sorted(v.items()) for k, v in gaps.items()}
+        if scores:
+            series = {f"img{k}": sorted(v.items()) for k, v in scores.items()}
+            title = "LRP: relevance conserved" if lrp else "IG completeness gap"
             parts.append(
-                "<div class='figs'>"
-                + svg_chart(series, "IG completeness gap", "epochs trained (0 = untrained)", "relative gap")
-                + "</div>"
+                "<div class='figs'>" + svg_chart(series, title, "epochs trained (0 = untrained)", chart_y) + "</div>"
             )
         links = " ".join(f"<a href='#img{esc(k)}'>img{esc(k)}</a>" for k in images)
         parts.append(f"<p>Images: {links}</p>")
@@ -393,17 +415,16 @@ class _Writer:
                 if got is None:
                     continue
                 src, size = got
+                value = scores.get(image, {}).get(step)
                 rows.append(
                     [
                         f"{step} <span class='muted'>({_step_name(step)})</span>",
                         img_tag(src, f"{tag} at step {step}", size, "smooth", 0.75),
-                        pct(gaps.get(image, {}).get(step)),
+                        fmt(value) if lrp else pct(value),
                     ]
                 )
-            parts.append(
-                f"<h2 id='img{esc(image)}'>Image {esc(image)}</h2>"
-                + table(["step", "input · Grad-CAM pred, true · IG pred, true", "IG gap"], rows)
-            )
+            head = ["step", f"input · Grad-CAM pred, true · {method} pred, true", score_name]
+            parts.append(f"<h2 id='img{esc(image)}'>Image {esc(image)}</h2>" + table(head, rows))
         return page(f"Attribution · {self.data.run_dir.name}", "".join(parts), self.nav(ATTRIBUTION_PAGE))
 
     def importance_page(self) -> str:
