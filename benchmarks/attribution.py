@@ -11,8 +11,11 @@ the model it just trained:
   at ``relu5``) on the 2,000-image stratified probe;
 - relevance references: ``cnnfeat.relevance.references`` (top-8 by relevance and by activation, the same 4 nodes,
   2,000 images) plus the conditional heatmaps of all 128 x 8 relevance references;
+- attribution with LRP (``pixel_method="lrp"``, the seed run's pixel-level method): Grad-CAM and
+  ``cnnfeat.lrp.lrp`` (epsilon-plus-flat) for the same images and classes, the graph traced in the call;
 - peers on the same inputs: Grad-CAM against Captum's ``LayerGradCam``, Integrated Gradients at 64 fixed steps
-  against Captum's ``IntegratedGradients`` (ours wraps it: the difference is our bookkeeping), and ablation of
+  against Captum's ``IntegratedGradients`` (ours wraps it: the difference is our bookkeeping), LRP against zennit's
+  own ``EpsilonPlusFlat`` attributor (ours assigns zennit's rules from the traced graph), and ablation of
   ``relu2`` (6 units) and ``relu5`` (100 units) on 500 images against Captum's ``LayerFeatureAblation``.
 
 Shares: attribution per epoch / one epoch; ablation and references at 4 kept epochs / 15 epochs (the seed fit).
@@ -37,12 +40,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, compose_config, machine, write_json
 
 from cnnfeat.atlas import default_layers
-from cnnfeat.attribution import LECTURE_IMAGE_IDS, explain, grad_cam, integrated_gradients
+from cnnfeat.attribution import LECTURE_IMAGE_IDS, LRP, explain, grad_cam, integrated_gradients
 from cnnfeat.data.fashion_mnist import find_source_file, read_idx
 from cnnfeat.graph import Graph, trace_graph
 from cnnfeat.importance import (
@@ -53,6 +57,7 @@ from cnnfeat.importance import (
     bounded_units,
     units_of,
 )
+from cnnfeat.lrp import lrp
 from cnnfeat.models import SmallCNN
 from cnnfeat.probe import probe_from_tensors
 from cnnfeat.probe_pass import shared_positions
@@ -127,6 +132,8 @@ def peer(
 ) -> None:
     """Ours and Captum's on the same inputs: the 6 images with their predicted and true classes, a probe subset."""
     from captum.attr import IntegratedGradients, LayerFeatureAblation, LayerGradCam
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
 
     x12, t12 = torch.cat([lx, lx]), torch.cat([predicted, ly])
     gc = LayerGradCam(model, model.relu3)
@@ -138,6 +145,17 @@ def peer(
     for _ in range(3):
         add("ig_ours", per_call(lambda: integrated_gradients(model, x12, t12, steps=64, max_steps=64), 1))
         add("ig_captum", per_call(lambda: ig.attribute(x12, target=t12, **kw), 1))
+    seed_graph = trace_graph(model, x12[:1])
+
+    def zennit_lrp() -> torch.Tensor:
+        with Gradient(model=model, composite=EpsilonPlusFlat()) as attributor:
+            _, rel = attributor(x12.clone().requires_grad_(True), lambda out: out * F.one_hot(t12, out.shape[1]))
+        return rel
+
+    add("lrp_max_diff", float((lrp(model, x12, t12, seed_graph).relevance - zennit_lrp()).abs().max()))
+    for _ in range(5):
+        add("lrp_ours", per_call(lambda: lrp(model, x12, t12, seed_graph), 4))
+        add("lrp_zennit", per_call(zennit_lrp, 4))
     add("ablation_subset_ours", timed(lambda: ablation_importance(model, sx, sy, graph, dict.fromkeys(PEER_NODES)))[0])
 
     def captum_ablation() -> None:
@@ -162,6 +180,7 @@ def pieces(
     (px, py), (lx, ly) = probe, lecture
     t, e = timed(lambda: explain(model, lx, ly, "relu3"))
     add("explain", t)
+    add("explain_lrp", timed(lambda: explain(model, lx, ly, "relu3", pixel_method=LRP))[0])
     add("ig_max_gap", float(torch.cat([e.ig_predicted.relative_gap, e.ig_true.relative_gap]).max()))
     add("ig_max_steps", float(torch.cat([e.ig_predicted.steps, e.ig_true.steps]).max()))
     add("ablation", timed(lambda: ablation_importance(model, px, py, graph, dict.fromkeys(nodes)))[0])
@@ -258,7 +277,7 @@ def main() -> None:
 
     paired = {
         k: med([v / e for v, e in zip(rec[k], rec["epoch"], strict=True)])
-        for k in ("explain", "ablation", "references", "heatmaps")
+        for k in ("explain", "explain_lrp", "ablation", "references", "heatmaps")
     }
     fit_share = {k: paired[k] * KEPT_EPOCHS / SEED_EPOCHS for k in ("ablation", "references", "heatmaps")}
     m = machine()
@@ -273,6 +292,8 @@ def main() -> None:
         "|---|---:|---:|---|",
         f"| attribution, 6 lecture images (Grad-CAM + IG, predicted and true class) | {med(rec['explain']):.3f} s | "
         f"{100 * paired['explain']:.2f}% of an epoch | <= 1% |",
+        f"| attribution with LRP, the same images and classes (Grad-CAM + LRP) | {med(rec['explain_lrp']):.3f} s | "
+        f"{100 * paired['explain_lrp']:.2f}% of an epoch | <= 1% |",
         f"| ablation, 128 units x {probe_n} probe images | {med(rec['ablation']):.2f} s | "
         f"{100 * fit_share['ablation']:.2f}% of the fit at {KEPT_EPOCHS} kept epochs | <= 5% |",
         f"| relevance references (top-8 by relevance and activation), {probe_n} images | "
@@ -288,17 +309,19 @@ def main() -> None:
         f"rows above 1%). Relevance and activation references shared {100 * med(rec['overlap']):.0f}% of their images "
         "(mean over the 128 units, median over repeats).",
         "",
-        "Peers on the same inputs, interleaved (median seconds per call; Grad-CAM: 5 x 4 calls per repeat, IG: 3 x 1, "
-        "ablation: 1; lower is better):",
+        "Peers on the same inputs, interleaved (median seconds per call; Grad-CAM and LRP: 5 x 4 calls per repeat, "
+        "IG: 3 x 1, ablation: 1; lower is better). LRP's relevance differs from zennit's by at most "
+        f"{max(rec['lrp_max_diff']):.1e} (largest absolute difference, every repeat):",
         "",
-        "| computation | cnnfeat | Captum | cnnfeat / Captum |",
+        "| computation | cnnfeat | peer | cnnfeat / peer |",
         "|---|---:|---:|---:|",
     ]
     for label, ours, theirs in (
-        ("Grad-CAM at relu3, 12 (image, class) pairs", "gradcam_ours", "gradcam_captum"),
-        ("Integrated Gradients, 12 pairs x 64 steps", "ig_ours", "ig_captum"),
+        ("Grad-CAM at relu3, 12 (image, class) pairs (Captum)", "gradcam_ours", "gradcam_captum"),
+        ("Integrated Gradients, 12 pairs x 64 steps (Captum)", "ig_ours", "ig_captum"),
+        ("LRP epsilon-plus-flat, 12 pairs (zennit)", "lrp_ours", "lrp_zennit"),
         (
-            f"ablation of relu2 (6) + relu5 (100) units, {peer_n} images",
+            f"ablation of relu2 (6) + relu5 (100) units, {peer_n} images (Captum)",
             "ablation_subset_ours",
             "ablation_subset_captum",
         ),

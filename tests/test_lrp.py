@@ -78,6 +78,21 @@ def test_epsilon_rule_is_gradient_times_input_without_biases(make: Callable[[], 
     assert torch.allclose(r.logit, model(x).gather(1, targets.view(-1, 1)).squeeze(1).detach())
 
 
+def test_equals_zennits_own_epsilon_plus_flat_where_modules_are_in_execution_order() -> None:
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+
+    torch.manual_seed(5)
+    model = SmallCNN(input_mean=None, input_std=None).eval()  # defined in execution order, no input standardisation
+    x = torch.rand(4, 1, 28, 28)
+    targets = model(x).argmax(1)
+    ours = lrp(model, x, targets)
+    with Gradient(model=model, composite=EpsilonPlusFlat()) as attributor:
+        logits, theirs = attributor(x.clone().requires_grad_(True), lambda out: F.one_hot(targets, 10) * out)
+    assert torch.allclose(ours.relevance, theirs, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(ours.logit, logits.gather(1, targets.view(-1, 1)).squeeze(1).detach())
+
+
 def test_first_layer_is_the_first_the_input_meets() -> None:
     plan = lrp_rules(trace_graph(FunctionalNet().eval(), torch.zeros(1, 1, 28, 28)))
     assert plan.rules == {"conv1": "flat", "conv2": "zplus", "fc": "epsilon"}, "execution order, not definition order"
@@ -255,6 +270,10 @@ def test_callback_draws_lrp_panels_read_back_from_the_event_file(make_cfg: MakeC
     ev = read_events(tmp_path)
     images, scalars = ev["images"], ev["scalars"]
     assert not any(t.startswith("attribution/ig_gap/") for t in scalars), "no IG numbers from an LRP run"
+    for tag in scalars:
+        if tag.startswith("attribution/"):
+            assert tags.family(tag, "scalar") is tags.ATTRIBUTION_LRP_CONSERVED, tag
+    assert {tags.family(t, "image") for t in images if t.startswith("attribution/")} == {tags.ATTRIBUTION}
     datamodule, model, _ = build(cfg)
     trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(trained)
