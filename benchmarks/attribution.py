@@ -187,7 +187,9 @@ def pieces(
     t, refs = timed(lambda: references(model, px, nodes, k=8))
     add("references", t)
     add("heatmaps", timed(lambda: [reference_heatmaps(model, px, refs[n], refs[n].by_relevance) for n in nodes])[0])
-    add("overlap", float(torch.cat([refs[n].overlap() for n in nodes]).mean()))
+    shares = torch.cat([refs[n].overlap() for n in nodes])  # NaN: a unit without references (it never fires)
+    add("overlap", float(shares.nanmean()))
+    add("no_references", float(shares.isnan().sum()))
     peer(model, graph, lx, ly, e.predicted, px[:peer_n], py[:peer_n], add)
     return refs
 
@@ -307,7 +309,8 @@ def main() -> None:
         f"Integrated Gradients reached completeness within {100 * max(rec['ig_max_gap']):.2f}% on every row of every "
         f"repeat, with at most {int(max(rec['ig_max_steps']))} Gauss-Legendre steps (starting at 32, doubling only the "
         f"rows above 1%). Relevance and activation references shared {100 * med(rec['overlap']):.0f}% of their images "
-        "(mean over the 128 units, median over repeats).",
+        f"(mean over the units with references, median over repeats; at most {int(max(rec['no_references']))} of the "
+        "128 units had none: they never fired on the probe).",
         "",
         "Peers on the same inputs, interleaved (median seconds per call; Grad-CAM and LRP: 5 x 4 calls per repeat, "
         "IG: 3 x 1, ablation: 1; lower is better). LRP's relevance differs from zennit's by at most "

@@ -47,6 +47,7 @@ from cnnfeat.graph import device_of as device_of  # the callbacks import it from
 from cnnfeat.plan import LayerPlan
 from cnnfeat.probe import ProbeSet, ProbeSpec
 from cnnfeat.probe_pass import PassResult, ProbePass
+from cnnfeat.run import event_crc
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.run.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
 from cnnfeat.units import nonfinite_rows as nonfinite_rows  # the callbacks import it from here
@@ -134,6 +135,7 @@ class Pictures:
     def write(self, writer: SummaryWriter | None, step: int, png_dir: Path | None = None, scalars: bool = True) -> None:
         """Send everything to ``writer`` (if any) and images to ``png_dir/<tag>/step_NNN.png`` (if set)."""
         if writer is not None:
+            event_crc.install()  # the event records' checksums at compiled speed (cnnfeat.run.event_crc)
             for tag, img in self.images.items():
                 writer.add_image(tag, img, step, dataformats="CHW")
             for tag, values in self.histograms.items():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnnfeat.run import event_crc
 from cnnfeat.tags import Kind
 
 log = logging.getLogger("cnnfeat")
@@ -141,6 +142,7 @@ def records(paths: Iterable[Path | str], want: Want | None = None, on_damage: On
     warning)."""
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
+    event_crc.install()  # the records' checksums at compiled speed (cnnfeat.run.event_crc)
     on_damage = on_damage or _warn
     out: list[Record] = []
     for f in map(Path, paths):
