@@ -114,6 +114,8 @@ class LRPError(ConfigError):
     """A graph node that the LRP rules cannot explain correctly (the message names it)."""
 
 
+#: ops that return their input's values unchanged: in front of the first layer they leave relevance on the input itself
+IDENTITY_FUNCTIONS = frozenset(["contiguous", "clone", "to", "type", "type_as", "float"])
 #: elementwise ops with one constant operand, allowed in front of the first conv/linear layer (input normalisation):
 #: relevance is taken at that layer's input, so they only need to keep each value at its pixel
 AFFINE_FUNCTIONS = frozenset(["sub", "rsub", "add", "mul", "div", "truediv"])
@@ -157,9 +159,12 @@ def lrp_rules(graph: Graph, composite: str = EPSILON_PLUS_FLAT) -> RulePlan:
     merges: list[tuple[str, str]] = []
     calls: dict[str, int] = {}
     entry: str | None = None  # set at the first conv/linear layer
+    same = {n.name for n in graph if n.kind == INPUT}  # the input, and identity ops of it: relevance at the input
     for node in graph:
         if node.kind == INPUT or not node.depends_on_input or node.alias:
             continue
+        if node.kind == "function" and node.op in IDENTITY_FUNCTIONS and set(_from_input(graph, node.name)) <= same:
+            same.add(node.name)
         parents = _from_input(graph, node.name)
         if len(parents) > 1:
             raise _refuse(graph, node.name, f"({node.op}) combines {len(parents)} tensors computed from the input")
@@ -173,7 +178,8 @@ def lrp_rules(graph: Graph, composite: str = EPSILON_PLUS_FLAT) -> RulePlan:
         layer = isinstance(module, _ConvNd | nn.Linear) and not isinstance(module, _ConvTransposeNd)
         if layer:
             if entry is None:
-                entry, rule = parents[0], ("epsilon" if composite == EPSILON else "flat")
+                entry = INPUT if parents[0] in same else parents[0]
+                rule = "epsilon" if composite == EPSILON else "flat"
             else:
                 rule = "zplus" if composite != EPSILON and isinstance(module, _ConvNd) else "epsilon"
         elif isinstance(module, ROUTING_MODULES):

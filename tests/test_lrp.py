@@ -97,6 +97,11 @@ def test_first_layer_is_the_first_the_input_meets() -> None:
     plan = lrp_rules(trace_graph(FunctionalNet().eval(), torch.zeros(1, 1, 28, 28)))
     assert plan.rules == {"conv1": "flat", "conv2": "zplus", "fc": "epsilon"}, "execution order, not definition order"
     assert plan.entry == "input"
+    x = torch.zeros(1, 1, 28, 28)
+    plain = lrp_rules(trace_graph(SmallCNN(input_mean=None, input_std=None).eval(), x))
+    assert plain.entry == "input", "x.contiguous() in front of conv1 leaves relevance on the input itself"
+    standardised = lrp_rules(trace_graph(SmallCNN().eval(), x))
+    assert standardised.entry not in ("input", "conv1"), "relevance is taken after the standardisation"
 
 
 def test_epsilon_plus_flat_conserves_relevance_without_biases() -> None:
