@@ -24,6 +24,7 @@ logit (``LRPResult.conserved`` = that sum / the logit; biases and epsilon absorb
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,6 +117,13 @@ class LRPError(ConfigError):
 
 #: ops that return their input's values unchanged: in front of the first layer they leave relevance on the input itself
 IDENTITY_FUNCTIONS = frozenset(["contiguous", "clone", "to", "type", "type_as", "float"])
+#: reshapes that keep the values in their (row-major) order
+ORDER_PRESERVING_RESHAPES = frozenset(
+    ["flatten", "unflatten", "view", "view_as", "reshape", "reshape_as", "squeeze", "unsqueeze", "contiguous"]
+)
+DROPOUT_FUNCTIONS = frozenset(["dropout", "dropout1d", "dropout2d", "dropout3d"])
+#: copies (grey repeated to RGB): allowed in front of the first layer along dimension 1 only
+COPY_FUNCTIONS = frozenset(["repeat", "expand", "expand_as"])
 #: elementwise ops with one constant operand, allowed in front of the first conv/linear layer (input normalisation):
 #: relevance is taken at that layer's input, so they only need to keep each value at its pixel
 AFFINE_FUNCTIONS = frozenset(["sub", "rsub", "add", "mul", "div", "truediv"])
@@ -150,6 +158,43 @@ def _from_input(graph: Graph, name: str) -> list[str]:
     return [p for p in graph.nodes[name].parents if graph.nodes[p].kind == INPUT or graph.nodes[p].depends_on_input]
 
 
+def _arg_shapes(graph: Graph, node: Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the shape of the node's argument computed from the input, its output shape)."""
+    for producer, shape in zip(node.inputs, node.input_shapes, strict=False):
+        if producer is not None and (graph.nodes[producer].kind == INPUT or graph.nodes[producer].depends_on_input):
+            return tuple(shape), tuple(node.output_shape)
+    return tuple(node.output_shape), tuple(node.output_shape)
+
+
+def _copies_along_dim1(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether ``after`` is ``before`` with only dimension 1 (channels, features) made a whole multiple larger."""
+    return (
+        len(before) == len(after) >= 2
+        and before[0] == after[0]
+        and before[2:] == after[2:]
+        and after[1] % max(before[1], 1) == 0
+    )
+
+
+def _prefix_ok(graph: Graph, node: Node) -> str | None:
+    """Why ``node`` in front of the first conv/linear layer would move relevance off its pixel (None: it does not).
+    Allowed: identity ops, elementwise ops with a constant, dropout, order-preserving reshapes (``view``,
+    ``flatten``, ...), and copies along dimension 1 (grey repeated to RGB): relevance then maps back exactly."""
+    before, after = _arg_shapes(graph, node)
+    if node.kind == "module":
+        module = node.module
+        if isinstance(module, nn.Flatten | nn.Unflatten | nn.Identity | _DropoutNd):
+            return None
+        return f"is a {type(module).__name__} in front of the first conv/linear layer"
+    if node.op in ORDER_PRESERVING_RESHAPES:
+        return None
+    if node.op in IDENTITY_FUNCTIONS | AFFINE_FUNCTIONS | DROPOUT_FUNCTIONS | COPY_FUNCTIONS:
+        if after == before or _copies_along_dim1(before, after):
+            return None
+        return f"({node.op}) changes the input's shape {before} -> {after} other than by copies along dimension 1"
+    return f"({node.op}) rearranges or changes the input in front of the first conv/linear layer"
+
+
 def lrp_rules(graph: Graph, composite: str = EPSILON_PLUS_FLAT) -> RulePlan:
     """The rule of every module the input's path goes through (see the module docstring), or ``LRPError``."""
     if composite not in COMPOSITES:
@@ -157,25 +202,32 @@ def lrp_rules(graph: Graph, composite: str = EPSILON_PLUS_FLAT) -> RulePlan:
     activations = _activation_types()
     rules: dict[str, str] = {}
     merges: list[tuple[str, str]] = []
-    calls: dict[str, int] = {}
+    calls: dict[str, list[str]] = {}  # module path -> its node names (every call, from the input or not)
+    for n in graph:
+        if n.kind == "module" and not n.alias:
+            calls.setdefault(split_call(n.name)[0], []).append(n.name)
     entry: str | None = None  # set at the first conv/linear layer
     same = {n.name for n in graph if n.kind == INPUT}  # the input, and identity ops of it: relevance at the input
     for node in graph:
         if node.kind == INPUT or not node.depends_on_input or node.alias:
             continue
-        if node.kind == "function" and node.op in IDENTITY_FUNCTIONS and set(_from_input(graph, node.name)) <= same:
-            same.add(node.name)
         parents = _from_input(graph, node.name)
         if len(parents) > 1:
             raise _refuse(graph, node.name, f"({node.op}) combines {len(parents)} tensors computed from the input")
-        if node.kind == "function":
-            if node.op in ROUTING_FUNCTIONS or (entry is None and node.op in AFFINE_FUNCTIONS):
-                continue
-            where = "" if entry is None else " after the first conv/linear layer"
-            raise _refuse(graph, node.name, f"is the function {node.op!r}{where}, for which LRP has no rule")
-        module, path = node.module, split_call(node.name)[0]
-        calls[path] = calls.get(path, 0) + 1
+        module = node.module if node.kind == "module" else None
         layer = isinstance(module, _ConvNd | nn.Linear) and not isinstance(module, _ConvTransposeNd)
+        if entry is None and not layer:  # in front of the first layer: nothing is hooked, values must keep their pixel
+            if (why := _prefix_ok(graph, node)) is not None:
+                raise _refuse(graph, node.name, why)
+            if node.kind == "function" and node.op in IDENTITY_FUNCTIONS and set(parents) <= same:
+                same.add(node.name)
+            continue
+        if node.kind == "function":
+            if node.op in ROUTING_FUNCTIONS:
+                continue
+            why = f"is the function {node.op!r} after the first conv/linear layer, for which LRP has no rule"
+            raise _refuse(graph, node.name, why)
+        path = split_call(node.name)[0]
         if layer:
             if entry is None:
                 entry = INPUT if parents[0] in same else parents[0]
@@ -193,15 +245,32 @@ def lrp_rules(graph: Graph, composite: str = EPSILON_PLUS_FLAT) -> RulePlan:
             rule = "norm"
         else:
             raise _refuse(graph, node.name, f"is a {type(module).__name__}, for which LRP has no rule")
-        if calls[path] > 1:
-            raise _refuse(
-                graph, node.name, "is a second call of a module with an LRP rule (zennit keeps one per module)"
-            )
-        if entry is not None:  # in front of the first layer nothing is hooked: relevance is taken at its input
-            rules[path] = rule
+        rules[path] = rule
     if entry is None:
         raise LRPError(f"LRP cannot explain {graph.owner}: the input meets no conv or linear layer")
+    hooked = [*rules, *(p for pair in merges for p in pair)]
+    for path in dict.fromkeys(hooked):
+        if len(calls.get(path, [])) > 1:  # zennit keeps one set of tensors per module; a merge would run twice
+            raise _refuse(graph, calls[path][1], f"is another call of {path!r}, which LRP hooks or merges (once only)")
+    _pixel_factor(graph, entry)  # relevance at the entry maps back onto the input's pixels, or a refusal now
     return RulePlan(rules, tuple(merges), entry)
+
+
+def _pixel_factor(graph: Graph, entry: str) -> int:
+    """How many copies of each input value the first layer's input holds (1: none), or ``LRPError``."""
+    inputs = [n for n in graph if n.kind == INPUT]
+    if entry == INPUT or not inputs:
+        return 1
+    per_image_in = math.prod(inputs[0].output_shape[1:])
+    per_image_entry = math.prod(graph.nodes[entry].output_shape[1:])
+    if per_image_in and per_image_entry % per_image_in == 0:
+        return per_image_entry // per_image_in
+    raise _refuse(
+        graph,
+        entry,
+        f"feeds the first layer {per_image_entry} values per image where the input has {per_image_in}: its "
+        "relevance cannot be put back on the input's pixels",
+    )
 
 
 def _mergeable(graph: Graph, node: Node) -> str:
@@ -280,24 +349,13 @@ def lrp(
             picked = pick(logits, targets)
             seed = torch.zeros_like(logits).scatter(1, targets.to(device).view(-1, 1), picked.detach().view(-1, 1))
             (relevance,) = torch.autograd.grad(logits, wrt, grad_outputs=seed)
-    return LRPResult(_on_pixels(graph, plan.entry, relevance.detach(), x.shape).cpu(), picked.detach().float().cpu())
+    pixels = relevance.detach() if plan.entry == INPUT else _on_pixels(graph, plan.entry, relevance.detach(), x.shape)
+    return LRPResult(pixels.cpu(), picked.detach().float().cpu())
 
 
 def _on_pixels(graph: Graph, entry: str, relevance: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Relevance at ``entry`` (per value of the first layer's input) -> per input value: the same shape as it is, or
-    grey images repeated to C channels (summed back); anything else is refused, naming ``entry``."""
-    if relevance.shape == shape:
-        return relevance
-    if (
-        len(shape) == relevance.ndim
-        and shape[1] == 1
-        and shape[0] == relevance.shape[0]
-        and shape[2:] == relevance.shape[2:]
-    ):
-        return relevance.sum(dim=1, keepdim=True)
-    raise _refuse(
-        graph,
-        entry,
-        f"feeds the first layer {tuple(relevance.shape[1:])} values per image where the input has "
-        f"{tuple(shape[1:])}: its relevance cannot be put back on the input's pixels",
-    )
+    """Relevance at ``entry`` (per value of the first layer's input) -> per input value: the prefix only reshapes in
+    order and copies along dimension 1 (``_prefix_ok``), so each image's values are ``k`` whole copies of its input's,
+    one after the other; their relevance is summed."""
+    k = _pixel_factor(graph, entry)
+    return relevance.reshape(len(relevance), k, -1).sum(dim=1).reshape(shape)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -24,12 +26,21 @@ def _masked(crc: int) -> int:
     return stub.u32(((crc >> 15) | stub.u32(crc << 17)) + 0xA282EAD8)
 
 
-def test_the_check_value_and_random_data_of_many_lengths() -> None:
+def test_the_check_value_and_random_data_of_many_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stub, "crc32c", stub.crc32c)
+    assert event_crc.install()  # compiles the kernel, on this thread
     assert event_crc.crc32c(b"123456789") == 0xE3069283 == _pure(b"123456789")  # the CRC-32C check value
     for n in (0, 1, 2, 7, 8, 9, 255, 256, 1000, 4097, 65_537):
         data = os.urandom(n)
         assert event_crc.crc32c(data) == _pure(data), n
         assert event_crc.crc32c(bytearray(data)) == _pure(data)
+        assert event_crc.crc32c(memoryview(data)) == _pure(data)
+    # what the compiled kernel does not take goes to tensorboard's own loop: the same value, never a wrong one
+    data = os.urandom(64)
+    for other in (list(data), memoryview(data)[::2], array.array("B", data), np.frombuffer(data, dtype=np.uint8)[::3]):
+        assert event_crc.crc32c(other) == _pure(other), type(other)
+    with pytest.raises(OverflowError):  # tensorboard's own loop refuses wider items, and so does ours (it is the same)
+        event_crc.crc32c(array.array("H", [300]))
 
 
 def test_installed_events_round_trip_and_an_edit_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

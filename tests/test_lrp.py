@@ -213,7 +213,7 @@ class Norm(nn.Module):
     [
         (Residual(), "add", "combines 2 tensors"),
         (Squash(), "sigmoid", "function 'sigmoid' after the first conv/linear layer"),
-        (Twice(), "conv:1", "second call"),
+        (Twice(), "conv:1", "another call"),
         (LoneBN(), "bn", "BatchNorm"),
         (Norm(), "norm", "LayerNorm"),
     ],
@@ -315,3 +315,82 @@ def test_callback_refuses_lrp_on_a_residual_network_before_training() -> None:
         cb.prepare(Residual().eval(), probe_from_tensors(torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 0])))
     with pytest.raises(ConfigError, match="pixel_method"):
         AttributionCallback(pixel_method="LRP")
+
+
+# -- the review's cases: each refused naming the node, or mapped back exactly -------------------------------------
+class SharedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 28 * 28, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv2(F.relu(self.bn(self.conv1(x))))).flatten(1))
+
+
+class Prefix(nn.Module):
+    """A first conv behind ``prefix`` (a rearrangement of the input)."""
+
+    def __init__(self, prefix: Callable[[torch.Tensor], torch.Tensor], channels: int = 1) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.conv = nn.Conv2d(channels, 2, 3, padding=1, bias=False)
+        self.fc = nn.Linear(2 * 28 * 28, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(self.prefix(x))).flatten(1))
+
+
+class ReusedOnABuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(28 * 28, 3)
+        self.register_buffer("ref", torch.zeros(1, 28 * 28))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(self.conv(x).flatten(1))
+        self.fc(self.ref)  # a second call on a tensor not computed from the input: zennit would keep its tensors
+        return out
+
+
+@pytest.mark.parametrize(
+    ("model", "node", "channels"),
+    [
+        (SharedBN(), "bn:1", 1),
+        (Prefix(lambda x: x.transpose(2, 3)), "transpose", 1),
+        (Prefix(lambda x: x.permute(0, 1, 3, 2)), "permute", 1),
+        (Prefix(lambda x: x[:, [2, 1, 0]], channels=3), "getitem", 3),
+        (ReusedOnABuffer(), "fc:1", 1),
+    ],
+)
+def test_what_would_move_relevance_or_corrupt_the_model_is_refused(model: nn.Module, node: str, channels: int) -> None:
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LRPError) as err:
+        lrp(model, torch.rand(2, channels, 28, 28), torch.tensor([0, 1]))
+    assert repr(node) in str(err.value), str(err.value)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} untouched"
+
+
+def test_flattened_and_standardised_inputs_map_back_onto_their_pixels() -> None:
+    torch.manual_seed(6)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    x, targets = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 3])
+    r = lrp(mlp.eval(), x, targets, composite=EPSILON, epsilon=1e-9)
+    expected = _grad_x_input(mlp, x, targets)
+    assert r.relevance.shape == x.shape
+    assert float((r.relevance - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
+    # a per-channel standardisation that broadcasts grey to three channels: each copy's relevance comes back home
+    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
+    model = _no_biases(Prefix(lambda x: (x - mean) / std, channels=3))
+    r = lrp(model, x, torch.tensor([0, 1, 2]), composite=EPSILON, epsilon=1e-9)
+    z = ((x - mean) / std).requires_grad_(True)
+    inner = nn.Sequential(model.conv, nn.ReLU(), nn.Flatten(), model.fc)
+    (g,) = torch.autograd.grad(inner(z).gather(1, torch.tensor([[0], [1], [2]])).sum(), z)
+    expected = (g * z).detach().sum(dim=1, keepdim=True)
+    assert r.relevance.shape == x.shape
+    assert float((r.relevance - expected).abs().max()) <= 1e-3 * float(expected.abs().max())

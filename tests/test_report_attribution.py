@@ -240,3 +240,23 @@ def test_explore_logs_attribution_and_importance_at_the_checkpoint_steps(
             result = browser.check((tmp_path / "report" / name).as_uri())
             assert result.ok, (name, result.errors, result.broken_images)
             assert result.images == (2 * len(STEPS) if name == "attribution.html" else 0), name
+
+
+def test_a_run_that_changed_its_pixel_method_names_each_steps_method(tmp_path: Path) -> None:
+    """IG at steps 0-1, then LRP at step 2 (a resume with another ``pixel_method``): each row says which it shows."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    writer = SummaryWriter(run)
+    rng = np.random.default_rng(0)
+    for step in (0, 1, 2):
+        writer.add_image(tags.ATTRIBUTION.format(image=22), rng.random((3, 40, 60)).astype(np.float32), step)
+        family = tags.ATTRIBUTION_IG_GAP if step < 2 else tags.ATTRIBUTION_LRP_CONSERVED
+        writer.add_scalar(family.format(image=22), 0.005 * (step + 1) if step < 2 else 0.75, step)
+    writer.close()
+    page = (write_report(run).parent / "attribution.html").read_text()
+    assert "Integrated Gradients" in page and "LRP" in page and "each row names its own" in page
+    rows = html_rows(section(page, "<h2 id='img22'>"))
+    assert [r[0].split()[0] for r in rows] == ["0", "1", "2"]
+    assert [("IG" in r[0], "LRP" in r[0]) for r in rows] == [(True, False), (True, False), (False, True)]
+    assert [r[2] for r in rows] == [pct(0.005), pct(0.01), fmt(0.75)]

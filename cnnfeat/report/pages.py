@@ -43,6 +43,9 @@ _STATUS_METRICS = (_VAL_ACC, _TEST_ACC, _TRAIN_ACC, _TRAIN_LOSS, _VAL_LOSS)
 #: the pages of the attribution and importance callbacks (issue 24), when the run logged their tags
 ATTRIBUTION_PAGE, IMPORTANCE_PAGE = "attribution.html", "importance.html"
 _PIXEL_NAMES = {"IG": "Integrated Gradients", "LRP": "LRP"}
+_SCORE_TAGS = {"IG": tags.ATTRIBUTION_IG_GAP, "LRP": tags.ATTRIBUTION_LRP_CONSERVED}
+_SCORE_NAMES = {"IG": "IG gap", "LRP": "LRP conserved"}
+_STEPS_AXIS = "epochs trained (0 = untrained)"
 #: units of a layer drawn in the importance-across-epochs chart (the most important at the last kept step)
 _CHART_UNITS = 8
 #: rows of a ranking table shown before the rest folds away
@@ -298,9 +301,10 @@ class _Writer:
                 out[m["image"]] = dict(values)
         return out
 
-    def pixel_method(self) -> str:
-        """Which pixel-level map the run's attribution pictures hold ("LRP" or "IG"), from the scalars it logged."""
-        return "LRP" if self.attribution_scores(tags.ATTRIBUTION_LRP_CONSERVED) else "IG"
+    def pixel_methods(self) -> list[str]:
+        """Which pixel-level maps the run's attribution pictures hold ("IG", "LRP", or both when a resumed run changed
+        ``pixel_method``), from the scalars logged beside them; a run without either scalar: IG, the default."""
+        return [m for m in ("IG", "LRP") if self.attribution_scores(_SCORE_TAGS[m])] or ["IG"]
 
     def importance_scalars(self, layer: str) -> dict[str, dict[int, float]]:
         """A layer's importance scalars by step: ``acc_drop_max``, ``busy_idle``, ``rare_vital``."""
@@ -341,7 +345,8 @@ class _Writer:
             steps = sorted({s for v in images.values() for s, _ in v})
             items.append(
                 f"<li><a href='{ATTRIBUTION_PAGE}'>Where the network looks</a>: Grad-CAM and "
-                f"{_PIXEL_NAMES[self.pixel_method()]} of {len(images)} image(s) at steps {_ranges(steps)}</li>"
+                f"{' and '.join(_PIXEL_NAMES[m] for m in self.pixel_methods())} of {len(images)} image(s) at steps "
+                f"{_ranges(steps)}</li>"
             )
         if self.has_page(IMPORTANCE_PAGE):
             rows = []
@@ -368,43 +373,49 @@ class _Writer:
         return "<h2>Attribution and unit importance</h2><ul>" + "".join(items) + "</ul>"
 
     def attribution_page(self) -> str:
-        """Per image, its attribution picture at every step (as logged) with the pixel-level method's check (IG's
-        completeness gap or LRP's conserved share) of the step."""
-        images, method = self.attribution_images(), self.pixel_method()
-        lrp = method == "LRP"
-        scores = self.attribution_scores(tags.ATTRIBUTION_LRP_CONSERVED if lrp else tags.ATTRIBUTION_IG_GAP)
-        if lrp:
-            pixel = (
+        """Per image, its attribution picture at every step (as logged) with the pixel-level method's check of the
+        step (IG's completeness gap or LRP's conserved share); each step's method is read from which check it has."""
+        images, methods = self.attribution_images(), self.pixel_methods()
+        scores = {m: self.attribution_scores(_SCORE_TAGS[m]) for m in methods}
+        texts = {
+            "IG": (
+                "<b>Integrated Gradients</b> for the predicted and the true class (summed over channels; red = pixels "
+                "that are evidence for the class, blue = against it, white = none). The <b>IG gap</b> is how far the "
+                "attributions' sum misses the logit difference to the black baseline (relative, the larger of the two "
+                "classes): near 0 means the IG map accounts for the whole score."
+            ),
+            "LRP": (
                 "<b>LRP</b> (layer-wise relevance propagation, zennit's epsilon-plus-flat rules) for the predicted and "
                 "the true class: the class's logit handed back layer by layer to the pixels (summed over channels; red "
-                "= pixels that are evidence for the class, blue = against it, white = none). When the prediction is "
-                "right, the two Grad-CAMs (and the two LRP maps) are the same. <b>LRP conserved</b> is the input "
-                "relevance's sum over the logit (the class farther from 1): 1 means all of it reached the pixels, the "
-                "rest was absorbed by the biases."
-            )
-            score_name, chart_y = "LRP conserved", "sum of relevance / logit"
-        else:
-            pixel = (
-                "<b>Integrated Gradients</b> for the predicted and the true class (summed over channels; red = pixels "
-                "that are evidence for the class, blue = against it, white = none). When the prediction is right, the "
-                "two Grad-CAMs (and the two IG maps) are the same. The <b>IG gap</b> is how far the attributions' sum "
-                "misses the logit difference to the black baseline (relative, the larger of the two classes): near 0 "
-                "means the IG map accounts for the whole score."
-            )
-            score_name, chart_y = "IG gap", "relative gap"
+                "= pixels that are evidence for the class, blue = against it, white = none). <b>LRP conserved</b> is "
+                "the input relevance's sum over the logit (the class farther from 1): 1 means all of it reached the "
+                "pixels, the rest was absorbed by the biases."
+            ),
+        }
+        both = len(methods) > 1
+        pixel = " and ".join(texts[m] for m in methods)
         parts = [
             "<p>Each row is the picture the attribution callback logged at that step (0 = untrained, then epochs "
             "trained): <b>the input</b>, <b>Grad-CAM</b> at the last conv stage for the <b>predicted</b> and the "
             "<b>true</b> class (viridis, both on one scale: bright = the region that raises the class score), and "
-            f"{pixel}</p>",
+            f"{pixel} When the prediction is right, the two Grad-CAMs (and the two pixel maps) are the same."
+            + (" This run drew both methods (its setting changed on a resume): each row names its own." if both else "")
+            + "</p>",
             self.explored_line(),
         ]
-        if scores:
-            series = {f"img{k}": sorted(v.items()) for k, v in scores.items()}
-            title = "LRP: relevance conserved" if lrp else "IG completeness gap"
-            parts.append(
-                "<div class='figs'>" + svg_chart(series, title, "epochs trained (0 = untrained)", chart_y) + "</div>"
+        charts = {
+            "IG": ("IG completeness gap", "relative gap"),
+            "LRP": ("LRP: relevance conserved", "relevance / logit"),
+        }
+        figs = [
+            svg_chart(
+                {f"img{k}": sorted(v.items()) for k, v in scores[m].items()}, charts[m][0], _STEPS_AXIS, charts[m][1]
             )
+            for m in methods
+            if scores[m]
+        ]
+        if figs:
+            parts.append("<div class='figs'>" + "".join(figs) + "</div>")
         links = " ".join(f"<a href='#img{esc(k)}'>img{esc(k)}</a>" for k in images)
         parts.append(f"<p>Images: {links}</p>")
         for image, steps in images.items():
@@ -415,15 +426,21 @@ class _Writer:
                 if got is None:
                     continue
                 src, size = got
-                value = scores.get(image, {}).get(step)
+                at = next((m for m in methods if step in scores[m].get(image, {})), None)
+                value = scores[at][image][step] if at is not None else None
                 rows.append(
                     [
-                        f"{step} <span class='muted'>({_step_name(step)})</span>",
+                        f"{step} <span class='muted'>({_step_name(step)}{', ' + at if both and at else ''})</span>",
                         img_tag(src, f"{tag} at step {step}", size, "smooth", 0.75),
-                        fmt(value) if lrp else pct(value),
+                        fmt(value) if at == "LRP" else pct(value),
                     ]
                 )
-            head = ["step", f"input · Grad-CAM pred, true · {method} pred, true", score_name]
+            maps = " or ".join(methods)
+            head = [
+                "step",
+                f"input · Grad-CAM pred, true · {maps} pred, true",
+                " / ".join(_SCORE_NAMES[m] for m in methods),
+            ]
             parts.append(f"<h2 id='img{esc(image)}'>Image {esc(image)}</h2>" + table(head, rows))
         return page(f"Attribution · {self.data.run_dir.name}", "".join(parts), self.nav(ATTRIBUTION_PAGE))
 

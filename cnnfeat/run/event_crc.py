@@ -27,10 +27,10 @@ _replaced: list[Callable[[bytes], int]] = []
 
 
 @cache
-def _kernel() -> Callable[[np.ndarray, np.ndarray], int]:
+def _kernel(disk_cache: bool = True) -> Callable[[np.ndarray, np.ndarray], int]:
     import numba
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=disk_cache, nogil=True)
     def crc(buf: np.ndarray, table: np.ndarray) -> int:  # pragma: no cover - compiled
         value = np.uint32(0xFFFFFFFF)
         for b in buf:
@@ -40,6 +40,10 @@ def _kernel() -> Callable[[np.ndarray, np.ndarray], int]:
     return crc
 
 
+#: the compiled kernel ``install`` made and checked (None: not installed)
+_compiled: list[Callable[[np.ndarray, np.ndarray], int]] = []
+
+
 @cache
 def _table() -> np.ndarray:
     import importlib
@@ -47,10 +51,37 @@ def _table() -> np.ndarray:
     return np.asarray(importlib.import_module(_STUB).CRC_TABLE, dtype=np.uint32)
 
 
-def crc32c(data: bytes | bytearray | memoryview) -> int:
-    """CRC-32C (Castagnoli) of ``data``, as ``pywrap_tensorflow.crc32c`` computes it."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    return int(_kernel()(buf, _table()))
+def _pure(data: object) -> int:
+    """tensorboard's own CRC-32C (any input it accepts: bytes, arrays, iterables of bytes)."""
+    import importlib
+
+    stub = importlib.import_module(_STUB)
+    return stub.crc_finalize(stub.crc_update(stub.CRC_INIT, data))
+
+
+def crc32c(data: object) -> int:
+    """CRC-32C (Castagnoli) of ``data``, as ``pywrap_tensorflow.crc32c`` computes it: bytes-like input (what
+    tensorboard passes) by the compiled kernel once ``install`` made one, anything else by tensorboard's own loop."""
+    if _compiled and (
+        isinstance(data, bytes | bytearray)
+        or (isinstance(data, memoryview) and data.c_contiguous and data.itemsize == 1)
+    ):
+        return int(_compiled[0](np.frombuffer(data, dtype=np.uint8), _table()))
+    return _pure(data)
+
+
+def _compile() -> bool:
+    """Compile the kernel here (not in TensorBoard's writer thread) and check it on CRC-32C's check value; numba's
+    disk cache first, in memory where no cache directory is writable. False when neither works."""
+    for disk_cache in (True, False):
+        try:
+            kernel = _kernel(disk_cache)
+            if int(kernel(np.frombuffer(b"123456789", dtype=np.uint8), _table())) == 0xE3069283:
+                _compiled[:] = [kernel]
+                return True
+        except Exception:  # numba's errors vary (no cache locator, no compiler): keep tensorboard's
+            continue
+    return False
 
 
 def install() -> bool:
@@ -67,9 +98,7 @@ def install() -> bool:
         return True
     if getattr(stub.crc32c, "__module__", None) != stub.__name__:  # someone else's replacement: leave it
         return False
-    try:
-        import numba  # noqa: F401
-    except ImportError:
+    if not _compiled and not _compile():
         return False
     _replaced[:] = [stub.crc32c]
     stub.crc32c = crc32c
