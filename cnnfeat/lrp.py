@@ -42,51 +42,27 @@ EPSILON_PLUS_FLAT = "epsilon_plus_flat"
 EPSILON = "epsilon"
 COMPOSITES = (EPSILON_PLUS_FLAT, EPSILON)
 
+#: ops that return their input's values unchanged: in front of the first layer they leave relevance on the input itself
+IDENTITY_FUNCTIONS = frozenset(["contiguous", "clone", "to", "type", "type_as", "float"])
+#: reshapes that keep the values in their (row-major) order
+ORDER_PRESERVING_RESHAPES = frozenset(
+    ["flatten", "unflatten", "view", "view_as", "reshape", "reshape_as", "squeeze", "unsqueeze", "contiguous"]
+)
+DROPOUT_FUNCTIONS = frozenset(["dropout", "dropout1d", "dropout2d", "dropout3d"])
+#: copies (grey repeated to RGB): allowed in front of the first layer along dimension 1 only
+COPY_FUNCTIONS = frozenset(["repeat", "expand", "expand_as"])
 #: functions that route relevance by their gradient without changing it (selection, reshape, copies, ReLU, max pool)
-ROUTING_FUNCTIONS = frozenset(
-    [
-        "relu",
-        "max_pool1d",
-        "max_pool2d",
-        "max_pool3d",
-        "max_pool1d_with_indices",
-        "max_pool2d_with_indices",
-        "max_pool3d_with_indices",
-        "adaptive_max_pool1d",
-        "adaptive_max_pool2d",
-        "adaptive_max_pool3d",
-        "flatten",
-        "unflatten",
-        "view",
-        "view_as",
-        "reshape",
-        "reshape_as",
-        "squeeze",
-        "unsqueeze",
-        "permute",
-        "transpose",
-        "swapaxes",
-        "swapdims",
-        "movedim",
-        "moveaxis",
-        "contiguous",
-        "clone",
-        "to",
-        "type",
-        "type_as",
-        "float",
-        "double",
-        "half",
-        "bfloat16",
-        "dropout",
-        "dropout1d",
-        "dropout2d",
-        "dropout3d",
-        "repeat",
-        "expand",
-        "expand_as",
-        "getitem",
-    ]
+ROUTING_FUNCTIONS = (
+    IDENTITY_FUNCTIONS
+    | ORDER_PRESERVING_RESHAPES
+    | DROPOUT_FUNCTIONS
+    | COPY_FUNCTIONS
+    | frozenset(
+        ["relu", "getitem", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"]
+        + ["double", "half", "bfloat16"]
+        + [f"{kind}max_pool{d}d" for kind in ("", "adaptive_") for d in (1, 2, 3)]
+        + [f"max_pool{d}d_with_indices" for d in (1, 2, 3)]
+    )
 )
 #: modules without a rule of their own that route relevance by their gradient
 ROUTING_MODULES: tuple[type[nn.Module], ...] = (
@@ -115,15 +91,6 @@ class LRPError(ConfigError):
     """A graph node that the LRP rules cannot explain correctly (the message names it)."""
 
 
-#: ops that return their input's values unchanged: in front of the first layer they leave relevance on the input itself
-IDENTITY_FUNCTIONS = frozenset(["contiguous", "clone", "to", "type", "type_as", "float"])
-#: reshapes that keep the values in their (row-major) order
-ORDER_PRESERVING_RESHAPES = frozenset(
-    ["flatten", "unflatten", "view", "view_as", "reshape", "reshape_as", "squeeze", "unsqueeze", "contiguous"]
-)
-DROPOUT_FUNCTIONS = frozenset(["dropout", "dropout1d", "dropout2d", "dropout3d"])
-#: copies (grey repeated to RGB): allowed in front of the first layer along dimension 1 only
-COPY_FUNCTIONS = frozenset(["repeat", "expand", "expand_as"])
 #: elementwise ops with one constant operand, allowed in front of the first conv/linear layer (input normalisation):
 #: relevance is taken at that layer's input, so they only need to keep each value at its pixel
 AFFINE_FUNCTIONS = frozenset(["sub", "rsub", "add", "mul", "div", "truediv"])
