@@ -396,7 +396,7 @@ def explain(
     ig_tolerance: float = 0.01,
     ig_atol: float = 1e-3,
     baselines: torch.Tensor | float = 0.0,
-    pixel_method: str = "integrated_gradients",
+    pixel_method: str = IG,
     graph: Graph | None = None,
 ) -> Explanation:
     """Grad-CAM at ``node`` and a pixel-level map for each image's predicted and true class (each distinct (image,

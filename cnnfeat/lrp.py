@@ -14,12 +14,16 @@ layer for the pass (zennit's ``NamedMergeBatchNorm``; the original parameter ten
 2018): the tests' independent check.
 
 The rules are assigned from cnnfeat's traced graph, in execution order (the "first layer" is the first one the input
-meets, whatever order the modules were defined in). ``lrp_rules`` refuses (``LRPError``, naming the node) what these
-rules would get wrong: a node that combines two tensors computed from the input (residual additions, concatenation,
-products), any other function (``x - mean``, ``torch.sigmoid``: a gradient is not a relevance rule), a module it has no
-rule for (LayerNorm, Upsample, ...), a BatchNorm it cannot merge, and a hooked module called twice in one pass (zennit
-keeps one set of tensors per module). Where every bias is zero relevance is conserved: the input relevance sums to the
-logit (``LRPResult.conserved`` = that sum / the logit; biases and epsilon absorb the rest).
+meets, whatever order the modules were defined in). Relevance is taken at that layer's input, so in front of it only
+ops that keep each value at its pixel are allowed (identity ops, elementwise ops with a constant such as input
+standardisation, dropout, order-preserving reshapes, copies along dimension 1); it is then put back on the input's
+pixels exactly. ``lrp_rules`` refuses (``LRPError``, naming the node) what these rules would get wrong: anything else
+in front of the first layer (``transpose``, channel indexing), a node that combines two tensors computed from the
+input (residual additions, concatenation, products), any other function after the first layer (``torch.sigmoid``: a
+gradient is not a relevance rule), a module it has no rule for (LayerNorm, Upsample, ...), a BatchNorm it cannot merge,
+and a second call of a module that gets a rule or a merge, on any tensor (zennit keeps one set of tensors per module).
+Where every bias is zero relevance is conserved: the input relevance sums to the logit (``LRPResult.conserved`` =
+that sum / the logit; biases and epsilon absorb the rest).
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ ORDER_PRESERVING_RESHAPES = frozenset(
 DROPOUT_FUNCTIONS = frozenset(["dropout", "dropout1d", "dropout2d", "dropout3d"])
 #: copies (grey repeated to RGB): allowed in front of the first layer along dimension 1 only
 COPY_FUNCTIONS = frozenset(["repeat", "expand", "expand_as"])
+#: elementwise ops with one constant operand, allowed in front of the first conv/linear layer (input normalisation):
+#: relevance is taken at that layer's input, so they only need to keep each value at its pixel
+AFFINE_FUNCTIONS = frozenset(["sub", "rsub", "add", "mul", "div", "truediv"])
 #: functions that route relevance by their gradient without changing it (selection, reshape, copies, ReLU, max pool)
 ROUTING_FUNCTIONS = (
     IDENTITY_FUNCTIONS
@@ -91,11 +98,6 @@ class LRPError(ConfigError):
     """A graph node that the LRP rules cannot explain correctly (the message names it)."""
 
 
-#: elementwise ops with one constant operand, allowed in front of the first conv/linear layer (input normalisation):
-#: relevance is taken at that layer's input, so they only need to keep each value at its pixel
-AFFINE_FUNCTIONS = frozenset(["sub", "rsub", "add", "mul", "div", "truediv"])
-
-
 @dataclass(frozen=True)
 class RulePlan:
     """Which zennit rule each module path gets, the (conv/linear, BatchNorm) pairs merged for the pass, and ``entry``:
@@ -105,6 +107,7 @@ class RulePlan:
     rules: dict[str, str]  #: module path -> "flat", "zplus", "epsilon", "pass" or "norm"
     merges: tuple[tuple[str, str], ...]  #: (conv/linear path, BatchNorm path)
     entry: str
+    copies: int = 1  #: how many whole copies of each image's input values ``entry`` holds (grey repeated to RGB: 3)
 
 
 def _activation_types() -> tuple[type[nn.Module], ...]:
@@ -120,15 +123,19 @@ def _refuse(graph: Graph, name: str, why: str) -> LRPError:
     )
 
 
+def _computed_from_input(graph: Graph, name: str) -> bool:
+    return graph.nodes[name].kind == INPUT or graph.nodes[name].depends_on_input
+
+
 def _from_input(graph: Graph, name: str) -> list[str]:
     """The parents of ``name`` that are the input or computed from it."""
-    return [p for p in graph.nodes[name].parents if graph.nodes[p].kind == INPUT or graph.nodes[p].depends_on_input]
+    return [p for p in graph.nodes[name].parents if _computed_from_input(graph, p)]
 
 
 def _arg_shapes(graph: Graph, node: Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(the shape of the node's argument computed from the input, its output shape)."""
     for producer, shape in zip(node.inputs, node.input_shapes, strict=False):
-        if producer is not None and (graph.nodes[producer].kind == INPUT or graph.nodes[producer].depends_on_input):
+        if producer is not None and _computed_from_input(graph, producer):
             return tuple(shape), tuple(node.output_shape)
     return tuple(node.output_shape), tuple(node.output_shape)
 
@@ -219,8 +226,8 @@ def lrp_rules(graph: Graph, composite: str = EPSILON_PLUS_FLAT) -> RulePlan:
     for path in dict.fromkeys(hooked):
         if len(calls.get(path, [])) > 1:  # zennit keeps one set of tensors per module; a merge would run twice
             raise _refuse(graph, calls[path][1], f"is another call of {path!r}, which LRP hooks or merges (once only)")
-    _pixel_factor(graph, entry)  # relevance at the entry maps back onto the input's pixels, or a refusal now
-    return RulePlan(rules, tuple(merges), entry)
+    # relevance at the entry maps back onto the input's pixels, or a refusal now
+    return RulePlan(rules, tuple(merges), entry, _pixel_factor(graph, entry))
 
 
 def _pixel_factor(graph: Graph, entry: str) -> int:
@@ -316,13 +323,7 @@ def lrp(
             picked = pick(logits, targets)
             seed = torch.zeros_like(logits).scatter(1, targets.to(device).view(-1, 1), picked.detach().view(-1, 1))
             (relevance,) = torch.autograd.grad(logits, wrt, grad_outputs=seed)
-    pixels = relevance.detach() if plan.entry == INPUT else _on_pixels(graph, plan.entry, relevance.detach(), x.shape)
+    # per input value: the prefix only reshapes in order and copies along dimension 1 (``_prefix_ok``), so each image's
+    # values at the entry are ``copies`` whole copies of its input's, one after the other: their relevance is summed
+    pixels = relevance.detach().reshape(len(x), plan.copies, -1).sum(dim=1).reshape(x.shape)
     return LRPResult(pixels.cpu(), picked.detach().float().cpu())
-
-
-def _on_pixels(graph: Graph, entry: str, relevance: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Relevance at ``entry`` (per value of the first layer's input) -> per input value: the prefix only reshapes in
-    order and copies along dimension 1 (``_prefix_ok``), so each image's values are ``k`` whole copies of its input's,
-    one after the other; their relevance is summed."""
-    k = _pixel_factor(graph, entry)
-    return relevance.reshape(len(relevance), k, -1).sum(dim=1).reshape(shape)
