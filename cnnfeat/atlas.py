@@ -567,6 +567,50 @@ def display_images(
     return torch.cat(out)
 
 
+@dataclass
+class PendingUnits:
+    """A layer's optimisations submitted by :func:`start_optimise_units`; ``finish`` gives the better start per unit."""
+
+    starts: list[featviz.PendingVisualisation]
+
+    def wait(self) -> None:
+        for start in self.starts:
+            start.wait()
+
+    def finish(self) -> featviz.FeatVizResult:
+        results = [start.finish() for start in self.starts]
+        return results[0] if len(results) == 1 else featviz.best_of(results)
+
+
+def _spatial(fn: featviz.LayerFn, space: InputSpace, device: torch.device) -> bool:
+    """Whether the layer's output has positions (N, K, h, w): where the neuron objective can start elsewhere."""
+    with torch.no_grad():
+        return fn(torch.full((1, *space.shape), 0.5, device=device)).dim() == 4
+
+
+def start_optimise_units(
+    fn: featviz.LayerFn,
+    units: Sequence[int],
+    space: InputSpace,
+    settings: featviz.FeatVizSettings,
+    reference: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    layer: str,
+    device: torch.device,
+    at_real_best: bool = True,
+    submit: featviz.Submit | None = None,
+) -> PendingUnits:
+    """:func:`optimise_units` with its optimisations handed to ``submit`` (``featviz.Workers.submit``; ``None``: run
+    now); the caller sets the thread count and calls ``finish()``."""
+    run = {} if submit is None else {"submit": submit}
+    starts = [featviz.start_visualise(fn, list(units), space.shape, settings, reference, None, layer, device, **run)]
+    if at_real_best and positions is not None and settings.objective == "neuron" and _spatial(fn, space, device):
+        starts.append(
+            featviz.start_visualise(fn, list(units), space.shape, settings, reference, positions, layer, device, **run)
+        )
+    return PendingUnits(starts)
+
+
 def optimise_units(
     fn: featviz.LayerFn,
     units: Sequence[int],
@@ -580,11 +624,9 @@ def optimise_units(
 ) -> featviz.FeatVizResult:
     """Optimise an input per unit; with the neuron objective on a spatial layer and ``positions``, also where the
     unit's best real patch is, keeping per unit the image that reaches more (``featviz.best_of``)."""
-    result = featviz.visualise(fn, list(units), space.shape, settings, reference, layer=layer, device=device)
-    if at_real_best and positions is not None and settings.objective == "neuron" and result.targets[0, 0] >= 0:
-        again = featviz.visualise(fn, list(units), space.shape, settings, reference, positions, layer, device)
-        result = featviz.best_of([result, again])
-    return result
+    with featviz.cpu_threads(settings.threads):
+        pending = start_optimise_units(fn, units, space, settings, reference, positions, layer, device, at_real_best)
+    return pending.finish()
 
 
 def featviz_settings(values: Mapping[str, Any] | None) -> featviz.FeatVizSettings:

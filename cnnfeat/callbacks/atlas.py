@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from cnnfeat import atlas, tags
+from cnnfeat import atlas, featviz, tags
 from cnnfeat.callbacks.base import (
     CallbackOptions,
     Pictures,
@@ -110,7 +110,9 @@ class AtlasCallback(VisualizationCallback):
         featviz: optimise inputs at the end; ``featviz_max_units`` caps the units per layer (``None``: all recorded),
             ``featviz_settings`` are ``cnnfeat.featviz.FeatVizSettings`` fields (``featviz_fc_settings`` override them
             for fully connected layers, whose inputs are whole images), ``featviz_at_real_best`` also starts
-            each conv unit's neuron objective at its best real patch. ``featviz_input``: a module whose output the
+            each conv unit's neuron objective at its best real patch. ``featviz_workers``: optimisations run side
+            by side on a CPU (``cnnfeat.featviz.Workers``; the same images as one after the other; 1 on other
+            devices). ``featviz_input``: a module whose output the
             optimised image replaces as ``(x - featviz_mean) / featviz_std`` (``None``: the model's
             input, through the affine map the probe's images and inputs define).
     """
@@ -135,6 +137,7 @@ class AtlasCallback(VisualizationCallback):
         featviz_settings: Mapping[str, Any] | None = None,
         featviz_fc_settings: Mapping[str, Any] | None = None,
         featviz_at_real_best: bool = True,
+        featviz_workers: int = 2,
         featviz_input: str | None = None,
         featviz_mean: Sequence[float] | float | None = None,
         featviz_std: Sequence[float] | float | None = None,
@@ -167,6 +170,7 @@ class AtlasCallback(VisualizationCallback):
             ("max_cell", max_cell, False),
             ("batch_size", batch_size, False),
             ("featviz_max_units", featviz_max_units, True),
+            ("featviz_workers", featviz_workers, False),
         ):
             check_int(name, value, allow_none=none_ok)
         check_top_k("top_k", top_k)
@@ -190,7 +194,7 @@ class AtlasCallback(VisualizationCallback):
         self.featviz, self.featviz_max_units = featviz, featviz_max_units
         self.settings = atlas.featviz_settings(featviz_settings)
         self.fc_settings = atlas.featviz_settings({**self.settings.to_dict(), **dict(featviz_fc_settings or {})})
-        self.featviz_at_real_best = featviz_at_real_best
+        self.featviz_at_real_best, self.featviz_workers = featviz_at_real_best, featviz_workers
         self.featviz_input = featviz_input
         self.featviz_mean = self._floats(featviz_mean)
         self.featviz_std = self._floats(featviz_std)
@@ -681,27 +685,37 @@ class AtlasCallback(VisualizationCallback):
         return out
 
     def _featviz(self, model: nn.Module, probe: ProbeSet, step: int, tops: dict[str, TopK]) -> dict[str, float]:
-        assert self.space is not None
+        """Optimise every recorded layer's units, write them to the atlas; per layer the share reaching their best
+        real activation. The deepest layers (the costliest per unit) are handed to the workers first."""
         device = device_of(model)
         writer, share = self._atlas(), {}
         todo = [info for info in self.infos if info.featviz_units]
         total = sum(len(info.featviz_units) for info in todo)
+        workers = self.featviz_workers if device.type == "cpu" else 1
         with task_progress("Atlas: optimised inputs", total, "units") as advance:
-            for info in todo:
-                share[info.name] = self._featviz_layer(model, info, step, tops[info.name], device, writer)
-                advance(len(info.featviz_units))
+            for threads in dict.fromkeys(self._settings_of(info).threads for info in todo):
+                group = [info for info in todo if self._settings_of(info).threads == threads]
+                with featviz.Workers(workers, threads) as pool:
+                    pending = {
+                        info.name: self._start_featviz_layer(model, info, tops[info.name], device, pool.submit)
+                        for info in reversed(group)
+                    }
+                    for info in reversed(group):
+                        pending[info.name].wait()
+                        advance(len(info.featviz_units))
+                for info in group:  # measured with the caller's thread count, as one after the other does
+                    result = pending[info.name].finish()
+                    writer.featviz(info.name, step, result)
+                    share[info.name] = result.share_reaching_real
         return share
 
-    def _featviz_layer(
-        self,
-        model: nn.Module,
-        info: atlas.LayerInfo,
-        step: int,
-        top: TopK,
-        device: torch.device,
-        writer: atlas.AtlasWriter,
-    ) -> float:
-        """Optimise one layer's units, write them to the atlas; the share reaching their best real activation."""
+    def _settings_of(self, info: atlas.LayerInfo) -> featviz.FeatVizSettings:
+        return self.settings if info.kind == "conv" else self.fc_settings
+
+    def _start_featviz_layer(
+        self, model: nn.Module, info: atlas.LayerInfo, top: TopK, device: torch.device, submit: featviz.Submit
+    ) -> atlas.PendingUnits:
+        """Hand one layer's optimisations to ``submit``; its best probe activation is the reference."""
         assert self.space is not None
         reference = top.values[0].float().cpu()  # (units,) best probe activation
         positions = None
@@ -710,19 +724,18 @@ class AtlasCallback(VisualizationCallback):
             width = info.output_shape[-1]
             positions = torch.stack([flat // width, flat % width], dim=1)
         fn = atlas.layer_fn(model, info.name, self.space)
-        result = atlas.optimise_units(
+        return atlas.start_optimise_units(
             fn,
             info.featviz_units,
             self.space,
-            self.settings if info.kind == "conv" else self.fc_settings,
+            self._settings_of(info),
             reference,
             positions,
             info.name,
             device,
             self.featviz_at_real_best,
+            submit,
         )
-        writer.featviz(info.name, step, result)
-        return result.share_reaching_real
 
     # -- checkpoints: the atlas files are the state ---------------------------------------------------
     @property

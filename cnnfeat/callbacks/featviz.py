@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ class FeatureVisCallback(VisualizationCallback):
         layers: node names (module calls, ``name:k``); ``None``: every conv node and the last hidden Linear layer.
         max_units: units per layer (the first ones); ``units`` picks them instead (one list for every layer).
         settings: ``FeatVizSettings`` fields (objective, steps, lr, tv_weight, seed, threads, ...).
+        workers: optimisations run side by side on a CPU (``cnnfeat.featviz.Workers``: the same images as one after
+            the other; 1 on other devices); ``seconds_per_unit`` is then the wall time of a unit's batch among them.
         input_module, input_mean, input_std: the optimised images enter this submodule (called directly) as
             ``(x - input_mean) / input_std`` instead of the model's input (the transfer model: ``backbone``, ImageNet
             mean/std: RGB 224 images for the frozen AlexNet).
@@ -52,6 +55,7 @@ class FeatureVisCallback(VisualizationCallback):
         units: Sequence[int] | None = None,
         settings: Mapping[str, Any] | None = None,
         at_real_best: bool = True,
+        workers: int = 2,
         input_module: str | None = None,
         input_mean: Sequence[float] | float | None = None,
         input_std: Sequence[float] | float | None = None,
@@ -79,7 +83,7 @@ class FeatureVisCallback(VisualizationCallback):
                 class_names=class_names,
             )
         )
-        for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow)):
+        for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow), ("workers", workers)):
             check_int(name, value)
         check_int("min_cell", min_cell)
         if probe_size is not None and (
@@ -96,7 +100,7 @@ class FeatureVisCallback(VisualizationCallback):
         self.layers = list(layers) if layers is not None else None
         self.max_units, self.units = max_units, units
         self.settings = atlas.featviz_settings(settings)
-        self.at_real_best, self.input_module = at_real_best, input_module
+        self.at_real_best, self.input_module, self.workers = at_real_best, input_module, workers
         self.input_mean = [float(v) for v in input_mean] if isinstance(input_mean, Sequence) else input_mean
         self.input_std = [float(v) for v in input_std] if isinstance(input_std, Sequence) else input_std
         self.probe_size, self.batch_size, self.nrow, self.min_cell = probe_size, batch_size, nrow, min_cell
@@ -143,27 +147,28 @@ class FeatureVisCallback(VisualizationCallback):
         pictures = Pictures()
         self.last_results = {}
         total = sum(len(self._units[name]) for name in self.names)
+        workers = self.workers if device.type == "cpu" else 1
         with task_progress(f"Feature visualisation, step {step}", total, "units") as advance:
-            for name in self.names:
-                self._render_layer(pl_module, name, real, device, pictures, step)
-                advance(len(self._units[name]))
+            starts = [(name, self._start_layer(pl_module, name, real, device)) for name in self.names]
+            with featviz.Workers(workers, self.settings.threads) as pool:
+                pending = {name: start(pool.submit) for name, start in reversed(starts)}  # deepest first
+                for name, _ in reversed(starts):
+                    pending[name].wait()
+                    advance(len(self._units[name]))
+            for name in self.names:  # measured with the caller's thread count, as one after the other does
+                self._add_layer(name, pending[name].finish(), pictures, step)
         return pictures
 
-    def _render_layer(
-        self,
-        pl_module: nn.Module,
-        name: str,
-        real: torch.Tensor,
-        device: torch.device,
-        pictures: Pictures,
-        step: int = 0,
-    ) -> None:
-        """Optimise the chosen units of one layer; add its picture, scalars and table to ``pictures``."""
+    def _start_layer(
+        self, pl_module: nn.Module, name: str, real: torch.Tensor, device: torch.device
+    ) -> Callable[[featviz.Submit], atlas.PendingUnits]:
+        """Each chosen unit's best real activation (now); what hands its optimisations to a pool (later)."""
         assert self.space is not None
         fn = atlas.layer_fn(pl_module, name, self.space)
         best = featviz.real_best(fn, real.to(device), self.batch_size)
         positions = best.positions if self._kinds[name] == "conv" else None
-        result = atlas.optimise_units(
+        return partial(
+            atlas.start_optimise_units,
             fn,
             self._units[name],
             self.space,
@@ -174,6 +179,9 @@ class FeatureVisCallback(VisualizationCallback):
             device,
             self.at_real_best,
         )
+
+    def _add_layer(self, name: str, result: featviz.FeatVizResult, pictures: Pictures, step: int) -> None:
+        """One layer's picture, scalars and table."""
         self.last_results[name] = result
         bad = int(nonfinite_rows(result.images).sum())
         if bad:  # a diverged network's optimised inputs are NaN: no picture of them
