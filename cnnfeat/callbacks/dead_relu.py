@@ -151,7 +151,8 @@ class _DeadReluAccumulator:
         for n in self.names:
             a = pre[n]
             self.zeros[n] += a.numel() - int(torch.count_nonzero(fires(a)))
-            self.nonfinite[n] += a.numel() - int(torch.count_nonzero(torch.isfinite(a)))
+            if not torch.isfinite(a.sum()):  # NaN and infinity propagate into the sum: only then count them
+                self.nonfinite[n] += a.numel() - int(torch.count_nonzero(torch.isfinite(a)))
             self.total[n] += a.numel()
             if self.hist_samples:
                 flat = a.flatten()
