@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnfeat.callbacks import AtlasCallback, DeadReluCallback
+from cnnfeat.callbacks import AtlasCallback, DeadReluCallback, TopPatchesCallback
 from cnnfeat.callbacks.base import inference, share_session
 from cnnfeat.callbacks.representations import RepresentationCallback
 from cnnfeat.graph import capture
@@ -275,3 +275,74 @@ def test_batches_of_big_images_are_cut_to_the_capture_budget(
         assert counter.calls == 4, "the top-k search's traced batches: 5 images each"
         again = search_patches(model, probe, ["conv1"], 2, 20, 16)
     assert torch.equal(found.tops["conv1"].ids, again.tops["conv1"].ids)
+
+
+# -- the top-k patch search the top-patches picture and the atlas share ----------------------------------------------
+def patch_callbacks(tmp_path: Path, name: str) -> tuple[TopPatchesCallback, AtlasCallback]:
+    top = TopPatchesCallback(layers=["conv1", "conv2", "conv3"], probe_size=200, batch_size=64, top_k=4)
+    atlas = AtlasCallback(
+        layers=["conv1", "conv2", "conv3"],
+        probe_size=200,
+        alive_probe_size=SIZE,
+        batch_size=64,
+        top_k=4,
+        featviz=False,
+        atlas_dir=str(tmp_path / name),
+    )
+    return top, atlas
+
+
+def test_top_patches_and_the_atlas_share_one_search_per_step_and_get_what_their_own_gave(
+    model: nn.Module, probe: ProbeSet, tmp_path: Path
+) -> None:
+    top, atlas = patch_callbacks(tmp_path, "shared")
+    for cb in (top, atlas):
+        cb.prepare(model, probe)
+    session = share_session([top, atlas])
+    alone_top, alone_atlas = patch_callbacks(tmp_path, "alone")
+    for cb in (alone_top, alone_atlas):
+        cb.prepare(model, probe)  # each a session of its own
+    counter = Forwards(model)
+    with inference(model):
+        shared_top = top.render(model, probe, 0)
+        calls = counter.calls
+        atlas.render(model, probe, 0)
+        assert session.searches == 1, "the atlas read the top-patches search of step 0"
+        assert counter.calls - calls == len(range(0, SIZE, 64)), "the atlas ran only the shared probe pass"
+        own_top = alone_top.render(model, probe, 0)
+        alone_atlas.render(model, probe, 0)
+    counter.handle.remove()
+    for tag, picture in own_top.images.items():
+        assert torch.equal(shared_top.images[tag], picture), tag
+    for layer in ("conv1", "conv2", "conv3"):
+        with (
+            np.load(tmp_path / "shared" / layer / "patches_000.npz") as a,
+            np.load(tmp_path / "alone" / layer / "patches_000.npz") as b,
+        ):
+            assert set(a.files) == set(b.files)
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), (layer, key)
+
+
+def test_a_held_search_is_not_reused_once_the_weights_change(model: nn.Module, probe: ProbeSet, tmp_path: Path) -> None:
+    """The same step after the weights changed without an optimizer's write counter (``.data``, as fused optimizers
+    write): the search runs again, and another step or fewer images never read the held one either."""
+    top, atlas = patch_callbacks(tmp_path, "changed")
+    for cb in (top, atlas):
+        cb.prepare(model, probe)
+    session = share_session([top, atlas])
+    with inference(model):
+        first = top.collect(model, probe, 0)
+        again = atlas.patch_search(model, probe, 0, ["conv2"], 4, 200, 64)
+        assert session.searches == 1 and again.tops is first, "a subset of the held layers: the held search"
+        model.conv1.weight.data.mul_(-1.0)
+        changed = atlas.patch_search(model, probe, 0, ["conv1"], 4, 200, 64)
+        assert session.searches == 2
+        alone = TopPatchesCallback(layers=["conv1"], probe_size=200, batch_size=64, top_k=4)
+        alone.prepare(model, probe)
+        assert torch.equal(changed.tops["conv1"].ids, alone.collect(model, probe)["conv1"].ids)
+        assert not torch.equal(changed.tops["conv1"].ids, first["conv1"].ids), "other weights, other winners"
+        atlas.patch_search(model, probe, 1, ["conv1"], 4, 200, 64)
+        atlas.patch_search(model, probe, 1, ["conv1"], 4, 100, 64)
+        atlas.patch_search(model, probe, 1, ["pool1", "conv1"], 4, 100, 64)
+    assert session.searches == 5, "another step, other images, another layer: a search each"

@@ -40,7 +40,7 @@ from cnnfeat.probe import ProbeSet
 from cnnfeat.probe_pass import PassBatch, PassRequest, ProbePass, shared_positions
 from cnnfeat.receptive_field import crop
 from cnnfeat.run.progress import task_progress
-from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_patches, search_vectors
+from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_vectors
 from cnnfeat.units import (
     ALL,
     DEFAULT_UNITS,
@@ -533,14 +533,16 @@ class AtlasCallback(VisualizationCallback):
             positions, self.batch_size, _AliveAccumulator(nodes, spread), outputs=list(set(nodes.values()))
         )
 
-    def _top(self, model: nn.Module, probe: ProbeSet, infos: list[atlas.LayerInfo], k: int) -> dict[str, Any]:
+    def _top(
+        self, model: nn.Module, probe: ProbeSet, step: int, infos: list[atlas.LayerInfo], k: int
+    ) -> dict[str, Any]:
         """Top-k per unit: ``{layer: (TopK, PatchSearch or None)}`` (fc layers: one whole image each), from the search
-        the top-patches picture uses (``cnnfeat.topk``)."""
+        the top-patches picture uses (``cnnfeat.topk``; at a step where it searched the same way, its very search)."""
         result: dict[str, Any] = {}
         n = probe.check_size(self.probe_size)
         convs = [i.name for i in infos if i.kind == "conv"]
         if convs:
-            search = search_patches(model, probe, convs, k, n, self.batch_size, self.image_bytes(model))
+            search = self.patch_search(model, probe, step, convs, k, n, self.batch_size)
             result.update({name: (search.tops[name], search) for name in convs})
         fcs = [i.name for i in infos if i.kind == "fc"]
         if fcs:
@@ -561,7 +563,7 @@ class AtlasCallback(VisualizationCallback):
         ``write``, default all)."""
         if not infos:
             return {}
-        writer, tops = self._atlas(), self._top(model, probe, infos, k)
+        writer, tops = self._atlas(), self._top(model, probe, step, infos, k)
         for info in infos:
             if write is not None and info.name not in write:
                 continue

@@ -50,6 +50,7 @@ from cnnfeat.probe_pass import PassResult, ProbePass
 from cnnfeat.run import event_crc
 from cnnfeat.run import lightning_api as pl
 from cnnfeat.run.lightning_api import CSVLogger, TensorBoardLogger, rank_zero_warn
+from cnnfeat.topk import PatchSearch
 from cnnfeat.units import nonfinite_rows as nonfinite_rows  # the callbacks import it from here
 
 log = logging.getLogger("cnnfeat")
@@ -341,6 +342,15 @@ class VisualizationCallback(pl.Callback):
         0: what a traced batch holds, to cut batches of big images to ``cnnfeat.probe.CAPTURE_BUDGET``."""
         plan = self.traced_plan(pl_module)
         return 0 if plan is None else plan.image_bytes()
+
+    def patch_search(
+        self, pl_module: nn.Module, probe: ProbeSet, step: int, layers: Sequence[str], k: int, n: int, batch_size: int
+    ) -> PatchSearch:
+        """The top-``k`` patch search of ``layers`` over the first ``n`` probe images at ``step``, shared with the other
+        callbacks of the session that search the same way at the same step (``AnalysisSession.patch_search``)."""
+        if self.session is None:
+            self.session = AnalysisSession()
+        return self.session.patch_search(pl_module, probe, step, layers, k, n, batch_size, self.image_bytes(pl_module))
 
     def pass_result(self, pl_module: nn.Module, probe: ProbeSet, step: int) -> PassResult | None:
         """This callback's accumulator fed by the shared probe pass at ``step`` (the first consumer to ask runs the

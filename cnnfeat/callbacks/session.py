@@ -10,8 +10,9 @@ and a callback used on its own gets a session of its own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from weakref import ref
 
@@ -24,6 +25,7 @@ from cnnfeat.plan import LayerPlan
 from cnnfeat.probe import ProbeSet, ProbeSpec, check_batch_inputs, probe_from_datamodule
 from cnnfeat.probe_pass import ProbePass
 from cnnfeat.run.lightning_api import rank_zero_warn
+from cnnfeat.topk import PatchSearch, search_patches
 
 log = logging.getLogger("cnnfeat")
 
@@ -58,16 +60,44 @@ def build_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = None
     return probe
 
 
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
+    """Tells two states of ``model``'s parameters and buffers apart: each tensor, its in-place write counter (an
+    optimizer step, a loaded state dict) and its sum in float64 (fused optimizers write without counting)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    sums = torch.stack([t.detach().double().sum() for t in tensors]).cpu() if tensors else torch.zeros(0)
+    return tuple((id(t), t._version) for t in tensors), sums
+
+
+@dataclass
+class _HeldSearch:
+    model: ref[nn.Module]
+    step: int
+    fingerprint: tuple[tuple[tuple[int, int], ...], torch.Tensor]
+    search: PatchSearch
+
+    def serves(self, model: nn.Module, step: int, layers: Sequence[str]) -> bool:
+        """Whether this search is the one ``model`` would give now at ``step`` for ``layers``."""
+        if self.model() is not model or self.step != step or not set(layers) <= set(self.search.tops):
+            return False
+        tensors, sums = weights_fingerprint(model)
+        return tensors == self.fingerprint[0] and torch.equal(sums, self.fingerprint[1])
+
+
 class AnalysisSession:
-    """Probes (one per DataModule and spec), probe passes (one per spec) and layer plans (one per model)."""
+    """Probes (one per DataModule and spec), probe passes (one per spec), layer plans (one per model) and the last
+    top-k patch search of each probe and setting."""
 
     def __init__(self, key: Any = None) -> None:
         self._key = ref(key) if key is not None else None  # the Trainer this session serves (weakly)
         self._probes: dict[tuple[int, ProbeSpec], tuple[Any, ProbeSet]] = {}
         self._passes: dict[ProbeSpec, ProbePass] = {}
         self._plans: dict[int, tuple[ref[nn.Module], LayerPlan]] = {}
+        self._searches: dict[tuple[int, int, int, int, int], _HeldSearch] = {}
         #: layer plans traced by this session (for tests and benchmarks: one per model)
         self.traces = 0
+        #: top-k patch searches run (for tests and benchmarks)
+        self.searches = 0
 
     def serves(self, key: Any) -> bool:
         """Whether this session was attached for ``key`` (a Trainer) and that object is still alive."""
@@ -110,3 +140,29 @@ class AnalysisSession:
             self.traces += 1
             log.debug("layer plan of %s: %s", type(model).__name__, plan.summary())
         return self._plans[id(model)][1]
+
+    def patch_search(
+        self,
+        model: nn.Module,
+        probe: ProbeSet,
+        step: int,
+        layers: Sequence[str],
+        k: int,
+        n: int,
+        batch_size: int,
+        image_bytes: int = 0,
+    ) -> PatchSearch:
+        """``cnnfeat.topk.search_patches`` over the first ``n`` probe images, run once per step for every callback
+        that asks with the same probe, ``k``, ``n`` and batch: the top-patches picture and the atlas search the same
+        10k test images at the same epochs. A request for layers the held search covers gets it (its tops and fields
+        per layer are what a search of those layers alone gives); at another step, for another model or after the
+        weights changed (``weights_fingerprint``), the search runs anew and is held instead."""
+        key = (id(probe), k, n, batch_size, image_bytes)
+        held = self._searches.get(key)
+        if held is not None and held.serves(model, step, layers):
+            return held.search
+        search = search_patches(model, probe, layers, k, n, batch_size, image_bytes)
+        self.searches += 1
+        held = _HeldSearch(ref(model), step, weights_fingerprint(model), search)
+        self._searches = {key: held}  # the latest only: an old search is not kept
+        return search

@@ -169,17 +169,21 @@ class TopPatchesCallback(VisualizationCallback):
         if not any(needs_spread(self._setting(), n) or name in self.chosen for name, n in widths.items()):
             self._say(widths)  # nothing to decide at the first render
 
-    def collect(self, pl_module: nn.Module, probe: ProbeSet) -> dict[str, TopK]:
+    def collect(self, pl_module: nn.Module, probe: ProbeSet, step: int | None = None) -> dict[str, TopK]:
         """Stream the probe through the model and return the top-k per node (image IDs are the probe's); the search,
-        with each image's receptive fields, is kept as ``search`` (``cnnfeat.topk.search_patches``)."""
+        with each image's receptive fields, is kept as ``search`` (``cnnfeat.topk.search_patches``). At a ``step``
+        the search is shared with the atlas when it searches the same images the same way (``patch_search``)."""
         n = probe.check_size(self.probe_size)
-        size = self.image_bytes(pl_module)
-        self.search = search_patches(pl_module, probe, self.layers, self.top_k, n, self.batch_size, size)
+        if step is None:
+            size = self.image_bytes(pl_module)
+            self.search = search_patches(pl_module, probe, self.layers, self.top_k, n, self.batch_size, size)
+        else:
+            self.search = self.patch_search(pl_module, probe, step, self.layers, self.top_k, n, self.batch_size)
         return self.search.tops
 
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         assert probe is not None
-        tops = self.collect(pl_module, probe)
+        tops = self.collect(pl_module, probe, step)
         pictures = Pictures()
         self.last_boxes = {}
         search = self.search
