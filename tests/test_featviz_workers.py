@@ -125,3 +125,34 @@ def test_the_atlas_writes_the_same_optimised_inputs_with_two_workers(datamodule,
                 continue
             nan = value.dtype.kind == "f"
             assert np.array_equal(value, saved[2][name][key], equal_nan=nan), (name, key)
+
+
+def test_the_relevance_path_check_gives_the_same_numbers_with_two_workers(datamodule) -> None:
+    """The path check of the fit's last render (``_final``), with 1 and with 2 workers: the same check per layer."""
+    from cnnfeat.callbacks import RelevanceCallback
+
+    probe = probe_from_datamodule(datamodule, ProbeSpec(max_images=200))
+    checks, tables = {}, {}
+    for workers in (1, 2):
+        model = trained_enough()
+        cb = RelevanceCallback(
+            probe_size=200,
+            units=3,
+            heatmaps=False,
+            path_units=2,
+            path_arbitrary=16,
+            path_settings={"steps": 12, "batch_size": 1},
+            workers=workers,
+        )
+        cb.prepare(model, probe)
+        cb._final = True  # what on_train_epoch_end sets at the fit's last epoch
+        with inference(model):
+            pictures = cb.render(model, probe, 1)
+        checks[workers] = cb.last_path_checks
+        tables[workers] = {tag: text for tag, text in pictures.texts.items() if "path_table" in tag}
+    assert set(checks[1]) == {"relu1", "relu2", "relu3"} and tables[1] == tables[2] and len(tables[1]) == 3
+    for node, check in checks[1].items():
+        other = checks[2][node]
+        assert check.lower == other.lower
+        for field in ("units", "optimised", "real", "arbitrary", "per_node", "flagged"):
+            assert torch.equal(getattr(check, field), getattr(other, field)), (node, field)

@@ -155,7 +155,9 @@ class RelevanceCallback(VisualizationCallback):
     optimised by ``cnnfeat.featviz`` (``path_settings``), whose activation path below the unit is compared with those
     of its top real images (``cnnfeat.relevance.path_check``, against ``path_arbitrary`` probe images):
     ``relevance/path_flagged/<layer>`` counts the flagged units and ``relevance/<layer>/path_table`` names them.
-    Each unit is optimised once, at the position of its best real patch. Renders run on ``threads`` CPU threads.
+    Each unit is optimised once, at the position of its best real patch; on a CPU the layers' optimisations run
+    side by side on ``workers`` threads (``cnnfeat.featviz.Workers``: the same images as one after the other).
+    Renders run on ``threads`` CPU threads.
     """
 
     uses_probe_pass = True  #: only to choose the units of wide layers at the first render; references run the model
@@ -177,6 +179,7 @@ class RelevanceCallback(VisualizationCallback):
         max_cell: int = 96,
         heatmap_cell: int = 84,
         threads: int | None = 1,
+        workers: int = 2,
         split: str = "test",
         every_n_epochs: int = 5,
         log_untrained: bool = True,
@@ -207,6 +210,7 @@ class RelevanceCallback(VisualizationCallback):
             ("min_cell", min_cell),
             ("max_cell", max_cell),
             ("heatmap_cell", heatmap_cell),
+            ("workers", workers),
         ):
             check_int(name, value)
         check_int("threads", threads, allow_none=True)
@@ -227,7 +231,7 @@ class RelevanceCallback(VisualizationCallback):
         self.path_units, self.path_arbitrary = path_units, path_arbitrary
         self.path_settings = atlas.featviz_settings(path_settings)  # unknown keys: an error naming them
         self.min_cell, self.max_cell, self.heatmap_cell = min_cell, max_cell, heatmap_cell
-        self.threads = threads
+        self.threads, self.workers = threads, workers
         #: set in ``check``: node read -> layer name in the tags, receptive field (None: (N, F)), drawn units
         self._layer_of: dict[str, str] = {}
         self._fields: dict[str, ReceptiveField | None] = {}
@@ -416,9 +420,13 @@ class RelevanceCallback(VisualizationCallback):
                 pictures.images[tags.RELEVANCE_HEATMAPS.format(layer=layer)] = picture
         if self.path_check and self._final:
             start = time.perf_counter()
-            for node, r in refs.items():
-                if tags.RELEVANCE_TABLE.format(layer=self._layer_of[node]) in pictures.texts:
-                    self._path(pl_module, x, ids, node, r, pictures)
+            nodes = [n for n in refs if tags.RELEVANCE_TABLE.format(layer=self._layer_of[n]) in pictures.texts]
+            workers = self.workers if device_of(pl_module).type == "cpu" else 1
+            with featviz.Workers(workers, self.path_settings.threads) as pool:  # deepest first: the costliest
+                started = {n: self._start_path(pl_module, n, refs[n], pool.submit) for n in reversed(nodes)}
+            for node in nodes:  # measured and compared with the render's thread count, as one after the other
+                if started[node] is not None:
+                    self._path(pl_module, x, ids, node, refs[node], started[node], pictures)
             self.path_seconds.append(time.perf_counter() - start)
         return pictures
 
@@ -555,6 +563,30 @@ class RelevanceCallback(VisualizationCallback):
         self.chosen = load_chosen(state_dict.get("chosen", "{}"))
 
     # -- trust in optimised inputs --------------------------------------------------------------------------------
+    def _start_path(
+        self, pl_module: nn.Module, node: str, r: relevance.References, submit: featviz.Submit
+    ) -> tuple[list[int], featviz.PendingVisualisation] | None:
+        """Hand the optimisation of an input for each of the first ``path_units`` drawn units of ``node`` to
+        ``submit`` (once per unit, where its best real patch is: the path is compared there too); None: no unit
+        fires on k probe images."""
+        assert self._space is not None
+        top = r.by_activation
+        # a unit is checked when all its k activation references are real (it fires on k probe images)
+        units = [u for u in self._drawn[node][: self.path_units] if bool(relevance.real_references(top)[:, u].all())]
+        if not units:
+            return None
+        rows_, cols_ = r.rows_cols(top)
+        spatial = self._fields[node] is not None
+        reference = top.values[0].float()
+        best = torch.stack([rows_[0], cols_[0]], dim=1) if spatial else None
+        fv_node = self._featviz_node[node]
+        fn = atlas.layer_fn(pl_module, fv_node, self._space)
+        shape, device = self._space.shape, device_of(pl_module)
+        pending = featviz.start_visualise(
+            fn, units, shape, self.path_settings, reference, best, fv_node, device, submit
+        )
+        return units, pending
+
     def _path(
         self,
         pl_module: nn.Module,
@@ -562,25 +594,16 @@ class RelevanceCallback(VisualizationCallback):
         ids: torch.Tensor,
         node: str,
         r: relevance.References,
+        started: tuple[list[int], featviz.PendingVisualisation],
         pictures: Pictures,
     ) -> None:
-        """Optimise an input for the first ``path_units`` drawn units of ``node`` and compare its path with the
-        paths of the units' top real images (by activation); add the count and the table to ``pictures``."""
+        """Compare the path of each optimised input (``_start_path``) with the paths of the unit's top real images
+        (by activation); add the count and the table to ``pictures``."""
         assert self._space is not None
-        layer, fv_node = self._layer_of[node], self._featviz_node[node]
-        top = r.by_activation
-        # a unit is checked when all its k activation references are real (it fires on k probe images)
-        units = [u for u in self._drawn[node][: self.path_units] if bool(relevance.real_references(top)[:, u].all())]
-        if not units:
-            return
+        units, pending = started
+        result = pending.finish()
+        layer, top = self._layer_of[node], r.by_activation
         rows_, cols_ = r.rows_cols(top)
-        spatial = self._fields[node] is not None
-        reference = top.values[0].float()
-        best = torch.stack([rows_[0], cols_[0]], dim=1) if spatial else None
-        fn = atlas.layer_fn(pl_module, fv_node, self._space)
-        result = featviz.visualise(  # once per unit, where its best real patch is: the path is compared there too
-            fn, units, self._space.shape, self.path_settings, reference, best, fv_node, device_of(pl_module)
-        )
         row_of = {int(i): j for j, i in enumerate(ids.tolist())}
         sel = torch.tensor(units)
         real_rows = torch.tensor([[row_of[int(i)] for i in top.ids[:, u]] for u in units])  # (P, k)
