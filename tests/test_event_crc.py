@@ -77,3 +77,27 @@ def test_uninstall_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stub.crc32c(b"123456789") == 0xE3069283
     monkeypatch.setenv("CNNFEAT_FAST_CRC", "0")
     assert not event_crc.install() and stub.crc32c is not event_crc.crc32c
+
+
+def test_pictures_encoded_side_by_side_are_the_bytes_and_order_of_add_image(tmp_path: Path) -> None:
+    """``Pictures.write`` encodes a render's PNGs on threads; the event file holds what ``add_image`` one after the
+    other writes: the same tags, steps, sizes and PNG bytes, in the same order."""
+    from cnnfeat.callbacks.base import Pictures
+    from tests.conftest import read_events
+
+    g = torch.Generator().manual_seed(0)
+    images = {f"maps/img{i}": (torch.rand(3, 20 + i, 30, generator=g) * 4).round() / 4 for i in range(9)}
+    images["one/grey_like"] = torch.full((3, 5, 7), 0.5)
+    for name, threaded in (("seq", False), ("par", True)):
+        with SummaryWriter(tmp_path / name) as w:
+            if threaded:
+                Pictures(images=images).write(w, 3)
+            else:
+                for tag, img in images.items():
+                    w.add_image(tag, img, 3, dataformats="CHW")
+    seq, par = read_events(tmp_path / "seq")["images"], read_events(tmp_path / "par")["images"]
+    assert list(par) == list(seq) == list(images), "every picture, in the order given"
+    for tag in images:
+        ((a,), (b,)) = seq[tag], par[tag]
+        fields = ("step", "width", "height", "encoded_image_string")
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields], tag

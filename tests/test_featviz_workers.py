@@ -43,7 +43,7 @@ def test_output_of_call_ignores_other_threads_passes_through_the_same_model() ->
                     got = featviz.output_of_call(model, modules[name], 0, x)
                 assert got is not None and torch.equal(got, want[name]), name
                 assert featviz.output_of_call(model, modules[name], 1, x) is None, "called once per pass"
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+        except BaseException as e:  # re-raised in the test's thread
             errors.append(e)
 
     threads = [threading.Thread(target=loop, args=(n,)) for n in ("conv2", "fc1")]
@@ -76,7 +76,8 @@ def test_workers_give_the_images_and_numbers_of_one_after_the_other(workers: int
     assert len(pending["conv1"].starts) == 2 and len(pending["fc2"].starts) == 1, "a second start for conv units only"
     for name, p in pending.items():
         got, want = p.finish(), alone[name]
-        for field in ("units", "images", "activation", "positions", "fidelity", "flagged", "objective_value", "targets"):
+        fields = ("units", "images", "activation", "positions", "fidelity", "flagged", "objective_value", "targets")
+        for field in fields:
             assert torch.equal(getattr(got, field), getattr(want, field)), (name, field)
 
 

@@ -29,15 +29,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard import summary as tb_summary
 from typing_extensions import override
 
 from cnnfeat import viz
@@ -118,6 +120,30 @@ def _check_floats(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a number or a list of numbers, got {value!r}")
 
 
+#: threads that encode a render's pictures as PNG side by side (Pillow's encoder releases the GIL)
+PNG_THREADS = 2
+
+
+@cache
+def _png_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(PNG_THREADS, thread_name_prefix="cnnfeat-png")
+
+
+def _add_images(writer: SummaryWriter, images: Mapping[str, torch.Tensor], step: int) -> None:
+    """``writer.add_image`` for each picture, in order, with the PNG encoding (most of the time: ~40 ms of a feature
+    map render's 60) done on ``PNG_THREADS`` threads first: the same summaries, bytes and event order."""
+    file_writer = getattr(writer, "_get_file_writer", None)  # what add_image itself writes to
+    if len(images) < 2 or file_writer is None:
+        for tag, img in images.items():
+            writer.add_image(tag, img, step, dataformats="CHW")
+        return
+    summaries = list(
+        _png_pool().map(lambda item: tb_summary.image(item[0], item[1], dataformats="CHW"), images.items())
+    )
+    for summary in summaries:
+        file_writer().add_summary(summary, step)
+
+
 @dataclass
 class Pictures:
     """What one ``render`` produced: RGB images (3,H,W) in [0,1], scalars, histograms and text, by tag."""
@@ -137,8 +163,7 @@ class Pictures:
         """Send everything to ``writer`` (if any) and images to ``png_dir/<tag>/step_NNN.png`` (if set)."""
         if writer is not None:
             event_crc.install()  # the event records' checksums at compiled speed (cnnfeat.run.event_crc)
-            for tag, img in self.images.items():
-                writer.add_image(tag, img, step, dataformats="CHW")
+            _add_images(writer, self.images, step)
             for tag, values in self.histograms.items():
                 writer.add_histogram(tag, values, step)
             for tag, text in self.texts.items():
