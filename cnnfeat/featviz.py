@@ -136,7 +136,7 @@ class FeatVizResult:
     objective_value: torch.Tensor  #: (N,) the objective (mean, or value at the target) on the untransformed image
     targets: torch.Tensor  #: (N, 2) where the neuron objective read each unit; (-1, -1) for the channel objective
     settings: FeatVizSettings
-    seconds: float  #: wall time of the optimisation
+    seconds: float  #: wall time of the optimisation (with ``Workers``: each batch's own, summed)
 
     @property
     def share_reaching_real(self) -> float:
@@ -172,16 +172,21 @@ class _Stop(Exception):
     """Raised by ``output_of_call``'s hook to end the forward pass at the layer."""
 
 
+_CALLS = threading.local()  # per thread: the ``output_of_call`` whose pass the thread is running, if any
+
+
 def output_of_call(runner: nn.Module, module: nn.Module, call: int, x: torch.Tensor) -> torch.Tensor | None:
     """Run ``runner(x)`` until ``module`` (a submodule) has produced its ``call``-th output (0 = first); return it,
     contiguous and with its graph, or None when it was not called that often. The rest of the pass is skipped.
-    Passes in other threads through the same model at the same time are not counted or stopped."""
+    Another ``output_of_call`` running in another thread on the same model (``Workers``) is neither counted nor
+    stopped; threads the model starts itself are part of this call's pass."""
     box: list[torch.Tensor] = []
     seen = [0]
-    me = threading.get_ident()
+    token = object()
 
     def grab(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
-        if threading.get_ident() != me:  # another thread's pass through the same model (``Workers``)
+        running = getattr(_CALLS, "token", None)
+        if running is not None and running is not token:  # another output_of_call's pass through the same model
             return
         if seen[0] == call:
             box.append(out)
@@ -189,11 +194,14 @@ def output_of_call(runner: nn.Module, module: nn.Module, call: int, x: torch.Ten
         seen[0] += 1
 
     handle = module.register_forward_hook(grab)
+    outer = getattr(_CALLS, "token", None)
+    _CALLS.token = token
     try:
         runner(x)
     except _Stop:
         pass
     finally:
+        _CALLS.token = outer
         handle.remove()
     return box[0].contiguous() if box else None
 
@@ -571,6 +579,29 @@ def _measure(
         settings=s,
         seconds=seconds,
     )
+
+
+AUTO_WORKERS = "auto"
+
+
+def check_workers(name: str, value: object) -> None:
+    """``value`` is a number of workers >= 1 or ``"auto"`` (a ``ConfigError`` naming ``name`` otherwise)."""
+    from cnnfeat.errors import ConfigError
+
+    if value != AUTO_WORKERS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{name} must be an integer >= 1 or 'auto', got {value!r}")
+
+
+def workers_for(model: nn.Module, device: torch.device, workers: int | str) -> int:
+    """How many optimisations run side by side: 1 off the CPU (one device runs one after the other anyway); a number
+    as given; ``"auto"``: 2 for cnnfeat's own models (``cnnfeat.models``: a forward that keeps no state and draws no
+    random numbers in eval mode), 1 for any other model, whose forward might store tensors on ``self`` or draw
+    random numbers (MC dropout): two optimisations at once would then give other images than one after the other."""
+    if device.type != "cpu":
+        return 1
+    if workers == AUTO_WORKERS:
+        return 2 if type(model).__module__.startswith("cnnfeat.models") else 1
+    return int(workers)
 
 
 class Workers:

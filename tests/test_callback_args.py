@@ -20,6 +20,7 @@ from cnnfeat.callbacks import (
     FeatureVisCallback,
     FilterCallback,
     ProgressLog,
+    RelevanceCallback,
     RepresentationCallback,
     TopPatchesCallback,
 )
@@ -52,8 +53,9 @@ CASES: list[tuple[Callable[..., Any], dict[str, Any], str]] = [
     (RepresentationCallback, {"seed": -1}, r"seed must be an integer >= 0, got -1"),
     (AtlasCallback, {"top_k": 10**9}, r"top_k=1000000000 is more than a probe holds \(10000 images\)"),
     (AtlasCallback, {"class_top": 0}, r"class_top must be an integer >= 1, got 0"),
-    (AtlasCallback, {"featviz_workers": 0}, r"featviz_workers must be an integer >= 1, got 0"),
-    (FeatureVisCallback, {"workers": 1.5}, r"workers must be an integer >= 1, got 1.5"),
+    (AtlasCallback, {"featviz_workers": 0}, r"featviz_workers must be an integer >= 1 or 'auto', got 0"),
+    (FeatureVisCallback, {"workers": 1.5}, r"workers must be an integer >= 1 or 'auto', got 1.5"),
+    (RelevanceCallback, {"workers": "two"}, r"workers must be an integer >= 1 or 'auto', got 'two'"),
     (FeatureVisCallback, {"probe_size": True}, r"probe_size must be >= 1 or null, got True"),
     (DivergenceGuard, {"check_every_n_steps": 0.5}, r"check_every_n_steps must be an integer >= 1, got 0.5"),
     # numbers: NaN, infinity, bool, out of range

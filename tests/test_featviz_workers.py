@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from cnnfeat import atlas, featviz
 from cnnfeat.callbacks.atlas import AtlasCallback
 from cnnfeat.callbacks.base import inference
+from cnnfeat.errors import ConfigError
 from cnnfeat.graph import capture
 from cnnfeat.models import SmallCNN
 from cnnfeat.probe import ProbeSpec, probe_from_datamodule
@@ -157,3 +159,41 @@ def test_the_relevance_path_check_gives_the_same_numbers_with_two_workers(datamo
         assert check.lower == other.lower
         for field in ("units", "optimised", "real", "arbitrary", "per_node", "flagged"):
             assert torch.equal(getattr(check, field), getattr(other, field)), (node, field)
+
+
+def test_auto_workers_are_two_for_cnnfeats_models_on_a_cpu_and_one_otherwise() -> None:
+    """A foreign model's forward may keep state on ``self`` or draw random numbers (MC dropout): side by side it would
+    give other images than one after the other, so ``"auto"`` runs it one optimisation at a time."""
+
+    class Foreign(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert featviz.workers_for(SmallCNN(), cpu, "auto") == 2
+    assert featviz.workers_for(Foreign(), cpu, "auto") == 1
+    assert featviz.workers_for(Foreign(), cpu, 3) == 3, "a number is what the user asked for"
+    assert featviz.workers_for(SmallCNN(), gpu, "auto") == featviz.workers_for(SmallCNN(), gpu, 4) == 1
+    for bad in (0, -1, 1.5, True, "two", None):
+        with pytest.raises(ConfigError, match=r"workers must be an integer >= 1 or 'auto'"):
+            featviz.check_workers("workers", bad)
+
+
+def test_a_model_that_runs_its_own_threads_still_stops_at_the_layer() -> None:
+    """Threads the model starts itself belong to the caller's pass (only another ``output_of_call`` is ignored)."""
+
+    class TwoBranches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(1, 4, 5, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with ThreadPoolExecutor(2) as pool:
+                a, b = pool.submit(self.a, x), pool.submit(self.b, x)
+                return a.result() + b.result()
+
+    torch.manual_seed(0)
+    model, x = TwoBranches().eval(), torch.rand(2, 1, 12, 12)
+    with torch.no_grad():
+        got = featviz.output_of_call(model, model.a, 0, x)
+        assert got is not None and torch.equal(got, model.a(x))

@@ -326,7 +326,8 @@ def test_top_patches_and_the_atlas_share_one_search_per_step_and_get_what_their_
 
 def test_a_held_search_is_not_reused_once_the_weights_change(model: nn.Module, probe: ProbeSet, tmp_path: Path) -> None:
     """The same step after the weights changed without an optimizer's write counter (``.data``, as fused optimizers
-    write): the search runs again, and another step or fewer images never read the held one either."""
+    write), even to weights with the same sums (two filters swapped): the search runs again; another step or fewer
+    images never read the held one either."""
     top, atlas = patch_callbacks(tmp_path, "changed")
     for cb in (top, atlas):
         cb.prepare(model, probe)
@@ -334,10 +335,14 @@ def test_a_held_search_is_not_reused_once_the_weights_change(model: nn.Module, p
     with inference(model):
         first = top.collect(model, probe, 0)
         again = atlas.patch_search(model, probe, 0, ["conv2"], 4, 200, 64)
-        assert session.searches == 1 and again.tops is first, "a subset of the held layers: the held search"
+        assert session.searches == 1 and again is top.search, "a subset of the held layers: the held search"
+        model.conv1.weight.data[[0, 1]] = model.conv1.weight.data[[1, 0]].clone()  # the same sum, other weights
+        model.conv1.bias.data[[0, 1]] = model.conv1.bias.data[[1, 0]].clone()
+        swapped = atlas.patch_search(model, probe, 0, ["conv1"], 4, 200, 64)
+        assert session.searches == 2 and swapped is not again
         model.conv1.weight.data.mul_(-1.0)
         changed = atlas.patch_search(model, probe, 0, ["conv1"], 4, 200, 64)
-        assert session.searches == 2
+        assert session.searches == 3
         alone = TopPatchesCallback(layers=["conv1"], probe_size=200, batch_size=64, top_k=4)
         alone.prepare(model, probe)
         assert torch.equal(changed.tops["conv1"].ids, alone.collect(model, probe)["conv1"].ids)
@@ -345,4 +350,25 @@ def test_a_held_search_is_not_reused_once_the_weights_change(model: nn.Module, p
         atlas.patch_search(model, probe, 1, ["conv1"], 4, 200, 64)
         atlas.patch_search(model, probe, 1, ["conv1"], 4, 100, 64)
         atlas.patch_search(model, probe, 1, ["pool1", "conv1"], 4, 100, 64)
-    assert session.searches == 5, "another step, other images, another layer: a search each"
+    assert session.searches == 6, "another step, other images, another layer: a search each"
+
+
+def test_top_patches_draws_only_its_layers_from_a_search_that_holds_more(
+    model: nn.Module, probe: ProbeSet, tmp_path: Path
+) -> None:
+    """The atlas searched conv1-3 first; top patches asks for conv1 only: it is served conv1 from that search and
+    draws, chooses and remembers conv1 alone, as on its own."""
+    atlas = patch_callbacks(tmp_path, "more")[1]
+    top = TopPatchesCallback(layers=["conv1"], probe_size=200, batch_size=64, top_k=4, max_channels=4)
+    alone = TopPatchesCallback(layers=["conv1"], probe_size=200, batch_size=64, top_k=4, max_channels=4)
+    for cb in (atlas, top, alone):
+        cb.prepare(model, probe)
+    session = share_session([atlas, top])
+    with inference(model):
+        atlas.render(model, probe, 0)
+        shared = top.render(model, probe, 0)
+        own = alone.render(model, probe, 0)
+    assert session.searches == 1, "conv1 came from the atlas's search"
+    assert list(shared.images) == list(own.images) == ["top_patches/conv1"]
+    assert torch.equal(shared.images["top_patches/conv1"], own.images["top_patches/conv1"])
+    assert top.state_dict() == alone.state_dict() and list(top.chosen) == ["conv1"]

@@ -34,6 +34,7 @@ from cnnfeat.callbacks.base import (
 )
 from cnnfeat.callbacks.top_patches import check_top_k
 from cnnfeat.errors import ConfigError, check_int
+from cnnfeat.featviz import check_workers
 from cnnfeat.graph import activation_after
 from cnnfeat.plan import LayerPlan
 from cnnfeat.probe import ProbeSet
@@ -111,10 +112,10 @@ class AtlasCallback(VisualizationCallback):
             ``featviz_settings`` are ``cnnfeat.featviz.FeatVizSettings`` fields (``featviz_fc_settings`` override them
             for fully connected layers, whose inputs are whole images), ``featviz_at_real_best`` also starts
             each conv unit's neuron objective at its best real patch. ``featviz_workers``: optimisations run side
-            by side on a CPU (``cnnfeat.featviz.Workers``; the same images as one after the other; 1 on other
-            devices). ``featviz_input``: a module whose output the
-            optimised image replaces as ``(x - featviz_mean) / featviz_std`` (``None``: the model's
-            input, through the affine map the probe's images and inputs define).
+            by side on a CPU (``cnnfeat.featviz.Workers``, the same images as one after the other; ``"auto"``: 2 for
+            cnnfeat's own models, 1 for others and on other devices: ``featviz.workers_for``). ``featviz_input``: a
+            module whose output the optimised image replaces as ``(x - featviz_mean) / featviz_std`` (``None``: the
+            model's input, through the affine map the probe's images and inputs define).
     """
 
     uses_probe_pass = True
@@ -137,7 +138,7 @@ class AtlasCallback(VisualizationCallback):
         featviz_settings: Mapping[str, Any] | None = None,
         featviz_fc_settings: Mapping[str, Any] | None = None,
         featviz_at_real_best: bool = True,
-        featviz_workers: int = 2,
+        featviz_workers: int | str = featviz.AUTO_WORKERS,
         featviz_input: str | None = None,
         featviz_mean: Sequence[float] | float | None = None,
         featviz_std: Sequence[float] | float | None = None,
@@ -170,7 +171,6 @@ class AtlasCallback(VisualizationCallback):
             ("max_cell", max_cell, False),
             ("batch_size", batch_size, False),
             ("featviz_max_units", featviz_max_units, True),
-            ("featviz_workers", featviz_workers, False),
         ):
             check_int(name, value, allow_none=none_ok)
         check_top_k("top_k", top_k)
@@ -178,6 +178,7 @@ class AtlasCallback(VisualizationCallback):
         check_names("layers", layers, allow_none=True)
         check_bool("featviz", featviz)
         check_bool("featviz_at_real_best", featviz_at_real_best)
+        check_workers("featviz_workers", featviz_workers)  # (``featviz`` is the flag here, not the module)
         if (featviz_mean is None or featviz_std is None) != (featviz_input is None):
             raise ConfigError(
                 "featviz_input needs featviz_mean and featviz_std (and they need featviz_input), got "
@@ -693,7 +694,7 @@ class AtlasCallback(VisualizationCallback):
         writer, share = self._atlas(), {}
         todo = [info for info in self.infos if info.featviz_units]
         total = sum(len(info.featviz_units) for info in todo)
-        workers = self.featviz_workers if device.type == "cpu" else 1
+        workers = featviz.workers_for(model, device, self.featviz_workers)
         with task_progress("Atlas: optimised inputs", total, "units") as advance:
             for threads in dict.fromkeys(self._settings_of(info).threads for info in todo):
                 group = [info for info in todo if self._settings_of(info).threads == threads]

@@ -42,7 +42,8 @@ class FeatureVisCallback(VisualizationCallback):
         max_units: units per layer (the first ones); ``units`` picks them instead (one list for every layer).
         settings: ``FeatVizSettings`` fields (objective, steps, lr, tv_weight, seed, threads, ...).
         workers: optimisations run side by side on a CPU (``cnnfeat.featviz.Workers``: the same images as one after
-            the other; 1 on other devices); ``seconds_per_unit`` is then the wall time of a unit's batch among them.
+            the other; ``"auto"``: 2 for cnnfeat's own models, 1 for others and on other devices:
+            ``featviz.workers_for``); ``seconds_per_unit`` is then the wall time of a unit's batch among them.
         input_module, input_mean, input_std: the optimised images enter this submodule (called directly) as
             ``(x - input_mean) / input_std`` instead of the model's input (the transfer model: ``backbone``, ImageNet
             mean/std: RGB 224 images for the frozen AlexNet).
@@ -55,7 +56,7 @@ class FeatureVisCallback(VisualizationCallback):
         units: Sequence[int] | None = None,
         settings: Mapping[str, Any] | None = None,
         at_real_best: bool = True,
-        workers: int = 2,
+        workers: int | str = featviz.AUTO_WORKERS,
         input_module: str | None = None,
         input_mean: Sequence[float] | float | None = None,
         input_std: Sequence[float] | float | None = None,
@@ -83,7 +84,7 @@ class FeatureVisCallback(VisualizationCallback):
                 class_names=class_names,
             )
         )
-        for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow), ("workers", workers)):
+        for name, value in (("max_units", max_units), ("batch_size", batch_size), ("nrow", nrow)):
             check_int(name, value)
         check_int("min_cell", min_cell)
         if probe_size is not None and (
@@ -93,6 +94,7 @@ class FeatureVisCallback(VisualizationCallback):
         units = check_indices("units", units, allow_none=True)
         check_names("layers", layers, allow_none=True)
         check_bool("at_real_best", at_real_best)
+        featviz.check_workers("workers", workers)
         if (input_module is None) != (input_mean is None or input_std is None):
             raise ConfigError(
                 f"input_module needs input_mean and input_std (and they need input_module), got {input_module!r}"
@@ -147,7 +149,7 @@ class FeatureVisCallback(VisualizationCallback):
         pictures = Pictures()
         self.last_results = {}
         total = sum(len(self._units[name]) for name in self.names)
-        workers = self.workers if device.type == "cpu" else 1
+        workers = featviz.workers_for(pl_module, device, self.workers)
         with task_progress(f"Feature visualisation, step {step}", total, "units") as advance:
             starts = [(name, self._start_layer(pl_module, name, real, device)) for name in self.names]
             with featviz.Workers(workers, self.settings.threads) as pool:

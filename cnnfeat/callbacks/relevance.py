@@ -156,7 +156,8 @@ class RelevanceCallback(VisualizationCallback):
     of its top real images (``cnnfeat.relevance.path_check``, against ``path_arbitrary`` probe images):
     ``relevance/path_flagged/<layer>`` counts the flagged units and ``relevance/<layer>/path_table`` names them.
     Each unit is optimised once, at the position of its best real patch; on a CPU the layers' optimisations run
-    side by side on ``workers`` threads (``cnnfeat.featviz.Workers``: the same images as one after the other).
+    side by side on ``workers`` threads (``cnnfeat.featviz.Workers``: the same images as one after the other;
+    ``"auto"``: 2 for cnnfeat's own models, 1 for others: ``featviz.workers_for``).
     Renders run on ``threads`` CPU threads.
     """
 
@@ -179,7 +180,7 @@ class RelevanceCallback(VisualizationCallback):
         max_cell: int = 96,
         heatmap_cell: int = 84,
         threads: int | None = 1,
-        workers: int = 2,
+        workers: int | str = featviz.AUTO_WORKERS,
         split: str = "test",
         every_n_epochs: int = 5,
         log_untrained: bool = True,
@@ -210,10 +211,10 @@ class RelevanceCallback(VisualizationCallback):
             ("min_cell", min_cell),
             ("max_cell", max_cell),
             ("heatmap_cell", heatmap_cell),
-            ("workers", workers),
         ):
             check_int(name, value)
         check_int("threads", threads, allow_none=True)
+        featviz.check_workers("workers", workers)
         check_int("max_units", max_units, allow_none=True)
         if max_units is not None and units != DEFAULT_UNITS:
             raise ConfigError(f"give units ({units!r}) or max_units ({max_units}), not both")
@@ -421,7 +422,7 @@ class RelevanceCallback(VisualizationCallback):
         if self.path_check and self._final:
             start = time.perf_counter()
             nodes = [n for n in refs if tags.RELEVANCE_TABLE.format(layer=self._layer_of[n]) in pictures.texts]
-            workers = self.workers if device_of(pl_module).type == "cpu" else 1
+            workers = featviz.workers_for(pl_module, device_of(pl_module), self.workers)
             with featviz.Workers(workers, self.path_settings.threads) as pool:  # deepest first: the costliest
                 started = {n: self._start_path(pl_module, n, refs[n], pool.submit) for n in reversed(nodes)}
             for node in nodes:  # measured and compared with the render's thread count, as one after the other

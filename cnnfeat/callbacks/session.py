@@ -9,6 +9,7 @@ and a callback used on its own gets a session of its own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -61,27 +62,31 @@ def build_probe(datamodule: Any, spec: ProbeSpec, model: nn.Module | None = None
 
 
 @torch.no_grad()
-def weights_fingerprint(model: nn.Module) -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
-    """Tells two states of ``model``'s parameters and buffers apart: each tensor, its in-place write counter (an
-    optimizer step, a loaded state dict) and its sum in float64 (fused optimizers write without counting)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    sums = torch.stack([t.detach().double().sum() for t in tensors]).cpu() if tensors else torch.zeros(0)
-    return tuple((id(t), t._version) for t in tensors), sums
+def weights_fingerprint(model: nn.Module) -> bytes:
+    """A digest of ``model``'s parameters and buffers (names, dtypes, shapes and bytes: BLAKE2b, 16 bytes): two
+    states of the weights share it only if they are equal bit for bit, however they were written (an optimizer step,
+    a fused optimizer that does not count its writes, ``.data``, a loaded state dict)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        t = t.detach()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()
 
 
 @dataclass
 class _HeldSearch:
     model: ref[nn.Module]
+    probe: ref[ProbeSet]
     step: int
-    fingerprint: tuple[tuple[tuple[int, int], ...], torch.Tensor]
+    fingerprint: bytes
     search: PatchSearch
 
-    def serves(self, model: nn.Module, step: int, layers: Sequence[str]) -> bool:
-        """Whether this search is the one ``model`` would give now at ``step`` for ``layers``."""
-        if self.model() is not model or self.step != step or not set(layers) <= set(self.search.tops):
+    def serves(self, model: nn.Module, probe: ProbeSet, step: int, layers: Sequence[str]) -> bool:
+        """Whether this search is the one ``model`` would give now at ``step`` for ``layers`` of ``probe``."""
+        if self.model() is not model or self.probe() is not probe or self.step != step:
             return False
-        tensors, sums = weights_fingerprint(model)
-        return tensors == self.fingerprint[0] and torch.equal(sums, self.fingerprint[1])
+        return set(layers) <= set(self.search.tops) and weights_fingerprint(model) == self.fingerprint
 
 
 class AnalysisSession:
@@ -155,14 +160,15 @@ class AnalysisSession:
         """``cnnfeat.topk.search_patches`` over the first ``n`` probe images, run once per step for every callback
         that asks with the same probe, ``k``, ``n`` and batch: the top-patches picture and the atlas search the same
         10k test images at the same epochs. A request for layers the held search covers gets it (its tops and fields
-        per layer are what a search of those layers alone gives); at another step, for another model or after the
-        weights changed (``weights_fingerprint``), the search runs anew and is held instead."""
+        per layer are what a search of those layers alone gives; the caller reads only its own layers); at another
+        step, for another model or probe, or after the weights changed (``weights_fingerprint``), the search runs anew
+        and is held instead."""
         key = (id(probe), k, n, batch_size, image_bytes)
         held = self._searches.get(key)
-        if held is not None and held.serves(model, step, layers):
+        if held is not None and held.serves(model, probe, step, layers):
             return held.search
         search = search_patches(model, probe, layers, k, n, batch_size, image_bytes)
         self.searches += 1
-        held = _HeldSearch(ref(model), step, weights_fingerprint(model), search)
+        held = _HeldSearch(ref(model), ref(probe), step, weights_fingerprint(model), search)
         self._searches = {key: held}  # the latest only: an old search is not kept
         return search

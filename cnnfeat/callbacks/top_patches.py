@@ -179,7 +179,7 @@ class TopPatchesCallback(VisualizationCallback):
             self.search = search_patches(pl_module, probe, self.layers, self.top_k, n, self.batch_size, size)
         else:
             self.search = self.patch_search(pl_module, probe, step, self.layers, self.top_k, n, self.batch_size)
-        return self.search.tops
+        return {name: self.search.tops[name] for name in self.layers}  # a shared search may hold more layers
 
     def render(self, pl_module: nn.Module, probe: ProbeSet | None, step: int = 0) -> Pictures:
         assert probe is not None
