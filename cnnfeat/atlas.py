@@ -602,11 +602,10 @@ def start_optimise_units(
 ) -> PendingUnits:
     """:func:`optimise_units` with its optimisations handed to ``submit`` (``featviz.Workers.submit``; ``None``: run
     now); the caller sets the thread count and calls ``finish()``."""
-    run = {} if submit is None else {"submit": submit}
-    starts = [featviz.start_visualise(fn, list(units), space.shape, settings, reference, None, layer, device, **run)]
+    starts = [featviz.start_visualise(fn, list(units), space.shape, settings, reference, None, layer, device, submit)]
     if at_real_best and positions is not None and settings.objective == "neuron" and _spatial(fn, space, device):
         starts.append(
-            featviz.start_visualise(fn, list(units), space.shape, settings, reference, positions, layer, device, **run)
+            featviz.start_visualise(fn, list(units), space.shape, settings, reference, positions, layer, device, submit)
         )
     return PendingUnits(starts)
 

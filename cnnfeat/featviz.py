@@ -482,13 +482,13 @@ def start_visualise(
     positions: torch.Tensor | None = None,
     layer: str = "",
     device: torch.device | str = "cpu",
-    submit: Submit = _run_now,
+    submit: Submit | None = None,
 ) -> PendingVisualisation:
     """:func:`visualise` in two halves: the optimisation of each batch of ``settings.batch_size`` units is handed to
-    ``submit`` (e.g. a :class:`Workers` pool's), ``finish()`` measures the images. Each batch is independent (its own
-    start noise and transform sequence), so the images do not depend on where or in which order the batches ran.
-    The caller sets the thread count (``cpu_threads``); ``layer_fn`` must be safe to call from several threads
-    (``output_of_call`` is)."""
+    ``submit`` (a :class:`Workers` pool's; None: at once), ``finish()`` measures the images. Each batch is
+    independent (its own start noise and transform sequence), so the images do not depend on where or in which order
+    the batches ran. The caller sets the thread count (``cpu_threads``); with workers, ``layer_fn`` must be safe to
+    call from several threads (``output_of_call`` is; a forward that stores state on the model is not)."""
     s = settings or FeatVizSettings()
     units = _check_request(units, image_shape, reference, positions)
     device = torch.device(device)
@@ -501,6 +501,7 @@ def start_visualise(
             images = _optimise(layer_fn, batch, batch_targets, image_shape, s, device)
         return images, time.perf_counter() - start
 
+    submit = submit or _run_now
     futures = [
         submit(
             partial(job, units[i : i + s.batch_size], targets[i : i + s.batch_size] if targets is not None else None)
