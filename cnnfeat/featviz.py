@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -637,6 +638,33 @@ class Workers:
 
     def submit(self, job: Callable[[], tuple[torch.Tensor, float]]) -> Future[tuple[torch.Tensor, float]]:
         return _run_now(job) if self._pool is None else self._pool.submit(job)
+
+
+class Waitable(Protocol):
+    def wait(self) -> None: ...
+
+
+P = TypeVar("P", bound=Waitable)
+
+
+def side_by_side(
+    starts: Mapping[str, Callable[[Submit], P | None]],
+    workers: int,
+    threads: int | None,
+    done: Callable[[str], None] | None = None,
+) -> dict[str, P | None]:
+    """Hand each start (by name; ``None`` from a start: nothing to optimise) the ``submit`` of a :class:`Workers`
+    pool, the last first (the deepest layers, the costliest), and wait for all, calling ``done(name)`` as each is
+    through. Returns them in the order of ``starts``, after the thread count is restored: the caller measures them
+    (``finish()``) as one after the other would."""
+    with Workers(workers, threads) as pool:
+        pending = {name: start(pool.submit) for name, start in reversed(list(starts.items()))}
+        for name, p in pending.items():
+            if p is not None:
+                p.wait()
+            if done is not None:
+                done(name)
+    return {name: pending[name] for name in starts}
 
 
 def best_of(results: Sequence[FeatVizResult]) -> FeatVizResult:

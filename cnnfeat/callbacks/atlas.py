@@ -14,6 +14,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -693,20 +694,15 @@ class AtlasCallback(VisualizationCallback):
         device = device_of(model)
         writer, share = self._atlas(), {}
         todo = [info for info in self.infos if info.featviz_units]
-        total = sum(len(info.featviz_units) for info in todo)
+        sizes = {info.name: len(info.featviz_units) for info in todo}
+        total = sum(sizes.values())
         workers = featviz.workers_for(model, device, self.featviz_workers)
         with task_progress("Atlas: optimised inputs", total, "units") as advance:
             for threads in dict.fromkeys(self._settings_of(info).threads for info in todo):
-                group = [info for info in todo if self._settings_of(info).threads == threads]
-                with featviz.Workers(workers, threads) as pool:
-                    pending = {
-                        info.name: self._start_featviz_layer(model, info, tops[info.name], device, pool.submit)
-                        for info in reversed(group)
-                    }
-                    for info in reversed(group):
-                        pending[info.name].wait()
-                        advance(len(info.featviz_units))
-                for info in group:  # measured with the caller's thread count, as one after the other does
+                group = {info.name: info for info in todo if self._settings_of(info).threads == threads}
+                starts = {n: partial(self._start_featviz_layer, model, i, tops[n], device) for n, i in group.items()}
+                pending = featviz.side_by_side(starts, workers, threads, lambda name: advance(sizes[name]))
+                for info in group.values():  # measured with the caller's thread count, as one after the other does
                     result = pending[info.name].finish()
                     writer.featviz(info.name, step, result)
                     share[info.name] = result.share_reaching_real

@@ -151,12 +151,9 @@ class FeatureVisCallback(VisualizationCallback):
         total = sum(len(self._units[name]) for name in self.names)
         workers = featviz.workers_for(pl_module, device, self.workers)
         with task_progress(f"Feature visualisation, step {step}", total, "units") as advance:
-            starts = [(name, self._start_layer(pl_module, name, real, device)) for name in self.names]
-            with featviz.Workers(workers, self.settings.threads) as pool:
-                pending = {name: start(pool.submit) for name, start in reversed(starts)}  # deepest first
-                for name, _ in reversed(starts):
-                    pending[name].wait()
-                    advance(len(self._units[name]))
+            starts = {name: self._start_layer(pl_module, name, real, device) for name in self.names}
+            threads = self.settings.threads
+            pending = featviz.side_by_side(starts, workers, threads, lambda name: advance(len(self._units[name])))
             for name in self.names:  # measured with the caller's thread count, as one after the other does
                 self._add_layer(name, pending[name].finish(), pictures, step)
         return pictures

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -423,8 +424,8 @@ class RelevanceCallback(VisualizationCallback):
             start = time.perf_counter()
             nodes = [n for n in refs if tags.RELEVANCE_TABLE.format(layer=self._layer_of[n]) in pictures.texts]
             workers = featviz.workers_for(pl_module, device_of(pl_module), self.workers)
-            with featviz.Workers(workers, self.path_settings.threads) as pool:  # deepest first: the costliest
-                started = {n: self._start_path(pl_module, n, refs[n], pool.submit) for n in reversed(nodes)}
+            starts = {n: partial(self._start_path, pl_module, n, refs[n]) for n in nodes}
+            started = featviz.side_by_side(starts, workers, self.path_settings.threads)
             for node in nodes:  # measured and compared with the render's thread count, as one after the other
                 if started[node] is not None:
                     self._path(pl_module, x, ids, node, refs[node], started[node], pictures)
@@ -566,7 +567,7 @@ class RelevanceCallback(VisualizationCallback):
     # -- trust in optimised inputs --------------------------------------------------------------------------------
     def _start_path(
         self, pl_module: nn.Module, node: str, r: relevance.References, submit: featviz.Submit
-    ) -> tuple[list[int], featviz.PendingVisualisation] | None:
+    ) -> featviz.PendingVisualisation | None:
         """Hand the optimisation of an input for each of the first ``path_units`` drawn units of ``node`` to
         ``submit`` (once per unit, where its best real patch is: the path is compared there too); None: no unit
         fires on k probe images."""
@@ -583,10 +584,7 @@ class RelevanceCallback(VisualizationCallback):
         fv_node = self._featviz_node[node]
         fn = atlas.layer_fn(pl_module, fv_node, self._space)
         shape, device = self._space.shape, device_of(pl_module)
-        pending = featviz.start_visualise(
-            fn, units, shape, self.path_settings, reference, best, fv_node, device, submit
-        )
-        return units, pending
+        return featviz.start_visualise(fn, units, shape, self.path_settings, reference, best, fv_node, device, submit)
 
     def _path(
         self,
@@ -595,14 +593,14 @@ class RelevanceCallback(VisualizationCallback):
         ids: torch.Tensor,
         node: str,
         r: relevance.References,
-        started: tuple[list[int], featviz.PendingVisualisation],
+        started: featviz.PendingVisualisation,
         pictures: Pictures,
     ) -> None:
         """Compare the path of each optimised input (``_start_path``) with the paths of the unit's top real images
         (by activation); add the count and the table to ``pictures``."""
         assert self._space is not None
-        units, pending = started
-        result = pending.finish()
+        result = started.finish()
+        units = result.units.tolist()
         layer, top = self._layer_of[node], r.by_activation
         rows_, cols_ = r.rows_cols(top)
         row_of = {int(i): j for j, i in enumerate(ids.tolist())}
