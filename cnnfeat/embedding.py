@@ -11,7 +11,7 @@ Why the pieces are as they are (measured on a 2-core CPU, 2,000 x 100 points):
     with 2-D accuracy and trustworthiness within ~0.005 of independent fits (benchmarks/aligned_umap.py);
   * each map is centred, scaled to unit RMS radius and rotated/reflected onto the previous one
     (orthogonal Procrustes), so frames can share fixed axes;
-  * the quality metrics visit distance matrices in row blocks, so 10,000 points need ~40 MB, not 1.2 GB;
+  * the quality metrics visit distance matrices in row blocks, so 10,000 points need ~10 MB, not 1.2 GB;
   * ``umap`` is imported on first use (importing it costs seconds), with numba's on-disk cache switched on
     for the functions a fit compiles: umap-learn compiles them anew in every process (~4 s here); with
     the cache only the first run on a machine pays that. pynndescent, which umap imports but a fit on a
@@ -404,7 +404,8 @@ class ClusterQuality:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
 
 
-_BLOCK = 1024  # rows of a distance matrix held at once: (1024, N) floats, 40 MB at N = 10,000
+_BLOCK = 256  # rows of a distance matrix held at once: (256, N) floats, 10 MB at N = 10,000; stays in cache
+# while each metric reads it (1,024-row blocks took 1.7x as long at N = 10,000)
 
 
 def _row_blocks(x: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -450,11 +451,17 @@ def _map_neighbours(rows: slice, d: torch.Tensor, k: int) -> torch.Tensor:
 
 def _rank_penalty(rows: slice, dx: torch.Tensor, nbrs: torch.Tensor, k: int) -> int:
     """Trustworthiness's sum of ``max(0, rank - k)`` over a block's map neighbours (``nbrs``: (N, k), all rows)."""
-    d_nbr = dx.gather(1, nbrs[rows])
+    # rank of j for i = points closer to i than j is (i itself, at distance 0, included). Only distances below a
+    # row's farthest map neighbour count toward any rank, and those are few: each is placed among the row's k sorted
+    # neighbour distances and the ranks read off a histogram (3-4x faster than comparing every distance k times).
+    thresholds = dx.gather(1, nbrs[rows]).sort(dim=1).values
     penalty = 0
-    for s in range(0, dx.shape[0], 256):  # (256, k, N) comparisons at a time
-        # rank of j for i = points closer to i than j is (i itself, at distance 0, included)
-        ranks = (dx[s : s + 256].unsqueeze(1) < d_nbr[s : s + 256].unsqueeze(2)).sum(dim=2)
+    for s in range(0, dx.shape[0], 256):  # bounded memory when a bad map makes every distance count
+        d, t = dx[s : s + 256], thresholds[s : s + 256]
+        row, col = (d < t[:, -1:]).nonzero(as_tuple=True)
+        below = (d[row, col].unsqueeze(1) >= t[row]).sum(dim=1)  # how many neighbour distances it is not below
+        counts = torch.bincount(row * (k + 1) + below, minlength=len(t) * (k + 1)).view(len(t), k + 1)
+        ranks = counts.cumsum(dim=1)[:, :k]  # points below the m-th smallest neighbour distance, m = 0..k-1
         penalty += int((ranks - k).clamp(min=0).sum())
     return penalty
 

@@ -127,3 +127,20 @@ def test_metrics_in_row_blocks_equal_scikit_learn(monkeypatch: pytest.MonkeyPatc
     assert embedding.knn_cv_accuracy(xt, yt) == q.knn_acc
     assert embedding.trustworthiness_score(xt, et) == q.trustworthiness
     assert embedding.silhouette(et, yt) == q.silhouette
+
+
+@pytest.mark.parametrize("spread", ["tied", "random map"])
+def test_trustworthiness_counts_ranks_like_brute_force(monkeypatch: pytest.MonkeyPatch, spread: str) -> None:
+    """The rank penalty from a histogram of the distances below each row's farthest map neighbour equals counting,
+    for every map neighbour, the points strictly closer in the features: with tied distances (duplicated points,
+    integer coordinates) and for a random map (every distance counts), across row blocks."""
+    monkeypatch.setattr(embedding, "_BLOCK", 96)
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 4, size=(300, 3)).astype(np.float32)  # many equal distances and duplicate points
+    e = x[:, :2] + rng.integers(0, 2, size=(300, 2)) if spread == "tied" else rng.normal(size=(300, 2))
+    xt, et, k = torch.from_numpy(x), torch.from_numpy(e.astype(np.float32)), 5
+    nbrs = torch.cat([embedding._map_neighbours(rows, d, k) for rows, d in embedding._row_blocks(et)])
+    dx = torch.cdist(xt, xt)
+    brute = sum(max(0, int((dx[i] < dx[i, j]).sum()) - k) for i in range(300) for j in nbrs[i].tolist())
+    assert brute > 0
+    assert sum(embedding._rank_penalty(rows, d, nbrs, k) for rows, d in embedding._row_blocks(xt)) == brute
