@@ -40,7 +40,7 @@ from torch import nn
 
 from cnnfeat.attribution import Edit, InplaceNodeError, device_of, evaluating, intervene
 from cnnfeat.errors import ConfigError
-from cnnfeat.graph import INPUT, Graph, Node, activation_after, is_relu_family
+from cnnfeat.graph import INPUT, Graph, Node, activation_after, is_relu_family, split_call
 from cnnfeat.probe_pass import PassBatch
 from cnnfeat.units import fires
 
@@ -475,7 +475,11 @@ def _joint_pass(
 def _expander(model: nn.Module, r: Route, units: torch.Tensor, b: int, seen: dict) -> Edit:
     """The edit at ``r.target`` that appends one copy of the unablated rows per unit, with that unit removed."""
     m = len(units)
-    module = dict(model.named_modules()).get(r.linear) if r.linear is not None else None
+    module = None
+    if r.linear is not None:  # a graph node: "conv2:1" is the second call of the module "conv2"
+        module = dict(model.named_modules()).get(split_call(r.linear)[0])
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):  # never fall back to zeroing a unit of r.linear's output
+            raise RuntimeError(f"{r.linear!r} (after {r.node!r}) is not a Conv2d or Linear module of the model")
 
     def edit(t: torch.Tensor, inplace: bool) -> torch.Tensor:
         if inplace:

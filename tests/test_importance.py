@@ -223,6 +223,49 @@ def test_ablation_of_functional_in_place_and_bypassed_nodes_equals_a_hand_loop()
         assert_matches(r, brute_force(model, x, y, FlagKill(model, node, graph[node].output_shape[1])))
 
 
+class SharedWeights(nn.Module):
+    """One Conv2d and one Linear, each called twice: removing a unit after the first call must start the copies at
+    the second call's output (a graph node "conv2:1" / "mid:1", not a module path), the unit's own contribution taken
+    out; ``kill`` removes it by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.mid = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 3)
+        self.kill: tuple[str, int] | None = None
+
+    def _kill(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.kill is not None and self.kill[0] == name:
+            t = t.clone()
+            t[:, self.kill[1]] = 0
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        b = self._kill("relu:1", F.relu(self.conv2(a)))
+        c = F.adaptive_avg_pool2d(F.relu(self.conv2(b)), 2).flatten(1)
+        d = self._kill("relu:3", F.relu(self.mid(c)))
+        return self.fc(F.relu(self.mid(d)))
+
+
+def test_ablation_before_a_module_called_a_second_time_equals_a_hand_loop() -> None:
+    torch.manual_seed(0)
+    model = SharedWeights().eval()
+    with torch.no_grad():  # larger logits: removing a unit moves them well past the tolerance
+        model.fc.weight.mul_(20)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(40, 1, 12, 12, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    graph = trace_graph(model, x[:1])
+    assert route(graph, "relu:1").linear == "conv2:1" and route(graph, "relu:3").linear == "mid:1"
+    imp = ablation_importance(model, x, y, graph, {"relu:1": None, "relu:3": None}, batch_size=8)
+    for node, r in imp.items():
+        ref = brute_force(model, x, y, FlagKill(model, node, graph[node].output_shape[1]))
+        assert ref["logit"].abs().max() > 1e-3  # the units matter: a wrong unit removed would show
+        assert_matches(r, ref)
+
+
 def test_a_unit_that_can_be_negative_is_zeroed_before_max_pooling() -> None:
     """Max-pooling keeps a zeroed channel zero only for non-negative maps: a conv's raw output is zeroed in place."""
     torch.manual_seed(0)
