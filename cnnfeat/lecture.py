@@ -19,9 +19,13 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
 )
 
 
-def default_image_ids(class_names: tuple[str, ...] | list[str], held: set[int], first_of_class: list[int]) -> list[int]:
-    """The lecture's six images on Fashion-MNIST (when the probe holds them), else the first image of each class."""
-    if tuple(class_names) == FASHION_MNIST_CLASSES and set(LECTURE_IMAGE_IDS) <= held:
+def default_image_ids(
+    class_names: tuple[str, ...] | list[str], held: set[int], first_of_class: list[int], split: str
+) -> list[int]:
+    """The lecture's six images on Fashion-MNIST's test split (when the probe holds them), else the first image of
+    each class. The lecture's IDs are test-set indices: on another split (a DataModule that builds its test set only
+    in ``setup("test")`` gives the validation split) the same numbers are other images."""
+    if split == "test" and tuple(class_names) == FASHION_MNIST_CLASSES and set(LECTURE_IMAGE_IDS) <= held:
         return list(LECTURE_IMAGE_IDS)
     return list(first_of_class)
 

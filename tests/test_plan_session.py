@@ -252,3 +252,19 @@ def test_the_lectures_images_stay_the_default_on_fashion_mnist(model: nn.Module)
     cb = FeatureMapCallback(image_ids=None)
     cb.prepare(model, probe)
     assert cb.image_ids == list(LECTURE_IMAGE_IDS) and cb.layers == ["conv1", "conv2"]
+
+
+def test_the_lectures_test_ids_are_not_used_on_the_validation_split(model: nn.Module) -> None:
+    """A DataModule that builds its test set only in setup("test") gives a validation probe: the lecture's numbers
+    are test-set indices, so there they would name other images; the first image of each class is shown instead."""
+    from cnnfeat.callbacks import AttributionCallback, FeatureMapCallback
+    from cnnfeat.lecture import FASHION_MNIST_CLASSES
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(1100) % 10
+    probe = probe_from_tensors(
+        torch.rand(1100, 1, 28, 28, generator=g), labels, split="val", class_names=FASHION_MNIST_CLASSES
+    )
+    for cb in (FeatureMapCallback(image_ids=None), AttributionCallback()):
+        cb.prepare(model, probe)
+        assert cb.image_ids == probe.example_ids(6) == [int(torch.nonzero(labels == c)[0]) for c in range(6)]

@@ -112,7 +112,7 @@ class AttributionCallback(VisualizationCallback):
         assert probe is not None
         if self.image_ids is None:
             held = set(probe.ids.tolist())
-            self.image_ids = lecture.default_image_ids(probe.class_names, held, probe.example_ids(6))
+            self.image_ids = lecture.default_image_ids(probe.class_names, held, probe.example_ids(6), probe.split)
             log.info("%s: image_ids=%s (%s)", type(self).__name__, self.image_ids, probe.describe())
         probe.positions(self.image_ids)  # IDs the probe does not hold: an error naming them
         graph = self.layer_plan(pl_module).graph

@@ -118,7 +118,7 @@ class FeatureMapCallback(VisualizationCallback):
         self.layers = self.fit_default_layers(pl_module, self.layers, DEFAULT_LAYERS, local=False)
         if self.image_ids is None:
             held = set(probe.ids.tolist())
-            self.image_ids = lecture.default_image_ids(probe.class_names, held, probe.example_ids(6))
+            self.image_ids = lecture.default_image_ids(probe.class_names, held, probe.example_ids(6), probe.split)
             log.info("%s: image_ids=%s (%s)", type(self).__name__, self.image_ids, probe.describe())
         probe.positions(self.image_ids)  # IDs the probe does not hold: an error naming them
         self._after(pl_module)
