@@ -481,6 +481,19 @@ def fitted_space(images: torch.Tensor, inputs: torch.Tensor, tol: float = 1e-3) 
     return InputSpace(tuple(int(v) for v in x.shape[1:]), tuple(scale), tuple(shift))  # type: ignore[arg-type]
 
 
+def black_input(images: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The model input of an all-black picture, (1, C, H, W): zeros when the inputs are the display images, else the
+    shift of the per-channel affine map from images to inputs (``-mean / std`` after a ``Normalize``); ``None``
+    when the inputs are no such map of the images (cached backbone features, another shape)."""
+    if inputs.shape == images.shape and torch.equal(inputs.float(), images.float()):
+        return torch.zeros(1, *images.shape[1:])
+    try:
+        space = fitted_space(images, inputs)
+    except ConfigError:
+        return None
+    return space.to_model(torch.zeros(1, *space.shape)).reshape(1, *inputs.shape[1:])
+
+
 def _module(model: nn.Module, name: str, what: str) -> nn.Module:
     modules = dict(model.named_modules())
     if not name or name not in modules:

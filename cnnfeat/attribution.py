@@ -402,8 +402,8 @@ def explain(
     """Grad-CAM at ``node`` and a pixel-level map for each image's predicted and true class (each distinct (image,
     class) pair is computed once: a correct prediction costs one map of each kind). ``pixel_method``:
     ``"integrated_gradients"`` (``ig_steps``: where they start, one count or one per image, e.g.
-    ``Explanation.ig_steps()`` of the previous epoch) or ``"lrp"`` (``cnnfeat.lrp.lrp`` on the model's ``graph``,
-    traced here when ``None``)."""
+    ``Explanation.ig_steps()`` of the previous epoch; ``baselines``: a number, one input (1, ...) or one per image)
+    or ``"lrp"`` (``cnnfeat.lrp.lrp`` on the model's ``graph``, traced here when ``None``)."""
     if pixel_method not in PIXEL_METHODS:
         raise ConfigError(f"pixel_method must be one of {list(PIXEL_METHODS)}, got {pixel_method!r}")
     labels = check_targets(labels, len(inputs))
@@ -436,6 +436,8 @@ def explain(
         return ex
     steps = torch.as_tensor(ig_steps)
     steps = steps[rows_in.to(steps.device)] if steps.numel() > 1 else ig_steps  # per image: also its true-class row
+    if isinstance(baselines, torch.Tensor) and baselines.ndim == inputs.ndim and len(baselines) == n > 1:
+        baselines = baselines[rows_in.to(baselines.device)]  # one per image: its true-class row too
     ig = integrated_gradients(model, inputs[rows_in], rows_t, baselines, steps, ig_max_steps, ig_tolerance, ig_atol)
 
     def sub(r: IGResult, rows_: torch.Tensor) -> IGResult:

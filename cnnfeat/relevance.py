@@ -121,11 +121,17 @@ def boxes(refs: References, top: TopK, field: ReceptiveField) -> torch.Tensor:
 
 
 def reference_heatmaps(
-    model: nn.Module, inputs: torch.Tensor, refs: References, top: TopK, ids: torch.Tensor | None = None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    refs: References,
+    top: TopK,
+    ids: torch.Tensor | None = None,
+    baselines: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """(k, U, ...) the conditional heatmap (``cnnfeat.attribution.conditional_heatmaps``, predicted class) of each
     reference image of ``top`` for its unit; zeros where a unit has fewer than k references. ``inputs``/``ids``: the
-    rows the references were drawn from (as given to ``references``)."""
+    rows the references were drawn from (as given to ``references``); ``baselines``: the input the heatmap is measured
+    from (one input (1, ...) or a number; e.g. ``cnnfeat.atlas.black_input`` for normalised inputs)."""
     from cnnfeat.attribution import conditional_heatmaps
 
     ids = torch.arange(len(inputs)) if ids is None else torch.as_tensor(ids).long()
@@ -137,7 +143,7 @@ def reference_heatmaps(
     out = torch.zeros(k, units, *inputs.shape[1:])
     if len(flat_ids):
         rows = torch.tensor([row_of[int(i)] for i in flat_ids])
-        out[valid] = conditional_heatmaps(model, inputs[rows], refs.node, unit_idx)
+        out[valid] = conditional_heatmaps(model, inputs[rows], refs.node, unit_idx, baselines=baselines)
     return out
 
 

@@ -195,3 +195,62 @@ def test_attribution_and_importance_in_a_real_run(make_cfg: MakeCfg, tmp_path: P
 def test_bad_arguments_are_refused_with_their_name(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.nn.functional.max_pool2d(h, 2).flatten(1))
+
+
+def test_the_baseline_is_a_black_picture_after_a_normalize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With normalised inputs the input 0 is a grey picture: Integrated Gradients and the relevance heatmaps start
+    from the input of a black one (-mean / std), so black pixels carry no attribution and the completeness
+    difference is S(x) - S(black); inputs that are no per-channel affine map of the pictures keep 0 and warn."""
+    from cnnfeat import atlas
+    from cnnfeat.callbacks import RelevanceCallback
+    from cnnfeat.probe import probe_from_tensors
+
+    torch.manual_seed(0)
+    mean, std = 0.286, 0.353
+    images = torch.rand(40, 1, 12, 12)
+    images[:, :, :4] = 0  # black rows at the top of every image
+    probe = probe_from_tensors(images, torch.arange(40) % 4, inputs=(images - mean) / std)
+    black = atlas.black_input(probe.images, probe.inputs)
+    assert black is not None and black.shape == (1, 1, 12, 12)
+    torch.testing.assert_close(black, torch.full((1, 1, 12, 12), -mean / std), atol=1e-5, rtol=0)
+    assert torch.equal(atlas.black_input(images, images), torch.zeros(1, 1, 12, 12))  # the pictures themselves
+    assert atlas.black_input(images, images**2) is None
+
+    model = _Net().eval()
+    seen: list[attribution.Explanation] = []
+    explain = attribution.explain
+    monkeypatch.setattr(attribution, "explain", lambda *a, **k: seen.append(explain(*a, **k)) or seen[-1])
+    cb = AttributionCallback(image_ids=[0, 1, 2])
+    cb.prepare(model, probe)
+    cb.render(model, probe, 0)
+    ex = seen[0]
+    x = probe.inputs[:3]
+    with torch.no_grad():
+        expected = model(x).gather(1, ex.predicted[:, None])[:, 0] - model(black).expand(3, -1).gather(
+            1, ex.predicted[:, None]
+        )[:, 0]
+    torch.testing.assert_close(ex.ig_predicted.difference, expected, atol=1e-5, rtol=1e-4)
+    scale = ex.ig_predicted.attributions.abs().max()
+    assert ex.ig_predicted.attributions[:, :, :4].abs().max() <= 1e-5 * scale  # black pixels: nothing
+    assert ex.ig_predicted.attributions[:, :, 4:].abs().max() > 0.01 * scale
+
+    rel = RelevanceCallback(layers=["conv2"], path_check=False, probe_size=40)
+    rel.prepare(model, probe)
+    assert torch.equal(rel.baseline, black)
+    heat = attribution.conditional_heatmaps(model, x, "relu:1", [0, 1, 2], baselines=rel.baseline)
+    assert heat[:, :, :4].abs().max() <= 1e-5 * heat.abs().max()
+
+    odd = probe_from_tensors(images, torch.arange(40) % 4, inputs=images**2)
+    with pytest.warns(UserWarning, match="all-zero input"):
+        AttributionCallback(image_ids=[0]).prepare(model, odd)

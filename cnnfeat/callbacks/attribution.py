@@ -51,9 +51,10 @@ class AttributionCallback(VisualizationCallback):
     conv) and drawn in viridis, the two classes on one scale. The pixel-level map (``pixel_method``) is summed over the
     input's channels and drawn in diverging colours (red for, blue against the class):
 
-    - ``"integrated_gradients"`` (default; any network): black baseline, Captum's Gauss-Legendre, starting at the most
-      steps an image needed the epoch before and doubling to 1% completeness; ``attribution/ig_gap/img<ID>`` is the
-      larger completeness gap (relative, ``IGResult.relative_gap``) of the image's two classes.
+    - ``"integrated_gradients"`` (default; any network): black baseline (the model input of a black picture, e.g.
+      ``-mean / std`` after a ``Normalize``; a warning where that is unknown), Captum's Gauss-Legendre, starting at
+      the most steps an image needed the epoch before and doubling to 1% completeness; ``attribution/ig_gap/img<ID>``
+      is the larger completeness gap (relative, ``IGResult.relative_gap``) of the image's two classes.
     - ``"lrp"``: ``cnnfeat.lrp`` (zennit, epsilon-plus-flat), one gradient per map instead of tens to hundreds; networks
       its rules do not fit (residual additions, ...) are refused before training, naming the node.
       ``attribution/lrp_conserved/img<ID>``: the input relevance's sum over the logit, of the class farther from 1.
@@ -106,6 +107,8 @@ class AttributionCallback(VisualizationCallback):
         self.layer = layer
         self.ig_steps, self.ig_max_steps = ig_steps, ig_max_steps
         self._steps: torch.Tensor | None = None  # per image: the steps it needed at the last render
+        #: Integrated Gradients' baseline: the model input of a black picture (set in ``check``; 0 when unknown)
+        self.baseline: torch.Tensor | float = 0.0
 
     @override
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
@@ -115,6 +118,8 @@ class AttributionCallback(VisualizationCallback):
             self.image_ids = lecture.default_image_ids(probe.class_names, held, probe.example_ids(6), probe.split)
             log.info("%s: image_ids=%s (%s)", type(self).__name__, self.image_ids, probe.describe())
         probe.positions(self.image_ids)  # IDs the probe does not hold: an error naming them
+        if self.pixel_method == attribution.IG:
+            self.baseline = self.black_baseline(probe, "Integrated Gradients")
         graph = self.layer_plan(pl_module).graph
         if self.layer is None:
             self.layer = attribution.last_conv_stage(graph)
@@ -142,7 +147,15 @@ class AttributionCallback(VisualizationCallback):
         # each image starts at the steps it needed at the previous render (its true-class row too)
         steps = self.ig_steps if self._steps is None else self._steps
         ex = attribution.explain(
-            pl_module, x, labels, self.layer, steps, self.ig_max_steps, pixel_method=self.pixel_method, graph=graph
+            pl_module,
+            x,
+            labels,
+            self.layer,
+            steps,
+            self.ig_max_steps,
+            baselines=self.baseline,
+            pixel_method=self.pixel_method,
+            graph=graph,
         )
         pixel_predicted, pixel_true = ex.pixel_maps()
         if ex.lrp_predicted is not None and ex.lrp_true is not None:

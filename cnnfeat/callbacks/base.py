@@ -42,7 +42,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard import summary as tb_summary
 from typing_extensions import override
 
-from cnnfeat import viz
+from cnnfeat import atlas, viz
 from cnnfeat.callbacks.session import AnalysisSession, inference
 from cnnfeat.errors import ConfigError, check_bool, check_int
 from cnnfeat.graph import device_of as device_of  # the callbacks import it from here
@@ -415,6 +415,19 @@ class VisualizationCallback(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(f"{type(self).__name__}: {message}")
+
+    def black_baseline(self, probe: ProbeSet, what: str) -> torch.Tensor | float:
+        """The model input of a black picture, the baseline of ``what`` (``cnnfeat.atlas.black_input``: ``-mean / std``
+        after a ``Normalize``); 0, with a warning, where the inputs are no per-channel affine map of the pictures."""
+        black = atlas.black_input(probe.images[:256], probe.inputs[:256])
+        if black is None:
+            self.warn_once(
+                "baseline",
+                f"{what}: the model's inputs are not a per-channel affine map of the pictures, so the baseline is the "
+                "all-zero input, which need not be a black picture",
+            )
+            return 0.0
+        return black
 
     def skip_nonfinite(self, layer: str, what: str, bad: int, total: int, items: str, skipped: str, step: int) -> None:
         """Warn (once per layer, picture and step) that a picture is not drawn because its values are not finite: a

@@ -138,7 +138,8 @@ class RelevanceCallback(VisualizationCallback):
     per layer: ``relevance/refs/<layer>`` (per drawn unit two rows, activation references above relevance
     references), ``relevance/heatmaps/<layer>`` (each relevance reference image, the patch's receptive field
     outlined, above its conditional heatmap: where in the image the unit's relevance comes from, red for the
-    predicted class, blue against),
+    predicted class, blue against; input x gradient with the input measured from a black picture, so that black
+    pixels carry none also after a ``Normalize``),
     ``relevance/overlap/<layer>`` (the mean over all units of the share of relevance references that are activation
     references too) and the text ``relevance/<layer>/table`` (every unit's overlap).
 
@@ -240,6 +241,8 @@ class RelevanceCallback(VisualizationCallback):
         self._drawn: dict[str, list[int]] = {}
         self._featviz_node: dict[str, str] = {}
         self._space: atlas.InputSpace | None = None
+        #: what the conditional heatmaps are measured from: the model input of a black picture (set in ``check``)
+        self.baseline: torch.Tensor | float = 0.0
         self._final = False  # whether the coming render is the fit's last (the path check runs then)
         #: ``{layer: units}`` chosen by variability (kept in checkpoints: a resumed fit draws the same units)
         self.chosen: dict[str, list[int]] = {}
@@ -285,6 +288,7 @@ class RelevanceCallback(VisualizationCallback):
             else:
                 self._drawn[node] = choose_units(setting, count, layer)
         self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
+        self.baseline = self.black_baseline(probe, "conditional heatmaps")
         if self.path_check:
             if self.path_arbitrary > self.probe_size:
                 raise ConfigError(f"path_arbitrary={self.path_arbitrary} is more than probe_size={self.probe_size}")
@@ -507,7 +511,11 @@ class RelevanceCallback(VisualizationCallback):
         out = torch.zeros(k, len(drawn), *x.shape[-2:])
         maps = [
             attribution.conditional_heatmaps(
-                pl_module, x[rows[s : s + self.batch_size]], node, units[s : s + self.batch_size]
+                pl_module,
+                x[rows[s : s + self.batch_size]],
+                node,
+                units[s : s + self.batch_size],
+                baselines=self.baseline,
             )
             for s in range(0, len(rows), self.batch_size)
         ]
