@@ -250,6 +250,51 @@ def test_foreign_model_functional_relus_get_unit_pages(datamodule, tmp_path: Pat
     assert a is not None and a.layers[-1].activation == "relu:2", "F.relu after fc1 says alive/dead"
 
 
+class _Residual(torch.nn.Module):
+    """conv2 feeds a residual add: no activation of its own; its unit 0 is never positive (zero weights, bias -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 7 * 7, 10)
+        with torch.no_grad():
+            self.conv2.weight[0] = 0
+            self.conv2.bias[0] = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(h + self.conv2(h))
+        return self.fc(torch.nn.functional.max_pool2d(h, 4).flatten(1))
+
+
+def test_a_layer_without_activation_is_never_positive_not_dead(datamodule, tmp_path: Path) -> None:
+    """A conv that feeds a residual add is read on its own output: a unit that is never positive there is not a dead
+    ReLU unit (removing it still changes the sum), so its card, its page and the index say "never positive", and a
+    warning names the node that comes first."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"no activation after 'conv2': 'add' .* comes first"):
+        report = _atlas_for(
+            _Residual(),
+            datamodule,
+            tmp_path,
+            layers=["conv1", "conv2"],
+            probe_size=64,
+            alive_probe_size=64,
+            batch_size=32,
+            featviz=False,
+        )
+    a = atlas.Atlas.load(tmp_path)
+    assert a is not None and [i.activation for i in a.layers] == ["relu", None]
+    conv2 = (report / "conv2.html").read_text()
+    assert "never positive since step 0" in conv2 and "dead since" not in conv2 and "dead at the end" not in conv2
+    assert "title='epoch 1: never positive" in conv2 and "title='epoch 1: dead" not in conv2
+    assert "no activation after it" in conv2 and "never positive at the end: 1 of 4" in conv2
+    index = (report / "index.html").read_text()
+    assert "1 of 4 never positive" in index
+    assert "alive/dead read at relu" in (report / "conv1.html").read_text()
+
+
 def test_foreign_model_and_tutorial_datamodule_through_a_trainer(data_dir: Path, tmp_path: Path) -> None:
     """LeNet (functional ReLUs and pooling, padded 28 -> 32) in a plain LightningModule, fed by a DataModule written
     as Lightning's docs write one (torchvision Normalize, no test split during fit)."""

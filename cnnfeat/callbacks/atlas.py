@@ -301,7 +301,16 @@ class AtlasCallback(VisualizationCallback):
             shown = choose_units(setting, units, name)  # every unit, or the listed ones (an error names the layer)
             how = "list" if isinstance(setting, list) else "all"
         module = atlas.layer_module(plan.graph, name)
-        act = layer.activation if layer.kind in ("conv", "linear") else activation_after(plan.graph, name)[0]
+        if layer.kind in ("conv", "linear"):
+            act, why = layer.activation, layer.activation_note
+        else:
+            act, why = activation_after(plan.graph, name)
+        if act is None:
+            self.warn_once(
+                f"activation:{name}",
+                f"{why}: the cards read {name!r}'s units on its own output and call one that is never positive "
+                "'never positive', not dead",
+            )
         frozen = module is not None and not any(p.requires_grad for p in module.parameters())
         if module is None:  # a functional op: frozen unless the model has anything trainable
             frozen = not any(p.requires_grad for p in model.parameters())

@@ -62,6 +62,18 @@ def _role(row: UnitImportance) -> str:
     return "rarely fires but matters" if row.rare_vital else ""
 
 
+def alive_words(info: LayerInfo) -> tuple[str, str]:
+    """What a unit that fired / never fired is called: alive / dead at an activation; without one (a conv feeding a
+    residual add, a layer whose output branches) the layer's own output is read, where never positive is not dead."""
+    return ("alive", "dead") if info.activation else ("positive", "never positive")
+
+
+def read_at(info: LayerInfo) -> str:
+    if info.activation:
+        return f"alive/dead read at {esc(info.activation)}"
+    return f"no activation after it: read on its own output ({esc(info.name)}), never positive is not a dead ReLU unit"
+
+
 class _Writer:
     """Builds one report folder (assets referenced relative to the page)."""
 
@@ -657,6 +669,8 @@ class _Writer:
                 dead = f"{int((~fires(m)).sum())} of the {len(m)} shown"
             else:
                 dead = f"{int((~fires(m)).sum())} of {len(m)}"
+        if steps and info.activation is None:
+            dead += " never positive"  # no activation after the layer: not dead ReLU units
         fv = a.featviz(info)
         fid = "&ndash;"
         if fv is not None:
@@ -687,6 +701,7 @@ class _Writer:
         weights = [data[s]["weights"] for s in steps if "weights" in data[s]]
         w_steps = [s for s in steps if "weights" in data[s]]
         imp_layer, imp = self.card_importance(info)
+        on_word, off_word = alive_words(info)
         cards, thumbs = [], []
         for j, unit in enumerate(info.shown):
             aid = anchor(info.kind, unit)
@@ -696,10 +711,10 @@ class _Writer:
             if fired is not None:
                 alive = fired[:, j]
                 if alive[-1]:
-                    badges.append('<span class="badge ok">alive</span>')
+                    badges.append(f'<span class="badge ok">{on_word}</span>')
                 else:
                     died = next((steps[i] for i in range(len(steps)) if not alive[i:].any()), steps[-1])
-                    badges.append(f'<span class="badge dead">dead since step {died}</span>')
+                    badges.append(f'<span class="badge dead">{off_word} since step {died}</span>')
             fig_fv = ""
             if unit in fv_row:
                 i = fv_row[unit]
@@ -773,13 +788,14 @@ class _Writer:
                 )
             if maxima is not None and fired is not None:
                 cells = "".join(
-                    f"<span class='{'a' if on else 'd'}' title='epoch {s}: {'alive' if on else 'dead'}, max "
+                    f"<span class='{'a' if on else 'd'}' title='epoch {s}: {on_word if on else off_word}, max "
                     f"{fmt(float(m), 3)}'></span>"
                     for s, m, on in zip(steps, maxima[:, j].tolist(), fired[:, j].tolist(), strict=True)
                 )
                 when = f"epochs {steps[0]}&ndash;{steps[-1]}" if len(steps) > 1 else f"epoch {steps[0]}"
                 parts.append(
-                    f"<div class='muted'>alive/dead, {when}{' (frozen: recorded once)' if info.frozen else ''} "
+                    f"<div class='muted'>{on_word}/{off_word}, {when}"
+                    f"{' (frozen: recorded once)' if info.frozen else ''} "
                     f"(green = fired on "
                     f"{esc((a.manifest.get('probe') or {}).get('alive_images', '?'))} probe images)</div>"
                     f"<div class='tl'>{cells}</div>"
@@ -794,9 +810,10 @@ class _Writer:
         intro = (
             f"<p>{esc(info.kind)} layer, {info.units} units"
             f"{f' ({len(info.shown)} shown: {self.shown_how(info)})' if len(info.shown) < info.units else ''}; "
-            f"alive/dead read at {esc(info.activation or info.name)}; "
+            f"{read_at(info)}; "
             f"receptive field {'&times;'.join(map(str, info.rf_size)) + ' px' if info.rf_size else 'the whole image'}"
-            f"{' of ' + esc(info.frame) + ' output' if info.frame else ''}; dead at the end: {s['dead']}; optimised "
+            f"{' of ' + esc(info.frame) + ' output' if info.frame else ''}; {off_word} at the end: "
+            f"{s['dead'].removesuffix(' never positive')}; optimised "
             f"inputs reaching their best real patch: {s['fidelity']}{'; frozen (recorded once)' if info.frozen else ''}"
             ".</p>"
         )
