@@ -237,9 +237,10 @@ def test_the_baseline_is_a_black_picture_after_a_normalize(monkeypatch: pytest.M
     ex = seen[0]
     x = probe.inputs[:3]
     with torch.no_grad():
-        expected = model(x).gather(1, ex.predicted[:, None])[:, 0] - model(black).expand(3, -1).gather(
-            1, ex.predicted[:, None]
-        )[:, 0]
+        expected = (
+            model(x).gather(1, ex.predicted[:, None])[:, 0]
+            - model(black).expand(3, -1).gather(1, ex.predicted[:, None])[:, 0]
+        )
     torch.testing.assert_close(ex.ig_predicted.difference, expected, atol=1e-5, rtol=1e-4)
     scale = ex.ig_predicted.attributions.abs().max()
     assert ex.ig_predicted.attributions[:, :, :4].abs().max() <= 1e-5 * scale  # black pixels: nothing
