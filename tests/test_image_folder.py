@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -21,6 +21,7 @@ from cnnfeat.data.fashion_mnist import CLASSES, FashionMNISTDataModule
 from cnnfeat.data.image_folder import folder_facts
 from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.probe import ProbeSpec, probe_from_datamodule
+from cnnfeat.run.checkpoints import read_checkpoint
 from cnnfeat.run.cli import CONFIG_DIR, instantiate_node
 from cnnfeat.run.train import train
 
@@ -249,10 +250,27 @@ def _cfg(tmp_path: Path, *overrides: str) -> DictConfig:
 
 
 def test_cnnfeat_train_data_image_folder_with_the_small_cnn(fm_folder: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, f"data.root={fm_folder}", "data.batch_size=16", "data.eval_batch_size=16")
+    args = (f"data.root={fm_folder}", "data.batch_size=16", "data.eval_batch_size=16")
+    flip = "data.augment={RandomHorizontalFlip: {p: 0.5}}"
+    cfg = _cfg(tmp_path, *args, flip, "data.mean=[0.3]", "data.std=[0.3]")
     assert (cfg.data.num_classes, cfg.data.in_channels, cfg.data.image_size) == (10, 1, 28)  # read at composition
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
+    # the DataModule's arguments are recorded as plain values: the checkpoint loads without running pickled code,
+    # so the run resumes (a DictConfig there refused both resume and cnnfeat-explore)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["datamodule_hyper_parameters"]["augment"] == {"RandomHorizontalFlip": {"p": 0.5}}
+    resumed = train(
+        _cfg(tmp_path, *args, flip, "data.mean=[0.3]", "data.std=[0.3]", "resume=true", "trainer.max_epochs=2")
+    )
+    assert 0.0 <= resumed["test/acc"] <= 1.0
+    # checkpoints written before that hold DictConfigs: still read (plain data, no code runs)
+    ckpt["datamodule_hyper_parameters"]["augment"] = OmegaConf.create({"RandomHorizontalFlip": {"p": 0.5}})
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert (
+        read_checkpoint(tmp_path / "old.ckpt")["datamodule_hyper_parameters"]["augment"]
+        == ckpt["datamodule_hyper_parameters"]["augment"]
+    )
     photos = _cfg(tmp_path, f"data.root={photo_crops(tmp_path / 'p', 2)}")
     assert (photos.data.num_classes, photos.data.in_channels, photos.data.image_size) == (2, 3, None)
     with pytest.raises(DataError, match=r"not all square and of one size .* Set data.image_size=N"):

@@ -108,3 +108,18 @@ def test_a_checkpoint_from_before_in_channels_resumes_with_the_lectures_values()
     assert differences(saved, {"model": {**saved["model"], "in_channels": 3, "image_size": 28}}) == [
         ("model.in_channels", 1, 3)
     ]
+
+
+def test_a_checkpoint_from_before_augment_defaulted_to_null_resumes() -> None:
+    """data.augment was {} (which the command line could not override) before it became null: the same setting."""
+    from omegaconf import OmegaConf
+
+    from cnnfeat.run.resume import differences, training_config
+
+    old = {"data": {"_target_": "cnnfeat.data.CIFAR10DataModule", "augment": {}, "batch_size": 128}}
+    new = {"data": {**old["data"], "augment": None}}
+    assert differences(old, new) == []
+    flip = {"data": {**old["data"], "augment": {"RandomHorizontalFlip": {}}}}
+    assert ("data.augment.RandomHorizontalFlip", None, {}) in differences(old, flip)  # a real change is one
+    cfg = OmegaConf.create({"data": {**old["data"], "_convert_": "all"}})
+    assert "_convert_" not in training_config(cfg)["data"]  # how Hydra passes the arguments is not training

@@ -333,6 +333,14 @@ def stats_from_sums(sums: torch.Tensor, pixels_per_image: int) -> tuple[tuple[fl
     return tuple(float(v) for v in mean), tuple(float(v) for v in var.sqrt())
 
 
+def plain(value: Any) -> Any:
+    """An OmegaConf container as plain lists and dicts (anything else as it is): what a DataModule records with
+    ``save_hyperparameters`` goes into checkpoints, which are loaded with ``weights_only=True``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 # -- augmentation -----------------------------------------------------------------------------------------
 def build_augment(spec: Mapping[str, Any] | None, where: str = "data.augment") -> Callable | None:
     """A torchvision ``transforms.v2.Compose`` from ``{TransformName: {kwargs}}`` (in order); ``None`` if empty.

@@ -48,6 +48,7 @@ from cnnfeat.data.common import (
     check_cache_dir,
     default_cache_dir,
     keep_batch,
+    plain,
     read_cache,
     stats_from_sums,
     to_float,
@@ -496,6 +497,7 @@ class ImageFolderDataModule(StandardizedImageDataModule):
         std: Sequence[float] | None = None,
         augment: Mapping[str, Any] | None = None,
     ) -> None:
+        mean, std, augment = plain(mean), plain(std), plain(augment)  # recorded by save_hyperparameters below
         if num_workers is None:
             num_workers = min(
                 4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -48,6 +48,7 @@ from cnnfeat.data.common import (
     missing_message,
     parse_idx,
     pixel_sums,
+    plain,
     read_bytes,
     read_cache,
     resolve_dirs,
@@ -101,6 +102,7 @@ class OfficialDataModule(StandardizedImageDataModule):
         image_size: int | None = None,
         num_classes: int | None = None,
     ) -> None:
+        mean, std, augment = plain(mean), plain(std), plain(augment)  # recorded by save_hyperparameters below
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, normalize, mean, std, augment)
         if not is_int(val_size) or not 0 <= val_size < self.train_size:
             raise ConfigError(f"data.val_size must be an integer in [0, {self.train_size}), got {val_size!r}")

@@ -11,8 +11,11 @@ loads with ``weights_only=True`` (nothing in a checkpoint file is executed).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import typing
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,18 @@ from typing_extensions import override
 from cnnfeat.errors import CheckpointWriteError, TrainingDiverged
 from cnnfeat.run.atomic import atomic_write, is_disk_full
 from cnnfeat.run.lightning_api import TorchCheckpointIO
+
+
+def omegaconf_allowed() -> contextlib.AbstractContextManager:
+    """``torch.load(weights_only=True)`` that also reads OmegaConf containers (plain data, no code runs): checkpoints
+    written before the data configs converted their arguments hold ``data.augment`` as a ``DictConfig``."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode
+
+    allowed = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list, defaultdict]
+    return torch.serialization.safe_globals(allowed)
+
 
 _LIGHTNING_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(TorchCheckpointIO.load_checkpoint).parameters
 
@@ -70,8 +85,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         """Load with ``weights_only=True`` unless the caller explicitly asks otherwise."""
         weights_only = True if weights_only is None else weights_only
-        if _LIGHTNING_TAKES_WEIGHTS_ONLY:
-            return super().load_checkpoint(path, map_location, weights_only=weights_only)
-        # Lightning < 2.6 takes no weights_only here and loads with weights_only=False: open the file ourselves
-        with fsspec.open(path, "rb") as f:
-            return torch.load(f, map_location=map_location, weights_only=weights_only)
+        with omegaconf_allowed():
+            if _LIGHTNING_TAKES_WEIGHTS_ONLY:
+                return super().load_checkpoint(path, map_location, weights_only=weights_only)
+            # Lightning < 2.6 takes no weights_only here and loads with weights_only=False: open the file ourselves
+            with fsspec.open(path, "rb") as f:
+                return torch.load(f, map_location=map_location, weights_only=weights_only)

@@ -24,6 +24,7 @@ from cnnfeat.errors import CheckpointError, CnnfeatError, ConfigError
 from cnnfeat.models import optim
 from cnnfeat.models.classifier import ImageClassifier
 from cnnfeat.run import lightning_api as pl
+from cnnfeat.run.checkpoint_io import omegaconf_allowed
 
 _PLAIN = (str, int, float, bool, type(None))
 _SPEC_KINDS: dict[str, optim.Kind] = {"optimizer": "optimizer", "scheduler": "scheduler"}
@@ -43,8 +44,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "checkpoint of the run (checkpoints/epochNN-*.ckpt) or start the run again."
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with omegaconf_allowed():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if refused:  # a whole file holding an object a safe load does not run
+            raise CheckpointError(
+                f"{path} holds a Python object that cnnfeat does not load (it reads checkpoints without running "
+                f"pickled code): {refused[0][:200]}. Was it written by another program?"
+            ) from e
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "Is the file complete? Checkpoints are written as checkpoints/last.ckpt and "

@@ -38,6 +38,7 @@ DATA_RUNTIME_KEYS = frozenset(
         "root",
         "in_memory",
         "max_memory_mb",
+        "_convert_",  # how Hydra hands the arguments over (added to the data configs later), not what they are
         # facts of the data set the DataModule checks against its files (a model built for others fails to load)
         "in_channels",
         "image_size",
@@ -46,6 +47,8 @@ DATA_RUNTIME_KEYS = frozenset(
 )
 #: settings added after checkpoints were written without them, with the value such a checkpoint was trained with
 IMPLIED = {"model.in_channels": 1, "model.image_size": 28}
+#: settings whose default was ``{}`` before it became ``null`` (the same: nothing)
+EMPTY_IS_NONE = ("data.augment",)
 #: Trainer arguments that change the optimisation itself
 TRAINER_KEYS = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 CONFIG_KEY = "cnnfeat_config"
@@ -90,6 +93,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, saved value, new value)`` for every training-relevant setting that differs."""
     a, b = _flatten(saved), _flatten(new)
+    for d in (a, b):
+        for key in EMPTY_IS_NONE:
+            if d.get(key) == {}:
+                d[key] = None
     missing = object()
     rows = []
     for key in sorted(set(a) | set(b)):
