@@ -23,6 +23,7 @@ from cnnfeat.errors import ConfigError, DataError
 from cnnfeat.probe import ProbeSpec, probe_from_datamodule
 from cnnfeat.run.checkpoints import read_checkpoint
 from cnnfeat.run.cli import CONFIG_DIR, instantiate_node
+from cnnfeat.run.explore import explore
 from cnnfeat.run.train import train
 
 FM_PER_CLASS = 12
@@ -264,6 +265,15 @@ def test_cnnfeat_train_data_image_folder_with_the_small_cnn(fm_folder: Path, tmp
         _cfg(tmp_path, *args, flip, "data.mean=[0.3]", "data.std=[0.3]", "resume=true", "trainer.max_epochs=2")
     )
     assert 0.0 <= resumed["test/acc"] <= 1.0
+    # exploring it needs its own data: Fashion-MNIST (explore's default) through this network is refused up front
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        wrong = compose(
+            "explore", [f"ckpt={tmp_path / 'checkpoints'}", "callbacks=none", f"paths.output_dir={tmp_path}"]
+        )
+    with pytest.raises(
+        ConfigError, match=r"trained on cnnfeat.data.ImageFolderDataModule data, .*\(data=image_folder data.root=DIR"
+    ):
+        explore(wrong)
     # checkpoints written before that hold DictConfigs: still read (plain data, no code runs)
     ckpt["datamodule_hyper_parameters"]["augment"] = OmegaConf.create({"RandomHorizontalFlip": {"p": 0.5}})
     torch.save(ckpt, tmp_path / "old.ckpt")

@@ -36,13 +36,15 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnfeat.callbacks import VisualizationCallback
 from cnnfeat.callbacks.base import inference
 from cnnfeat.callbacks.session import AnalysisSession
+from cnnfeat.data.fashion_mnist import FashionMNISTDataModule
+from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.errors import CheckpointError, ConfigError, WeightsError
 from cnnfeat.report import report_at_end
 from cnnfeat.run import lightning_api as pl
@@ -50,6 +52,7 @@ from cnnfeat.run.atomic import atomic_write
 from cnnfeat.run.checkpoint_io import nonfinite_tensors
 from cnnfeat.run.checkpoints import load_model, read_checkpoint
 from cnnfeat.run.cli import CONFIG_DIR, entry_point, instantiate_group, run_cli
+from cnnfeat.run.resume import saved_training_config
 
 log = logging.getLogger("cnnfeat")
 
@@ -189,6 +192,54 @@ def _named(cb: VisualizationCallback) -> Iterator[None]:
         ) from e
 
 
+#: DataModules whose images are another's: the frozen-feature cache holds Fashion-MNIST through a backbone
+SAME_IMAGES = {FrozenFeatureDataModule: FashionMNISTDataModule}
+
+
+def _images_of(target: object) -> object:
+    try:
+        cls = get_class(str(target))
+    except Exception:  # a class this environment cannot import: compared by name
+        return str(target)
+    return SAME_IMAGES.get(cls, cls)
+
+
+def _data_group(target: str) -> str:
+    """``data=<group>`` whose config builds ``target`` (for the message), else ``data._target_=<target>``."""
+    for path in sorted((Path(CONFIG_DIR) / "data").glob("*.yaml")):
+        if f"_target_: {target}\n" in path.read_text():
+            return f"data={path.stem}"
+    return f"data._target_={target}"
+
+
+def check_trained_data(ckpt: Path, data: DictConfig) -> None:
+    """Refuse to draw a checkpoint's network on other images than it was trained on (e.g. the default Fashion-MNIST
+    through a network trained on an image folder): its recorded data config names the DataModule."""
+    saved = saved_training_config(read_checkpoint(ckpt), ckpt)
+    trained = ((saved or {}).get("data") or {}).get("_target_")
+    wanted = data.get("_target_")
+    if trained is None or wanted is None or _images_of(trained) == _images_of(wanted):
+        return
+    raise ConfigError(
+        f"{ckpt} was trained on {trained} data, but this exploration reads {wanted}: give the run's data config "
+        f"({_data_group(trained)}{' data.root=DIR' if 'ImageFolder' in trained else ''}; the run's own is in "
+        "its .hydra/config.yaml)"
+    )
+
+
+def check_classes(explored: list[Explored], datamodule: object) -> None:
+    """The networks' class count must be the data's (a network trained on other classes draws nonsense)."""
+    n_data = getattr(datamodule, "num_classes", None)
+    for net in explored:
+        n_model = getattr(net.model, "num_classes", None)
+        if isinstance(n_data, int) and isinstance(n_model, int) and n_model != n_data:
+            where = net.file.name if net.file is not None else "the untrained network"
+            raise ConfigError(
+                f"{where} classifies {n_model} classes, but the data ({type(datamodule).__name__}) has {n_data}: "
+                "give the data config the network was trained on"
+            )
+
+
 def explore(cfg: DictConfig) -> Path:
     """Render every picture callback of ``cfg.callbacks`` for each checkpoint; returns the output directory."""
     files = checkpoints_in(cfg.ckpt)
@@ -200,9 +251,11 @@ def explore(cfg: DictConfig) -> Path:
         record["missing"] or "none",
     )
     device = explore_device(cfg.device)
+    check_trained_data(files[0], cfg.data)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
+    check_classes(explored, datamodule)
     callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if isinstance(c, VisualizationCallback)]
     out = Path(cfg.paths.output_dir)
     writer = SummaryWriter(str(out))

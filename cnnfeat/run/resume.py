@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -79,6 +80,14 @@ def training_config(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.get("seed"),
         "trainer": {k: trainer.get(k) for k in TRAINER_KEYS},
     }
+
+
+def saved_training_config(ckpt: Mapping[str, Any], ckpt_path: str | Path) -> dict[str, Any] | None:
+    """The training config a checkpoint was written under: its own record, else its run's ``.hydra/config.yaml``."""
+    if CONFIG_KEY in ckpt:
+        return ckpt[CONFIG_KEY]
+    recorded = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    return training_config(OmegaConf.load(recorded)) if recorded.is_file() else None
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -37,7 +37,7 @@ from cnnfeat.run.lightning_api import (
     TensorBoardLogger,
     rank_zero_only,
 )
-from cnnfeat.run.resume import CONFIG_KEY, ApplyOverrides, RecordConfig, check_resume, training_config
+from cnnfeat.run.resume import ApplyOverrides, RecordConfig, check_resume, saved_training_config, training_config
 from cnnfeat.run.status import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, RunLock, read_status, write_status
 
 __all__ = ["CONFIG_DIR", "build", "main", "train"]
@@ -137,14 +137,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
-def _saved_training_config(ckpt: dict[str, Any], ckpt_path: str) -> dict[str, Any] | None:
-    """The training config a checkpoint was written under: its own record, else its run's ``.hydra/config.yaml``."""
-    if CONFIG_KEY in ckpt:
-        return ckpt[CONFIG_KEY]
-    recorded = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
-    return training_config(OmegaConf.load(recorded)) if recorded.is_file() else None
-
-
 def prepare_resume(cfg: DictConfig, ckpt_path: str, model: pl.LightningModule, trainer: pl.Trainer) -> list[str]:
     """Check a checkpoint before resuming from it; with ``resume_overrides=allow`` arrange for new values to apply.
 
@@ -152,7 +144,7 @@ def prepare_resume(cfg: DictConfig, ckpt_path: str, model: pl.LightningModule, t
     """
     ckpt = read_checkpoint(ckpt_path)
     check_compatible(ckpt, model, ckpt_path)
-    saved = _saved_training_config(ckpt, ckpt_path)
+    saved = saved_training_config(ckpt, ckpt_path)
     if saved is None:
         return []
     new = training_config(cfg)
