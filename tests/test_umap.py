@@ -107,6 +107,17 @@ def test_state_dict_round_trip_keeps_the_trajectory(datamodule: FashionMNISTData
     assert torch.equal(restored.probe_ids, cb.probe_ids)
     assert np.array_equal(restored.embeddings[0], cb.embeddings[0])
     assert np.array_equal(restored.pixel_embedding, cb.pixel_embedding)
+    # a resumed fit draws the next map as an uninterrupted one does: it is anchored where the last map's vectors
+    # kept their neighbourhoods, and the state keeps those vectors (set up first, then restored, as Lightning does)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.2)
+    resumed = EmbeddingCallback(probe_size=300)
+    with inference(model):
+        resumed.prepare(model, cb.probe)
+        resumed.load_state_dict(state)
+        assert resumed.render(model, cb.probe, 1).scalars == cb.render(model, cb.probe, 1).scalars
+    assert np.array_equal(resumed.embeddings[1], cb.embeddings[1])
 
 
 def test_stratified_probe_is_balanced_and_seeded(datamodule: FashionMNISTDataModule) -> None:

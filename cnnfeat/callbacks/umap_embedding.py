@@ -349,6 +349,8 @@ class EmbeddingCallback(VisualizationCallback):
             "steps": sorted(self.embeddings),
             "embeddings": [torch.from_numpy(self.embeddings[s]) for s in sorted(self.embeddings)],
             "pixel_embedding": None if self.pixel_embedding is None else torch.from_numpy(self.pixel_embedding),
+            # the last map's vectors: the next map's anchors compare neighbourhoods in them (fit_aligned)
+            "last_features": None if self._last_features is None else torch.from_numpy(self._last_features),
         }
 
     @override
@@ -365,6 +367,8 @@ class EmbeddingCallback(VisualizationCallback):
         self.embeddings = {int(s): e.numpy() for s, e in zip(steps, maps, strict=True)}
         pix = state_dict.get("pixel_embedding")
         self.pixel_embedding = None if pix is None else pix.numpy()
+        last = state_dict.get("last_features")
+        self._last_features = None if last is None or len(last) != self.probe_size else last.numpy()
 
 
 class _Vectors:
