@@ -258,3 +258,27 @@ def test_pynndescent_is_imported_only_when_used(tmp_path: Path) -> None:
         assert "real on use: pynndescent.pynndescent_" in r.stdout, "anything that needs it gets the real class"
         maps[lazy] = np.load(out)
     assert np.array_equal(maps["1"], maps["0"]), "the same map with and without the stand-ins"
+
+
+def test_a_split_too_small_for_the_default_probe_is_refused_before_training_or_mapped() -> None:
+    """The default probe size shrinks to a small split; below what the map's 15 neighbours and 5-fold 5-NN need, the
+    callback says so in check (it crashed inside topk at the first render); at that size it maps every image."""
+    from cnnfeat.probe import probe_from_tensors
+
+    model = SmallCNN().eval()
+    g = torch.Generator().manual_seed(0)
+    tiny = probe_from_tensors(torch.rand(6, 1, 28, 28, generator=g), torch.arange(6) % 3)
+    with pytest.raises(
+        ConfigError, match=r"probe_size=6 \(the test split \(6 images\)\) is too small .*need at least 16"
+    ):
+        EmbeddingCallback().prepare(model, tiny)
+    four_each = probe_from_tensors(torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % 4)
+    with pytest.raises(ConfigError, match=r"no class has 5 of the 16 probe images \(at most 4\)"):
+        EmbeddingCallback().prepare(model, four_each)
+    small = probe_from_tensors(torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % 3)
+    cb = EmbeddingCallback()
+    with inference(model):
+        cb.prepare(model, small)
+        pictures = cb.render(model, small, 0)
+    assert cb.embeddings[0].shape == (16, 2) and "umap/features" in pictures.images
+    assert all(np.isfinite(v) for v in pictures.scalars.values())

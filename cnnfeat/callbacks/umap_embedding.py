@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,7 @@ class EmbeddingCallback(VisualizationCallback):
             check_bool(name, flag)
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ConfigError(f"layer must be a node name or null, got {layer!r}")
-        if probe_size < max(n_neighbors + 1, cv_folds * (knn_k + 1)):
-            raise ConfigError(
-                f"probe_size={probe_size} is too small for n_neighbors={n_neighbors} and "
-                f"{cv_folds}-fold {knn_k}-NN (need at least {max(n_neighbors + 1, cv_folds * (knn_k + 1))})"
-            )
+        self._check_size(probe_size, n_neighbors, knn_k, cv_folds, "")
         self.probe_size, self.layer, self.seed = probe_size, layer, seed
         self.n_neighbors, self.min_dist = n_neighbors, min_dist
         self.warm_start, self.full_epochs, self.warm_epochs = warm_start, full_epochs, warm_epochs
@@ -158,6 +155,17 @@ class EmbeddingCallback(VisualizationCallback):
         #: where the pass finds the vectors, set in ``check``: (node, "input" or "output"), or None: ``features()``
         self.source: tuple[str, str] | None = None
 
+    @staticmethod
+    def _check_size(size: int, n_neighbors: int, knn_k: int, cv_folds: int, where: str) -> None:
+        """Refuse a probe too small for the map's neighbours and for k-NN across folds (the largest fold must leave
+        ``knn_k`` neighbours in the others)."""
+        need = next(n for n in range(n_neighbors + 1, 10**9) if n - math.ceil(n / cv_folds) >= knn_k and n >= cv_folds)
+        if size < need:
+            raise ConfigError(
+                f"probe_size={size}{where} is too small for n_neighbors={n_neighbors} and {cv_folds}-fold {knn_k}-NN "
+                f"(need at least {need}): lower them, or leave the UMAP out (~callbacks.umap)"
+            )
+
     @property
     @override
     def state_key(self) -> str:
@@ -167,6 +175,14 @@ class EmbeddingCallback(VisualizationCallback):
     def check(self, pl_module: nn.Module, probe: ProbeSet | None) -> None:
         assert probe is not None
         self.probe_size = self.fit_probe_size(probe, self.probe_size, DEFAULT_PROBE_SIZE)
+        self._check_size(self.probe_size, self.n_neighbors, self.knn_k, self.cv_folds, f" ({probe.describe()})")
+        largest = int(torch.bincount(probe.labels[self.positions(probe)]).max())
+        if largest < self.cv_folds:  # scikit-learn's stratified folds need one class that fills every fold
+            raise ConfigError(
+                f"no class has {self.cv_folds} of the {self.probe_size} probe images (at most {largest}), which "
+                f"cv_folds={self.cv_folds} needs for the k-NN accuracy: lower cv_folds, or leave the UMAP out "
+                "(~callbacks.umap)"
+            )
         plan = self.layer_plan(pl_module)
         if self.layer is not None:
             plan.resolve([self.layer])  # an unknown name lists the valid ones
