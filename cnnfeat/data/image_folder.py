@@ -189,7 +189,10 @@ def scan_folder(root: Path, cache_dir: Path | None = None, progress: bool = True
     classes = tuple(per_group[first])
     if not classes:
         where = root / first if layout == "splits" else root
-        raise DataError(f"{where} holds no class folders: put the images of each class in a folder named after it.")
+        also = f" ({problems[0]})" if problems else ""  # e.g. a class folder named train/ beside the other classes
+        raise DataError(
+            f"{where} holds no class folders: put the images of each class in a folder named after it.{also}"
+        )
     empty = [f"{(Path(g) / c).as_posix()}/" for g, cls in per_group.items() for c, fs in cls.items() if not fs]
     if empty:
         problems.append(f"{len(empty)} class folder(s) hold no files: {_listing(empty)} (under {root})")
@@ -221,6 +224,12 @@ def scan_folder(root: Path, cache_dir: Path | None = None, progress: bool = True
         problems.append(
             f"{len(unreadable)} file(s) are not images Pillow can read (remove or convert them): "
             + _listing([f"{f} ({why})" for f, why in unreadable], 4)
+        )
+    floats = [f for f in files if f in headers and headers[f][0] == "F"]
+    if floats:  # Pillow's convert() truncates them to integers: [0, 1] pixels would all become black
+        problems.append(
+            f"{len(floats)} file(s) hold 32-bit floating-point pixels (mode F), whose range cnnfeat cannot know "
+            f"([0, 1]? [0, 255]?): save them as 8- or 16-bit images: {_listing(floats, 4)}"
         )
     bad = {f for f, _ in unreadable}
     if bad:
@@ -586,16 +595,28 @@ class ImageFolderDataModule(StandardizedImageDataModule):
         by_class: dict[int, list[int]] = {}
         for pos in pool:
             by_class.setdefault(index.labels[pos], []).append(pos)
+        missing: dict[str, list[str]] = {}
         for label in sorted(by_class):
             members = by_class[label]
             perm = torch.randperm(len(members), generator=g).tolist()
             start = 0
             for split in ("test", "val"):
                 if split in need:
-                    k = min(round(need[split] * len(members)), max(len(members) - 1 - start, 0))
+                    # at least one image of every class where the class can spare it (training keeps one)
+                    want = max(round(need[split] * len(members)), 1 if need[split] > 0 else 0)
+                    k = min(want, max(len(members) - 1 - start, 0))
+                    if k == 0 and need[split] > 0:
+                        missing.setdefault(split, []).append(index.classes[label])
                     splits[split].extend(members[p] for p in perm[start : start + k])
                     start += k
             splits["train"].extend(members[p] for p in perm[start:])
+        for split, names in missing.items():
+            log.warning(
+                "%d class(es) have too few images to give the %s split one (training keeps at least one): %s",
+                len(names),
+                split,
+                _listing(names),
+            )
         return {s: sorted(ids) for s, ids in splits.items()}
 
     # -- files ---------------------------------------------------------------------------------------
@@ -639,6 +660,7 @@ class ImageFolderDataModule(StandardizedImageDataModule):
             batch_size=64,
             num_workers=self.num_workers,
             collate_fn=keep_batch,
+            generator=torch.Generator(),  # its own: the global RNG must not move only on a cold cache
         )
         what = f"Decoding {index.root} ({'into memory' if keep else 'checking every image'})"
         with task_progress(what, n, "images") as advance:
@@ -735,7 +757,11 @@ class ImageFolderDataModule(StandardizedImageDataModule):
         if not len(ids):
             return super().images(split, ids)
         loader = DataLoader(
-            _Plain(ds, ids.tolist()), batch_size=64, num_workers=self.num_workers, collate_fn=keep_batch
+            _Plain(ds, ids.tolist()),
+            batch_size=64,
+            num_workers=self.num_workers,
+            collate_fn=keep_batch,
+            generator=torch.Generator(),  # its own: reading pictures must not move the training's RNG
         )
         xs, ys = zip(*loader, strict=True)
         return to_float(torch.cat(xs)), torch.cat(ys)
