@@ -462,7 +462,9 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=keep_batch,
             num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=workers > 0,
+            # workers start anew each epoch: a persistent iterator draws its seed from the global RNG once, so a
+            # resumed fit (a new iterator mid-run) drew one number more and shuffled its next epochs differently
+            persistent_workers=False,
         )
 
     def has_val(self) -> bool:
