@@ -15,6 +15,7 @@ each patch comes from the geometry of the pass that produced it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -195,7 +196,17 @@ class LayerPlan:
         todo = [n for n in names if n not in self._fields]
         if todo:
             self.resolve(todo)
-            self._fields.update(graph_receptive_fields(self.graph, todo))
+            found = graph_receptive_fields(self.graph, todo)
+            self._fields.update(found)
+            for name, f in found.items():
+                if f.joined is not None:
+                    warnings.warn(
+                        f"{name!r}: its channels come from branches concatenated at {f.joined!r} with different "
+                        "receptive fields, and cnnfeat keeps one field per layer: each box is the union of the "
+                        "branches' fields, wider than a narrower branch's channels see (name a layer inside a "
+                        "branch, or after the next conv, for exact boxes)",
+                        stacklevel=2,
+                    )
         return {n: self._fields[n] for n in names}
 
     def field(self, name: str) -> ReceptiveField:

@@ -269,6 +269,9 @@ class ReceptiveField:
     output_shape: tuple[int, int]
     frame: str | None = None  # the node whose output the boxes refer to (None: the model's input)
     axes: tuple[AxisField, AxisField] | None = None  # exact spans per axis (None: from size, jump and start)
+    #: a channel concatenation of branches with different fields that no channel-mixing conv followed: each channel
+    #: sees only its own branch's field, and these boxes are the union of the branches' (exact for the widest)
+    joined: str | None = None
 
     @property
     def regular(self) -> bool:
@@ -310,6 +313,7 @@ class _Geo:
     frame: str | None
     transformed: bool  # a spatial op lies between the frame and this node
     dims: tuple[int, int] = (2, 3)  # which tensor dims hold the image's rows and columns
+    joined: str | None = None  # see ``ReceptiveField.joined``
 
     @property
     def jump(self) -> tuple[float, float]:
@@ -318,7 +322,7 @@ class _Geo:
     def field(self) -> ReceptiveField:
         rows, cols = self.rows, self.cols
         start = (sum(rows.window(0)) / 2, sum(cols.window(0)) / 2)
-        return ReceptiveField((rows.size, cols.size), self.jump, start, self.hw, self.frame, (rows, cols))
+        return ReceptiveField((rows.size, cols.size), self.jump, start, self.hw, self.frame, (rows, cols), self.joined)
 
 
 @dataclass(frozen=True)
@@ -457,7 +461,14 @@ def _apply(node: Node, geo: _Geo, out_hw: tuple[int, int]) -> _State:
         if isinstance(new, str):
             return _unknown(node, new)
         axes.append(new)
-    return _Geo(axes[0], axes[1], out_hw, geo.frame, True, (2, 3))
+    return _Geo(axes[0], axes[1], out_hw, geo.frame, True, (2, 3), None if _mixes_channels(node) else geo.joined)
+
+
+def _mixes_channels(node: Node) -> bool:
+    """A conv whose every output channel reads every input channel (not a depthwise or grouped one)."""
+    if node.kind == "module" and not node.alias and isinstance(node.module, (nn.Conv2d, nn.ConvTranspose2d)):
+        return node.module.groups == 1
+    return node.op in ("conv2d", "conv_transpose2d") and node.params.get("groups", 1) == 1
 
 
 # -- ops that move, regroup or index axes -----------------------------------------------------------------
@@ -689,7 +700,8 @@ def _join(node: Node, geos: list[_Geo], out_hw: tuple[int, int]) -> _State:
     if len({(_rate(g.rows), _rate(g.cols)) for g in geos}) > 1:
         return _unknown(node, f"joins paths with different jumps {sorted({g.jump for g in geos})}")
     rows, cols = _union([g.rows for g in geos]), _union([g.cols for g in geos])
-    return _Geo(rows, cols, out_hw, geos[0].frame, any(g.transformed for g in geos), geos[0].dims)
+    joined = next((g.joined for g in geos if g.joined is not None), None)
+    return _Geo(rows, cols, out_hw, geos[0].frame, any(g.transformed for g in geos), geos[0].dims, joined)
 
 
 def _broadcast(node: Node, geos: dict[int, _Geo]) -> _State:
@@ -715,7 +727,10 @@ def _concat(node: Node, geos: dict[int, _Geo]) -> _State:
     elif any(dim in g.dims for g in moved):
         return _unknown(node, "concatenates along an image axis")
     dims = moved[0].dims
-    return _join(node, moved, (node.output_shape[dims[0]], node.output_shape[dims[1]]))
+    state = _join(node, moved, (node.output_shape[dims[0]], node.output_shape[dims[1]]))
+    if node.op != "stack" and isinstance(state, _Geo) and len({(g.rows, g.cols) for g in moved}) > 1:
+        return replace(state, joined=node.name)  # each channel's field is its own branch's, not the union
+    return state
 
 
 # -- the walk ----------------------------------------------------------------------------------------------

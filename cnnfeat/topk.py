@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cnnfeat.graph import capture, device_of, trace_graph
+from cnnfeat.graph import Graph, activation_after, capture, device_of, trace_graph
 from cnnfeat.probe import ProbeSet, batches, fitting_batch
 from cnnfeat.receptive_field import ReceptiveField, graph_receptive_fields
 from cnnfeat.units import SpreadAccumulator, nonfinite_rows
 
-__all__ = ["PatchSearch", "TopK", "centre_pad", "crop_sources", "search_patches", "search_vectors"]
+__all__ = ["PatchSearch", "TopK", "centre_pad", "crop_sources", "ranked_at", "search_patches", "search_vectors"]
 
 
 @dataclass
@@ -74,10 +74,23 @@ class PatchSearch:
     nonfinite: dict[str, int] = field(default_factory=dict)
     #: per node, each channel's variability over the searched images (``cnnfeat.units.SpreadAccumulator``)
     spread: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per node, the node whose values ranked its units (``ranked_at``)
+    ranked_at: dict[str, str] = field(default_factory=dict)
 
     def field(self, image_id: int, name: str) -> ReceptiveField:
         """The receptive field of ``name``'s units in the pass that saw image ``image_id``."""
         return self.fields[image_id][name]
+
+
+def ranked_at(graph: Graph, name: str) -> str:
+    """The node whose values rank ``name``'s units: a Conv2d's activation where ops lie between the two (a BatchNorm
+    with a negative scale would otherwise rank first the windows where the unit is off), else ``name`` itself. Both
+    have the same receptive field; where nothing lies between, the activation keeps the conv's order anyway."""
+    node = graph[name]
+    if node.kind != "module" or node.alias or not isinstance(node.module, nn.Conv2d):
+        return node.name
+    act, _ = activation_after(graph, node.name)
+    return act if act is not None and graph[act].parents != (node.name,) else node.name
 
 
 def search_patches(
@@ -85,19 +98,22 @@ def search_patches(
 ) -> PatchSearch:
     """Stream the first ``n`` probe images through ``model`` (under ``no_grad`` and the mode you want) and keep the
     top-``k`` per channel of each spatial node in ``layers`` (see the module docstring), and each channel's variability
-    (``cnnfeat.units.SpreadAccumulator``, from the same per-image maxima). Each batch is traced whole: with
+    (``cnnfeat.units.SpreadAccumulator``, from the same per-image maxima). A conv followed by a BatchNorm (or any op)
+    before its activation is ranked by the activation's values (``ranked_at``). Each batch is traced whole: with
     ``image_bytes`` (one image's values at every node, ``LayerPlan.image_bytes()``) batches are cut to the capture
     budget (``cnnfeat.probe.fitting_batch``)."""
     device, batch_size = device_of(model), fitting_batch(batch_size, image_bytes)
     result = PatchSearch({}, {}, dict.fromkeys(layers, 0))
     spread = {name: SpreadAccumulator() for name in layers}
-    with capture(model, layers) as out:
+    first = trace_graph(model, probe.inputs[:1].to(device))
+    result.ranked_at = {name: ranked_at(first, name) for name in layers}
+    with capture(model, list(dict.fromkeys(result.ranked_at.values()))) as out:
         for positions in batches(torch.arange(n), batch_size):
             graph = trace_graph(model, probe.inputs[positions].to(device))  # the maps land in `out` too
             fields = graph_receptive_fields(graph, layers)
             result.fields.update(dict.fromkeys(probe.ids[positions].tolist(), fields))
             for name in layers:
-                maps = out[name]
+                maps = out[result.ranked_at[name]]
                 if name not in result.tops:
                     result.tops[name] = TopK.empty(k, maps.shape[1], maps.device)
                 spread[name].update_max(result.tops[name].update_from_maps(maps, probe.ids[positions]))

@@ -272,7 +272,7 @@ def test_batches_of_big_images_are_cut_to_the_capture_budget(
         monkeypatch.setattr(probe_module, "CAPTURE_BUDGET", 5 * every)
         counter.calls = 0
         found = search_patches(model, probe, ["conv1"], 2, 20, 16, every)
-        assert counter.calls == 4, "the top-k search's traced batches: 5 images each"
+        assert counter.calls == 1 + 4, "one image traced for the ranking nodes, then batches of 5 images each"
         again = search_patches(model, probe, ["conv1"], 2, 20, 16)
     assert torch.equal(found.tops["conv1"].ids, again.tops["conv1"].ids)
 
@@ -372,3 +372,44 @@ def test_top_patches_draws_only_its_layers_from_a_search_that_holds_more(
     assert list(shared.images) == list(own.images) == ["top_patches/conv1"]
     assert torch.equal(shared.images["top_patches/conv1"], own.images["top_patches/conv1"])
     assert top.state_dict() == alone.state_dict() and list(top.chosen) == ["conv1"]
+
+
+class _ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(h)).amax(dim=(2, 3)))
+
+
+def test_a_conv_before_batchnorm_is_ranked_after_it_so_a_negative_scale_changes_nothing() -> None:
+    """The same function with one channel's conv kernel, bias, BatchNorm scale and running mean negated (a negative
+    BatchNorm scale): the unit's best windows must stay its best windows. Ranked by the raw conv output they became
+    the windows where the unit is switched off. A conv straight into its ReLU is still ranked at the conv."""
+    from cnnfeat.topk import search_patches
+
+    torch.manual_seed(0)
+    model = _ConvBN().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.2, 0.2)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    probe = probe_from_tensors(torch.rand(60, 1, 12, 12), torch.arange(60) % 3)
+    with torch.no_grad():
+        before, logits = search_patches(model, probe, ["conv1", "conv2"], 4, 60, 16), model(probe.inputs)
+        for t in (model.conv1.weight, model.conv1.bias, model.bn1.weight, model.bn1.running_mean):
+            t[2].neg_()
+        torch.testing.assert_close(model(probe.inputs), logits)  # the same function
+        after = search_patches(model, probe, ["conv1", "conv2"], 4, 60, 16)
+        with capture(model, ["relu"]) as out:
+            model(probe.inputs)
+    assert before.ranked_at == after.ranked_at == {"conv1": "relu", "conv2": "conv2"}
+    for name in ("conv1", "conv2"):
+        a, b = before.tops[name], after.tops[name]
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.positions, b.positions), name
+        torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
+    best = out["relu"][:, 2].flatten(1).amax(dim=1)  # brute force: each image's best value of the flipped unit
+    torch.testing.assert_close(after.tops["conv1"].values[:, 2], best.topk(4).values)

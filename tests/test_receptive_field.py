@@ -234,3 +234,44 @@ def test_joining_paths_without_one_grid_is_an_error_naming_the_join() -> None:
     steps = r"'add' \(add\) joins paths with different jumps \[\(1, 1\), \(2, 2\)\]"
     with pytest.raises(ReceptiveFieldError, match=steps):
         graph_receptive_fields(graph, ["add"])
+
+
+class _Inception(nn.Module):
+    """A 1x1 and a 3x3 branch concatenated (each channel sees its own branch's window), then a max-pool that keeps
+    channels apart, a depthwise conv that does too, and a conv that mixes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.narrow, self.wide = nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 3, padding=1)
+        self.same = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.mix = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        same = torch.cat([self.wide(x), self.same(x)], dim=1)  # equal fields: the union is every channel's
+        h = self.pool(torch.cat([self.narrow(x), self.wide(x)], dim=1))
+        return self.mix(self.depthwise(h)) + same[:, :3, ::2, ::2]
+
+
+def test_a_concatenation_of_different_fields_says_its_boxes_are_a_union() -> None:
+    """Channel 0 of the concatenation comes from the 1x1 branch and sees one pixel; the field cnnfeat keeps per layer
+    is the 3x3 branch's. The field says so (``joined``) through channel-wise ops until a conv mixes the channels, and
+    the layer plan warns naming the layer and the concatenation."""
+    from cnnfeat.plan import LayerPlan
+
+    model = _Inception().eval()
+    x = torch.rand(1, 1, 12, 12)
+    graph = trace_graph(model, x)
+    cats = [n.name for n in graph if n.op == "cat"]
+    fields = graph_receptive_fields(graph, [*cats, "pool", "depthwise", "mix"])
+    assert fields[cats[0]].joined is None, "branches with equal fields: the union is exact for every channel"
+    assert fields[cats[1]].joined == cats[1] and fields["pool"].joined == fields["depthwise"].joined == cats[1]
+    assert fields["mix"].joined is None, "a conv mixing the channels sees the union: exact again"
+    # ground truth: the gradient support of channel 0 (narrow) is 1 pixel, the box drawn is 3x3
+    xr = x.clone().requires_grad_(True)
+    out = torch.cat([model.narrow(xr), model.wide(xr)], dim=1)
+    (g,) = torch.autograd.grad(out[0, 0, 5, 5], xr)
+    assert int((g != 0).sum()) == 1 and fields[cats[1]].box(5, 5) == (4, 4, 6, 6)
+    with pytest.warns(UserWarning, match=rf"'pool': its channels come from branches concatenated at '{cats[1]}'"):
+        LayerPlan.trace(model, x).fields(["pool", "mix"])
