@@ -171,7 +171,7 @@ class LayerPlan:
         firsts, seen = [], set()
         for name in self.convs:
             size = self.layers[name].output_shape[1:]
-            if size in seen:
+            if size in seen or self._in_gate(name):
                 continue
             if local:
                 try:
@@ -184,6 +184,22 @@ class LayerPlan:
             return firsts
         step = (len(firsts) - 1) / (limit - 1) if limit > 1 else 0
         return [firsts[round(i * step)] for i in range(limit)]
+
+    def _in_gate(self, name: str) -> bool:
+        """Whether conv ``name`` works on a globally pooled vector (a squeeze-excitation gate's 1x1 convs): walking
+        back through ops on 1x1 maps reaches a pooling that took a larger map to 1x1. Not a stage of the network."""
+        nodes, cur = self.graph.nodes, self.graph[name].name
+        while True:
+            parents = [p for p in nodes[cur].parents if nodes[p].depends_on_input]
+            if len(parents) != 1:
+                return False
+            parent = nodes[parents[0]]
+            if len(parent.output_shape) != 4 or tuple(parent.output_shape[-2:]) != (1, 1):
+                return False
+            shapes = [s for s in parent.input_shapes if len(s) == 4]
+            if shapes and tuple(shapes[0][-2:]) != (1, 1):  # this op made the 1x1 map from a larger one
+                return "pool" in parent.op.lower() or parent.op == "mean"
+            cur = parent.name
 
     def calls(self, name: str) -> list[str]:
         """Every call of the module (or function) behind ``name`` in one pass (``conv``, ``conv:1``, ...)."""

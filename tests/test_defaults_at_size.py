@@ -362,3 +362,23 @@ def test_a_half_dead_wide_layer_reports_its_dead_units(tmp_path: Path) -> None:
     assert int(data[steps[-1]]["layer_dead"]) == truth
     page = (write_report(tmp_path).parent / "conv1.html").read_text()
     assert "16 shown: the most variable, chosen at the first render" in page and "dead at the end: 16 of 32" in page
+
+
+def test_squeeze_excitation_networks_get_real_stages_and_an_atlas() -> None:
+    """MobileNetV3's squeeze-excitation gates run 1x1 convs on a pooled vector: they are no stage of the network (the
+    default picked them, and lost the real 1x1 stage at 28 px), and the atlas's default leaves out, with a warning,
+    the convs after a gate, whose units see the whole image (it refused the whole network)."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).eval()
+    probe = rgb_probe(24)
+    plan = LayerPlan.trace(net, probe.inputs[:1])
+    stages = plan.stage_convs()
+    assert not [n for n in stages if ".fc" in n], stages
+    sizes = [tuple(plan[n].output_shape[-2:]) for n in stages]
+    assert sizes == sorted(set(sizes), reverse=True) and sizes[-1] == (1, 1), "every resolution once, the 1x1 stage too"
+    cb = AtlasCallback(probe_size=24, alive_probe_size=24, featviz=False, max_units=2)
+    with pytest.warns(UserWarning, match=r"left out \d+ conv\(s\) without a receptive field .*squeeze-excitation"):
+        cb.prepare(net, probe)
+    names = [i.name for i in cb.infos]
+    assert "features.0.0" in names and all(plan.field(i.name) is not None for i in cb.infos if i.kind == "conv")
+    assert "features.1.block.2.0" not in names  # after the first gate: no local box

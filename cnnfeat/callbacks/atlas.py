@@ -259,6 +259,23 @@ class AtlasCallback(VisualizationCallback):
         plan = self.layer_plan(pl_module)
         names = atlas.resolve_layers(plan.graph, self.layers)
         convs = [n for n in names if atlas.layer_kind(plan.graph, n) == "conv"]
+        if self.layers is None:  # the default, every conv: those whose units see the whole image are left out
+            without: dict[str, str] = {}
+            for n in convs:
+                try:
+                    plan.field(n)
+                except ConfigError as e:
+                    without[n] = str(e)
+            if without:
+                first = next(iter(without.values()))
+                self.warn_once(
+                    "no-field",
+                    f"left out {len(without)} conv(s) without a receptive field ({first}; also "
+                    f"{list(without)[1:6]}{' ...' if len(without) > 6 else ''}): name layers with "
+                    "callbacks.atlas.layers=[...] to choose others",
+                )
+                names = [n for n in names if n not in without]
+                convs = [n for n in convs if n not in without]
         fields = plan.fields(convs)  # a node without geometry: an error naming what prevents it
         irregular = [n for n, rf in fields.items() if not rf.regular]
         if irregular:  # the atlas stores one size/jump/start per layer: phase-dependent boxes would be cut wrong
