@@ -366,3 +366,14 @@ def test_a_looping_chain_of_causes_is_not_a_full_disk() -> None:
     c = OSError(errno.ENOSPC, "No space left on device")
     b.__cause__ = c
     assert is_disk_full(a) is True
+
+
+def test_trainer_lightning_listed_by_help_builds_a_trainer() -> None:
+    """``trainer=lightning`` (Lightning's own defaults, listed by --help) had no _target_: the run crashed reading
+    current_epoch off a DictConfig and its status stayed 'running'."""
+    from cnnfeat.run import lightning_api as pl
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=lightning", "trainer.max_epochs=1"])
+    trainer = instantiate_node(cfg.trainer, "trainer", logger=False, enable_checkpointing=False)
+    assert isinstance(trainer, pl.Trainer) and trainer.max_epochs == 1

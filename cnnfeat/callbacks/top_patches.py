@@ -134,7 +134,7 @@ class TopPatchesCallback(VisualizationCallback):
             self.chosen[name] = choose_units(self._setting(), n, name, search.spread[name])
         return self.chosen[name]
 
-    def _say(self, widths: dict[str, int], searched: int | None = None) -> None:
+    def _say(self, widths: dict[str, int], searched: int) -> None:
         """One log line: which nodes, how many channels of each, how they were chosen."""
         if self._said:
             return
@@ -167,7 +167,7 @@ class TopPatchesCallback(VisualizationCallback):
             if isinstance(self.channels, list):
                 check_channels(self.channels, name, widths[name])
         if not any(needs_spread(self._setting(), n) or name in self.chosen for name, n in widths.items()):
-            self._say(widths)  # nothing to decide at the first render
+            self._say(widths, probe.check_size(self.probe_size))  # nothing to decide at the first render
 
     def collect(self, pl_module: nn.Module, probe: ProbeSet, step: int | None = None) -> dict[str, TopK]:
         """Stream the probe through the model and return the top-k per node (image IDs are the probe's); the search,

@@ -42,7 +42,9 @@ def hub_state_dict(weights: WeightsEnum, label: str, path_hint: str) -> dict[str
             f"{label} ImageNet weights ({type(weights).__name__}.{weights.name}) are not in the torch hub cache and "
             f"could not be downloaded ({type(e).__name__}: {e}).\nPut the file {target.name} into {target.parent} "
             f"(get it from {weights.url} on a machine with internet; TORCH_HOME moves the cache), or pass a local "
-            f"file with model.weights=/path/to/{path_hint}, or model.weights=none for random weights."
+            f"file with model.weights=/path/to/{path_hint}, or model.weights=none for random weights (with "
+            "experiment=transfer or transfer_torchvision the frozen backbone's setting is backbone.weights=..., which "
+            "model.weights follows)."
         ) from e
 
 

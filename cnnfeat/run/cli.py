@@ -85,7 +85,8 @@ def register_trainer_schema() -> None:
     Lightning release lacks)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="trainer", name="lightning", node=trainer_arguments())
+    node = {"_target_": "${pl:Trainer}", **trainer_arguments()}  # also usable alone: trainer=lightning
+    ConfigStore.instance().store(group="trainer", name="lightning", node=node)
 
 
 register_trainer_schema()

@@ -252,8 +252,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 run_dir,
                 "interrupted" if interrupted else "failed",
                 error=f"{type(e).__name__}: {e}",
-                epoch=trainer.current_epoch if trainer is not None else None,
-                step=trainer.global_step if trainer is not None else None,
+                epoch=getattr(trainer, "current_epoch", None),  # None too where no Trainer was built
+                step=getattr(trainer, "global_step", None),
             )
         if isinstance(e, SystemExit) and e.code in (None, 0, EXIT_SIGTERM):  # Lightning's SIGTERMException
             log.error("Interrupted by SIGTERM; resume with resume=true hydra.run.dir=%s", run_dir)
