@@ -22,6 +22,7 @@ training run is measured separately: a warm frame plus the metrics, at 2,000, 5,
 
     python benchmarks/aligned_umap.py                        # 2,000 points, 3 seeds; then 10,000 points, 1 seed
     python benchmarks/aligned_umap.py --points 2000 --seeds 1 --no-aligned-umap   # quick look
+    python benchmarks/aligned_umap.py --points "" --tag _render_cost             # only the per-render cost
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ def main() -> None:
     payload: dict = {"machine": machine(), "numba_threads": os.environ["NUMBA_NUM_THREADS"], "results": {}}
     seeds = [int(s) for s in args.seeds.split(",")]
     cost_points = {int(n) for n in args.cost_points.split(",")} if args.cost_points else set()
-    for i, n in enumerate(int(v) for v in args.points.split(",")):
+    for i, n in enumerate(int(v) for v in args.points.split(",") if v):
         ids = embedding.stratified_ids(torch.from_numpy(labels), n, 0).numpy()
         xs, y = np.ascontiguousarray(features[:, ids]), labels[ids]
         methods = [m for m in METHODS if not (m == "AlignedUMAP" and args.no_aligned_umap)]
@@ -311,7 +312,7 @@ def main() -> None:
             "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "maps"} for r in v] for k, v in runs.items()},
             "render_cost_cpu_s": cost,
         }
-    for n in sorted(cost_points - {int(v) for v in args.points.split(",")}):
+    for n in sorted(cost_points - {int(v) for v in args.points.split(",") if v}):
         ids = embedding.stratified_ids(torch.from_numpy(labels), n, 0).numpy()
         cost = render_cost(np.ascontiguousarray(features[:, ids]), labels[ids], 3)
         payload["results"].setdefault(str(n), {})["render_cost_cpu_s"] = cost
