@@ -83,14 +83,22 @@ class PatchSearch:
 
 
 def ranked_at(graph: Graph, name: str) -> str:
-    """The node whose values rank ``name``'s units: a Conv2d's activation where ops lie between the two (a BatchNorm
-    with a negative scale would otherwise rank first the windows where the unit is off), else ``name`` itself. Both
-    have the same receptive field; where nothing lies between, the activation keeps the conv's order anyway."""
-    node = graph[name]
+    """The node whose values rank ``name``'s units: for a Conv2d with ops between it and its activation (a BatchNorm
+    with a negative scale would otherwise rank first the windows where the unit is off), the activation module, or,
+    for a functional activation (``F.relu``), the module just before it (the BatchNorm: the same order); else
+    ``name`` itself. All have the conv's receptive field, and a module can be optimised (feature visualisation)."""
+    node, nodes = graph[name], graph.nodes
     if node.kind != "module" or node.alias or not isinstance(node.module, nn.Conv2d):
         return node.name
     act, _ = activation_after(graph, node.name)
-    return act if act is not None and graph[act].parents != (node.name,) else node.name
+    if act is None or nodes[act].parents == (node.name,):
+        return node.name
+    if nodes[act].kind == "module" and not nodes[act].alias:
+        return act
+    before = nodes[act].parents
+    if len(before) == 1 and before[0] != node.name and nodes[before[0]].kind == "module" and not nodes[before[0]].alias:
+        return before[0]
+    return node.name
 
 
 def search_patches(

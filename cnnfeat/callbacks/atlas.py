@@ -42,7 +42,7 @@ from cnnfeat.probe import ProbeSet
 from cnnfeat.probe_pass import PassBatch, PassRequest, ProbePass, shared_positions
 from cnnfeat.receptive_field import crop
 from cnnfeat.run.progress import task_progress
-from cnnfeat.topk import PatchSearch, TopK, crop_sources, search_vectors
+from cnnfeat.topk import PatchSearch, TopK, crop_sources, ranked_at, search_vectors
 from cnnfeat.units import (
     ALL,
     DEFAULT_UNITS,
@@ -740,15 +740,18 @@ class AtlasCallback(VisualizationCallback):
     def _start_featviz_layer(
         self, model: nn.Module, info: atlas.LayerInfo, top: TopK, device: torch.device, submit: featviz.Submit
     ) -> atlas.PendingUnits:
-        """Hand one layer's optimisations to ``submit``; its best probe activation is the reference."""
+        """Hand one layer's optimisations to ``submit``; its best probe activation is the reference, optimised at the
+        node that ranked it (``cnnfeat.topk.ranked_at``: a conv before a BatchNorm at its activation), so that the
+        fidelity divides two values of the same quantity."""
         assert self.space is not None
         reference = top.values[0].float().cpu()  # (units,) best probe activation
-        positions = None
+        positions, node = None, info.name
         if info.kind == "conv":
             flat = top.positions[0].cpu()
             width = info.output_shape[-1]
             positions = torch.stack([flat // width, flat % width], dim=1)
-        fn = atlas.layer_fn(model, info.name, self.space)
+            node = ranked_at(self.layer_plan(model).graph, info.name)
+        fn = atlas.layer_fn(model, node, self.space)
         return atlas.start_optimise_units(
             fn,
             info.featviz_units,
