@@ -83,6 +83,12 @@ def _kind(node: Node) -> str:
     return "other"
 
 
+#: ops that pool a whole map (squeeze-excitation gates start with one)
+_GLOBAL_POOLS = frozenset(
+    {"AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "mean"}
+)
+
+
 class LayerPlan:
     """The typed layers of one network (see the module docstring); build it with ``trace``."""
 
@@ -198,7 +204,7 @@ class LayerPlan:
                 return False
             shapes = [s for s in parent.input_shapes if len(s) == 4]
             if shapes and tuple(shapes[0][-2:]) != (1, 1):  # this op made the 1x1 map from a larger one
-                return "pool" in parent.op.lower() or parent.op == "mean"
+                return parent.op in _GLOBAL_POOLS  # a global pooling; a strided pool or conv to 1x1 is a stage
             cur = parent.name
 
     def calls(self, name: str) -> list[str]:

@@ -376,6 +376,8 @@ def test_squeeze_excitation_networks_get_real_stages_and_an_atlas() -> None:
     assert not [n for n in stages if ".fc" in n], stages
     sizes = [tuple(plan[n].output_shape[-2:]) for n in stages]
     assert sizes == sorted(set(sizes), reverse=True) and sizes[-1] == (1, 1), "every resolution once, the 1x1 stage too"
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1))
+    assert LayerPlan.trace(tiny, torch.rand(1, 3, 2, 2)).stage_convs() == ["0", "3"], "a strided pool to 1x1: a stage"
     cb = AtlasCallback(probe_size=24, alive_probe_size=24, featviz=False, max_units=2)
     with pytest.warns(UserWarning, match=r"left out \d+ conv\(s\) without a receptive field .*squeeze-excitation"):
         cb.prepare(net, probe)
