@@ -223,24 +223,18 @@ def test_ablation_of_functional_in_place_and_bypassed_nodes_equals_a_hand_loop()
         assert_matches(r, brute_force(model, x, y, FlagKill(model, node, graph[node].output_shape[1])))
 
 
-class SharedWeights(nn.Module):
+class SharedWeights(FunctionalNet):
     """One Conv2d and one Linear, each called twice: removing a unit after the first call must start the copies at
     the second call's output (a graph node "conv2:1" / "mid:1", not a module path), the unit's own contribution taken
-    out; ``kill`` removes it by hand."""
+    out; ``kill`` removes it by hand (``FunctionalNet._kill``)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
         self.mid = nn.Linear(16, 16)
         self.fc = nn.Linear(16, 3)
         self.kill: tuple[str, int] | None = None
-
-    def _kill(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if self.kill is not None and self.kill[0] == name:
-            t = t.clone()
-            t[:, self.kill[1]] = 0
-        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.max_pool2d(F.relu(self.conv1(x)), 2)
