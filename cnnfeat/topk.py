@@ -83,12 +83,12 @@ class PatchSearch:
 
 
 def ranked_at(graph: Graph, name: str) -> str:
-    """The node whose values rank ``name``'s units: for a Conv2d with ops between it and its activation (a BatchNorm
-    with a negative scale would otherwise rank first the windows where the unit is off), the activation module, or,
-    for a functional activation (``F.relu``), the module just before it (the BatchNorm: the same order); else
-    ``name`` itself. All have the conv's receptive field, and a module can be optimised (feature visualisation)."""
+    """The node whose values rank ``name``'s units: for a Conv2d or Linear with ops between it and its activation (a
+    BatchNorm with a negative scale would otherwise rank first the windows where the unit is off), the activation
+    module, or, for a functional activation (``F.relu``), the module just before it (the BatchNorm: the same order);
+    else ``name`` itself. All have the layer's receptive field, and a module can be optimised (featviz)."""
     node, nodes = graph[name], graph.nodes
-    if node.kind != "module" or node.alias or not isinstance(node.module, nn.Conv2d):
+    if node.kind != "module" or node.alias or not isinstance(node.module, (nn.Conv2d, nn.Linear)):
         return node.name
     act, _ = activation_after(graph, node.name)
     if act is None or nodes[act].parents == (node.name,):
@@ -133,13 +133,16 @@ def search_patches(
 def search_vectors(
     model: nn.Module, probe: ProbeSet, layers: Sequence[str], k: int, n: int, batch_size: int
 ) -> dict[str, TopK]:
-    """Top-``k`` probe images per unit of (N, F) nodes over the first ``n`` probe images (positions are 0)."""
+    """Top-``k`` probe images per unit of (N, F) nodes over the first ``n`` probe images (positions are 0); a Linear
+    layer with a BatchNorm (or any op) before its activation is ranked at ``ranked_at``'s node, as convs are."""
     device, found = device_of(model), {}
-    with capture(model, layers) as acts:
+    first = trace_graph(model, probe.inputs[:1].to(device))
+    at = {name: ranked_at(first, name) for name in layers}
+    with capture(model, list(dict.fromkeys(at.values()))) as acts:
         for ids in batches(torch.arange(n), batch_size):
             model(probe.inputs[ids].to(device))
             for name in layers:
-                a = acts[name].float()
+                a = acts[at[name]].float()
                 if name not in found:
                     found[name] = TopK.empty(k, a.shape[1], a.device)
                 found[name].update(

@@ -414,3 +414,24 @@ def test_a_conv_before_batchnorm_is_ranked_after_it_so_a_negative_scale_changes_
         torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
     best = out["bn1"][:, 2].flatten(1).amax(dim=1)  # brute force: each image's best value of the flipped unit
     torch.testing.assert_close(after.tops["conv1"].values[:, 2], best.topk(4).values)
+
+
+def test_a_linear_before_batchnorm_is_ranked_after_it_too() -> None:
+    """The atlas's fully connected units (one whole image each) follow the same rule: Linear -> BatchNorm1d with a
+    negative scale -> ReLU ranks its best images by the ReLU, not by the raw Linear output."""
+    from cnnfeat.topk import search_vectors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([1.0, 0.5, -2.0, 1.5, -1.0, 2.0]))
+        model[2].bias.fill_(3.0)  # mostly on: the order among the best images is the BatchNorm's, reversed where < 0
+    probe = probe_from_tensors(torch.rand(40, 1, 12, 12), torch.arange(40) % 3)
+    with torch.no_grad():
+        found = search_vectors(model, probe, ["1"], 4, 40, 16)["1"]
+        with capture(model, ["3"]) as out:
+            model(probe.inputs)
+    best = out["3"].topk(4, dim=0)
+    torch.testing.assert_close(found.values, best.values)
+    assert bool((best.values[-1] > 0).all()), "no ties at zero: the images are determined"
+    assert torch.equal(found.ids, probe.ids[best.indices])

@@ -745,13 +745,12 @@ class AtlasCallback(VisualizationCallback):
         fidelity divides two values of the same quantity."""
         assert self.space is not None
         reference = top.values[0].float().cpu()  # (units,) best probe activation
-        positions, node = None, info.name
+        positions = None
         if info.kind == "conv":
             flat = top.positions[0].cpu()
             width = info.output_shape[-1]
             positions = torch.stack([flat // width, flat % width], dim=1)
-            node = ranked_at(self.layer_plan(model).graph, info.name)
-        fn = atlas.layer_fn(model, node, self.space)
+        fn = atlas.layer_fn(model, ranked_at(self.layer_plan(model).graph, info.name), self.space)
         return atlas.start_optimise_units(
             fn,
             info.featviz_units,
