@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json
+from common import RESULTS, machine, write_json, write_markdown
 
 from cnnfeat import embedding
 
@@ -325,8 +325,7 @@ def main() -> None:
     )
     name = f"aligned_umap{args.tag}"
     write_json(name, payload)
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_markdown(name, md)
     print(json.dumps({"written": str(RESULTS / f"{name}.md")}))
 
 

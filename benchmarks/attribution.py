@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, compose_config, machine, write_json
+from common import compose_config, machine, write_json, write_markdown
 
 from cnnfeat.atlas import default_layers
 from cnnfeat.attribution import LECTURE_IMAGE_IDS, LRP, explain, grad_cam, integrated_gradients
@@ -355,8 +355,7 @@ def main() -> None:
         "shares pair each piece with the epoch measured just before it."
     )
     stem = "attribution" + ("_smoke" if args.smoke else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_markdown(stem, md, echo=False)
     write_json(
         stem, {"meta": m, "records": rec, "paired_share_of_epoch": paired, "path_check_s": t_path, "scaling": scale}
     )

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, run_config, write_json
+from common import machine, run_config, write_json, write_markdown
 
 
 def main() -> None:
@@ -96,8 +96,7 @@ def main() -> None:
         f"{args.repeats} repeat(s); extra overrides: {' '.join(args.overrides) or 'none'}"
     )
     stem = "callback_overhead" + (f"_{args.tag}" if args.tag else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_markdown(stem, md, echo=False)
     write_json(stem, {"meta": m, "variants": variants, "runs": runs})
     print("\n".join(md))
 

@@ -80,3 +80,13 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=lambda o: o.__dict__))
     return path
+
+
+def write_markdown(name: str, lines: list[str], echo: bool = True) -> Path:
+    """``results/<name>.md`` from ``lines`` (one per line); ``echo`` prints it too."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    if echo:
+        print("\n".join(lines))
+    return path

@@ -14,6 +14,7 @@ benchmarks/featviz_vs_lucent.py`` -> ``benchmarks/results/featviz_vs_lucent.md``
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch
 from cnnfeat import featviz
 from cnnfeat.models.small_cnn import SmallCNN
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_markdown
+
 UNITS, STEPS = [0, 3, 7, 12], 128
 
 
@@ -81,9 +84,7 @@ def main() -> None:
         "",
         f"cnnfeat {theirs / ours:.1f}x faster; higher activation for {higher} of {len(UNITS)} units.",
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "featviz_vs_lucent.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("featviz_vs_lucent", lines)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json
+from common import machine, write_json, write_markdown
 
 from cnnfeat.data import FashionMNISTDataModule, ImageFolderDataModule
 from cnnfeat.data.fashion_mnist import CLASSES
@@ -229,9 +229,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         f"{m['machine']} CPU ({m['cpu_count']} cores, shared with other work while this ran), 1 torch thread in the "
         f"main process, torch {m['torch']}.",
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "image_folder_loading.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("image_folder_loading", lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, compose_config, machine, write_json
+from common import compose_config, machine, write_json, write_markdown
 
 from cnnfeat.callbacks import RelevanceCallback
 from cnnfeat.run.train import build
@@ -167,7 +167,7 @@ def main() -> None:
     print("\n".join(lines))
     if not args.smoke:  # a smoke run proves the script runs; it writes no results
         write_json("relevance_cost", payload)
-        (RESULTS / "relevance_cost.md").write_text("\n".join(lines) + "\n")
+        write_markdown("relevance_cost", lines, echo=False)
 
 
 if __name__ == "__main__":

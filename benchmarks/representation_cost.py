@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, compose_config, machine, write_json
+from common import compose_config, machine, write_json, write_markdown
 
 SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=30", "trainer.limit_val_batches=5"]
 PARTS = ("pass", "cka", "probes", "units+images")
@@ -201,8 +201,7 @@ def main() -> None:
             )
     md = report(runs, variants, args.base, common)
     stem = "representation_cost" + (f"_{args.tag}" if args.tag else "") + ("_smoke" if args.smoke else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_markdown(stem, md, echo=False)
     write_json(stem, {"meta": machine(), "variants": variants, "runs": runs})
     print("\n".join(md))
 

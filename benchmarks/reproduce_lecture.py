@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, run_config, write_json
+from common import machine, run_config, write_json, write_markdown
 
 from cnnfeat.lecture import LECTURE_LOG
 
@@ -71,8 +71,7 @@ def main() -> None:
         f"\n{m['machine']} CPU, {m['threads']} threads, torch {m['torch']}, Lightning {m['lightning']}"
         + (f", {' '.join(args.overrides)}" if args.overrides else "")
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "reproduce_lecture.md").write_text("\n".join(md) + "\n")
+    write_markdown("reproduce_lecture", md, echo=False)
     write_json("reproduce_lecture", {"meta": m, "seeds": args.seeds, "runs": runs})
     print("\n".join(md))
 

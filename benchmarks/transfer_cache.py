@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json
+from common import machine, write_json, write_markdown
 
 from cnnfeat.data.feature_cache import FrozenFeatureDataModule
 from cnnfeat.models import FrozenAlexNet, TransferClassifier
@@ -115,8 +115,7 @@ def main() -> None:
         f"\nEpoch = {EPOCH_IMAGES:,} images at batch {bs}, from {args.steps} timed steps; {m['machine']} CPU, "
         f"{m['threads']} threads, torch {m['torch']}; random frozen weights (same compute as ImageNet's)."
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "transfer_cache.md").write_text("\n".join(md) + "\n")
+    write_markdown("transfer_cache", md, echo=False)
     write_json(
         "transfer_cache",
         {
