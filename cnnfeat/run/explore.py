@@ -122,10 +122,12 @@ class Explored:
     step: int
     model: pl.LightningModule
     file: Path | None  # None: the untrained network, re-created from the run's seed
+    data: str | None = None  # the DataModule its training config records (``_target_``), if any
 
 
-def finite_model(path: Path) -> tuple[pl.LightningModule, int]:
-    """The model of a checkpoint and its step (epochs trained); weights holding NaN or infinity are refused."""
+def finite_model(path: Path) -> tuple[pl.LightningModule, int, str | None]:
+    """The model of a checkpoint, its step (epochs trained) and the DataModule its training config records
+    (``_target_``, ``None`` when unrecorded); weights holding NaN or infinity are refused."""
     model, ckpt = load_model(path)
     bad = nonfinite_tensors(ckpt["state_dict"])
     if bad:
@@ -137,7 +139,8 @@ def finite_model(path: Path) -> tuple[pl.LightningModule, int]:
     epoch = ckpt.get("epoch", 0)
     if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 1_000_000:
         raise CheckpointError(f"{path}: its epoch {epoch!r} is not an epoch number (an integer >= 0)")
-    return model, epoch + 1  # step = epochs trained
+    data = ((saved_training_config(ckpt, path) or {}).get("data") or {}).get("_target_")
+    return model, epoch + 1, data  # step = epochs trained
 
 
 def networks(files: list[Path], include_untrained: bool) -> list[Explored]:
@@ -145,11 +148,11 @@ def networks(files: list[Path], include_untrained: bool) -> list[Explored]:
     epoch are one network), and the untrained one when ``include_untrained`` and the run's seed allow."""
     by_step: dict[int, Explored] = {}
     for f in files:
-        model, step = finite_model(f)
+        model, step, data = finite_model(f)
         if step in by_step:
             log.info("%s holds epoch %d, like %s: explored once", f.name, step, by_step[step].file.name)
             continue
-        by_step[step] = Explored(step, model, f)
+        by_step[step] = Explored(step, model, f, data)
     if include_untrained and 0 not in by_step and (model0 := untrained_model(files[0])) is not None:
         by_step[0] = Explored(0, model0, None)
     return [by_step[s] for s in sorted(by_step)]
@@ -212,19 +215,19 @@ def _data_group(target: str) -> str:
     return f"data._target_={target}"
 
 
-def check_trained_data(ckpt: Path, data: DictConfig) -> None:
+def check_trained_data(explored: list[Explored], data: DictConfig) -> None:
     """Refuse to draw a checkpoint's network on other images than it was trained on (e.g. the default Fashion-MNIST
     through a network trained on an image folder): its recorded data config names the DataModule."""
-    saved = saved_training_config(read_checkpoint(ckpt), ckpt)
-    trained = ((saved or {}).get("data") or {}).get("_target_")
     wanted = data.get("_target_")
-    if trained is None or wanted is None or _images_of(trained) == _images_of(wanted):
-        return
-    raise ConfigError(
-        f"{ckpt} was trained on {trained} data, but this exploration reads {wanted}: give the run's data config "
-        f"({_data_group(trained)}{' data.root=DIR' if 'ImageFolder' in trained else ''}; the run's own is in "
-        "its .hydra/config.yaml)"
-    )
+    for net in explored:
+        trained = net.data
+        if trained is None or wanted is None or _images_of(trained) == _images_of(wanted):
+            continue
+        raise ConfigError(
+            f"{net.file} was trained on {trained} data, but this exploration reads {wanted}: give the run's data "
+            f"config ({_data_group(trained)}{' data.root=DIR' if 'ImageFolder' in trained else ''}; the run's own "
+            "is in its .hydra/config.yaml)"
+        )
 
 
 def check_classes(explored: list[Explored], datamodule: object) -> None:
@@ -251,7 +254,7 @@ def explore(cfg: DictConfig) -> Path:
         record["missing"] or "none",
     )
     device = explore_device(cfg.device)
-    check_trained_data(files[0], cfg.data)
+    check_trained_data(explored, cfg.data)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
